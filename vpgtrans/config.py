@@ -1,0 +1,168 @@
+"""Configs: dataclasses that round-trip to JSON and are validated on construction.
+
+No torch import here: ``vpgtrans --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from vpgtrans.errors import VpgtransError
+
+IMAGE_SLOT = "{image}"
+BOS_SLOT = "{bos}"
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error that lists them all."""
+    if not isinstance(data, dict):
+        raise VpgtransError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise VpgtransError(f"{what}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        sub = _NESTED.get((cls.__name__, f.name))
+        kwargs[f.name] = _from_dict(sub, value, f"{what}.{f.name}") if sub and isinstance(value, dict) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise VpgtransError(f"{what}: {exc}") from None
+
+
+@dataclass
+class PromptTemplate:
+    """Where the image and the text go.
+
+    ``caption`` and ``vqa`` are the text in front of the target. ``{image}`` marks where the K soft
+    prompts go (a slot, so chat formats can put the image mid-prompt), ``{bos}`` where the LLM's BOS
+    token goes, ``{question}`` the question. The target is followed by ``target_suffix`` (BLIP-2 OPT
+    appends "\\n" and stops generation there); seq2seq LLMs (T5) put the prompt on the encoder side
+    and the target on the decoder side.
+    """
+
+    caption: str = "{image}{bos}"
+    vqa: str = "{image}{bos}Question: {question} Answer:"
+    target_suffix: str = "\n"
+    stop: str = "\n"
+
+    def __post_init__(self) -> None:
+        for name in ("caption", "vqa"):
+            text = getattr(self, name)
+            if not isinstance(text, str) or text.count(IMAGE_SLOT) != 1:
+                raise VpgtransError(f"prompt template '{name}' must contain {IMAGE_SLOT} exactly once: {text!r}")
+        if "{question}" not in self.vqa:
+            raise VpgtransError(f"prompt template 'vqa' must contain {{question}}: {self.vqa!r}")
+
+    @classmethod
+    def for_llm(cls, is_encoder_decoder: bool) -> "PromptTemplate":
+        """BLIP-2's templates: OPT/LLaMA style for decoder-only LLMs, FlanT5 style for seq2seq."""
+        if is_encoder_decoder:
+            return cls(caption="{image}", vqa="{image}Question: {question} Short answer:", target_suffix="", stop="")
+        return cls()
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. Budgets are in samples or optimizer steps, so a run means the same on any
+    number of processes; ``batch_size`` is the global batch (all processes, all accumulation steps)."""
+
+    lr: float = 1e-4
+    min_lr: float | None = None  # cosine floor; None = constant schedule
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_samples: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 42
+    max_text_len: int = 64
+    eval_every: int | None = None  # optimizer steps between evaluations (None: only at the end)
+    eval_max_samples: int = 200
+    max_new_tokens: int = 20
+    trainable: list[str] = field(default_factory=lambda: ["connector"])
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON gives a list
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr must be in [0, lr] (got {self.min_lr})")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append("batch_size and grad_accum must be >= 1")
+        elif self.batch_size % self.grad_accum:
+            problems.append(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        for name in ("max_steps", "max_samples", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 (got {value})")
+        if not self.epochs > 0:
+            problems.append(f"epochs must be > 0 (got {self.epochs})")
+        unknown = sorted(set(self.trainable) - TRAINABLE_PARTS)
+        if unknown or not self.trainable:
+            problems.append(f"trainable parts must be a non-empty subset of {sorted(TRAINABLE_PARTS)} (got {self.trainable})")
+        if problems:
+            raise VpgtransError("training config: " + "; ".join(problems))
+
+    @classmethod
+    def warmup(cls, **overrides) -> "TrainConfig":
+        """Stage 1 (VPGTrans): projector only, 5x BLIP-2's lr, constant, one epoch."""
+        return cls(**{"lr": 5e-4, "min_lr": None, "trainable": ["connector"], **overrides})
+
+    @classmethod
+    def finetune(cls, **overrides) -> "TrainConfig":
+        """Stage 2 (VPGTrans) and train-from-scratch: VPG + projector, lr 1e-4 cosine to 5e-5."""
+        return cls(**{"lr": 1e-4, "min_lr": 5e-5, "trainable": ["vpg", "connector"], **overrides})
+
+
+TRAINABLE_PARTS = {"vpg", "connector"}
+
+
+@dataclass
+class InheritConfig:
+    """How ``inherit`` builds the first bundle of a transfer."""
+
+    converter: str = "shared-tokens"  # or "none"
+    ridge: float = 1e-3  # relative to the mean diagonal of X^T X
+    heldout_fraction: float = 0.1
+    lowercase_fallback: bool = True
+    connector: str = "linear"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.converter not in ("shared-tokens", "none"):
+            raise VpgtransError(f"converter must be 'shared-tokens' or 'none' (got {self.converter!r})")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise VpgtransError(f"heldout_fraction must be in (0, 0.5) (got {self.heldout_fraction})")
+        if self.ridge < 0:
+            raise VpgtransError(f"ridge must be >= 0 (got {self.ridge})")
+
+
+_NESTED: dict[tuple[str, str], type] = {}
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    data = asdict(config)
+    return json.loads(json.dumps(data))
+
+
+def from_dict(cls, data: dict[str, Any], what: str | None = None):
+    """The inverse of ``to_dict``: unknown keys are an error that lists them."""
+    return _from_dict(cls, data, what or cls.__name__)
+
+
+def replace(config, **changes):
+    """``dataclasses.replace`` that re-runs validation."""
+    return dataclasses.replace(config, **changes)

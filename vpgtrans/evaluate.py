@@ -1,0 +1,74 @@
+"""``eval``: generate with the bundle's prompt template and score — captions with CIDEr and BLEU-4
+(pycocoevalcap), VQA with the standard VQAv2 accuracy and exact match. Never writes into the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vpgtrans.data import Collator, LoadStats, load_rows
+from vpgtrans.prompting import clean_generation, stop_token_ids
+
+
+def group_caption_rows(dataset) -> list[dict]:
+    """One eval sample per image with all its reference captions (COCO has five per image)."""
+    by_image: dict[str, dict] = {}
+    for row in dataset:
+        key = row["image"] if isinstance(row["image"], str) else str(len(by_image))
+        captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+        entry = by_image.setdefault(key, {"image": row["image"], "caption": []})
+        entry["caption"].extend(captions)
+    return list(by_image.values())
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
+                   max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None) -> dict:
+    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` of one task)."""
+    from vpgtrans.metrics import caption_scores, vqa_scores
+
+    rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    collate = Collator(model.tokenizer, model.template, task, model.num_query_tokens, model.image_processor,
+                       model.is_encoder_decoder, mode="generate", stats=stats)
+    device = next(model.connector.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions, references = [], []
+    stop_ids = stop_token_ids(model.tokenizer, model.template)
+    pad_id = collate.pad_id
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size])
+        if not batch:
+            continue
+        generated = model.generate(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                                   batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
+        texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        predictions.extend(clean_generation(t, model.template) for t in texts)
+        references.extend(batch["references"])
+    model.train(was_training)
+    scores = caption_scores(predictions, references) if task == "caption" else vqa_scores(predictions, references)
+    return {"scores": scores, "predictions": predictions, "references": references}
+
+
+def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
+             max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
+             out: Path | None = None, device: str = "cpu") -> dict:
+    """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle)."""
+    from vpgtrans.bundle import load_model
+
+    dataset, found_task, stats = load_rows(data, task)
+    model = load_model(bundle_dir, device=device)
+    result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats)
+    report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
+              "scores": result["scores"], "data_stats": stats.to_dict()}
+    if out is not None:
+        from vpgtrans.io import atomic_write_text
+
+        samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
+        atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
+    return report

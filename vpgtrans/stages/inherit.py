@@ -1,0 +1,131 @@
+"""``inherit``: the first step of VPGTrans — take the source VPG unchanged, fit the word converter
+between the two LLMs' input-embedding tables, merge it into the projector, write a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vpgtrans.bundle import CONNECTOR_FILE, CONVERTER_FILE, VPG_FILE, fingerprint, write_bundle
+from vpgtrans.config import InheritConfig, PromptTemplate, to_dict
+from vpgtrans.converter import fit_converter, merge_projector, pair_tokens
+from vpgtrans.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vpgtrans.errors import VpgtransError
+from vpgtrans.formats import detect
+from vpgtrans.formats.hf import read_input_embeddings
+from vpgtrans.sources import SourceVPG, read_source
+
+log = logging.getLogger(__name__)
+
+
+def read_target_llm(target_llm: Path, trust_remote_code: bool = False):
+    """The target LLM's config (its family comes from here, never from the path)."""
+    from transformers import AutoConfig
+
+    fmt = detect.detect_format(target_llm)
+    if fmt != "hf-llm":
+        raise VpgtransError(f"{target_llm}: --target-llm must be an HF causal LM or T5 directory (found {fmt})")
+    try:
+        return AutoConfig.from_pretrained(target_llm, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise VpgtransError(f"{target_llm}: cannot read the LLM config ({str(exc).splitlines()[0]})") from None
+
+
+def _image_processor_info(source: SourceVPG) -> dict:
+    info = {"image_size": source.vision_config["image_size"], "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+    preprocessor = Path(source.vision_ref["path"]) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        saved = json.loads(preprocessor.read_text())
+        info["image_mean"] = saved.get("image_mean", OPENAI_CLIP_MEAN)
+        info["image_std"] = saved.get("image_std", OPENAI_CLIP_STD)
+    return info
+
+
+def model_section(source: SourceVPG, connector: str, connector_in: int, llm_config) -> dict:
+    """The manifest's description of the assembled model (what ``load_model`` builds)."""
+    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    return {
+        "vision": {"config": source.vision_config},
+        "vpg": {"kind": source.kind, "qformer_config": source.qformer_config,
+                "num_query_tokens": source.num_query_tokens, "ln_eps": source.ln_eps},
+        "connector": {"type": connector, "in_dim": connector_in, "out_dim": text.hidden_size},
+        "llm": {"model_type": llm_config.model_type, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+                "is_encoder_decoder": bool(getattr(llm_config, "is_encoder_decoder", False))},
+        "image_processor": _image_processor_info(source),
+    }
+
+
+def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: InheritConfig, corpus: Path | None):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not source.source_llm:
+        raise VpgtransError(f"{source.path}: a .pth carries no LLM; pass --source-llm (the source LLM directory) "
+                            "to fit the converter, or --converter none")
+    llm_path = Path(source.source_llm["path"])
+    try:
+        source_tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        target_tokenizer = AutoTokenizer.from_pretrained(target_llm)
+    except Exception as exc:  # noqa: BLE001
+        raise VpgtransError(f"cannot load the tokenizers of {llm_path} / {target_llm} ({str(exc).splitlines()[0]})") from None
+    source_config = AutoConfig.for_model(**source.source_llm["text_config"])
+    source_embeddings = read_input_embeddings(llm_path, source_config, source.source_llm["prefix"])  # (V_s, D_s)
+    target_embeddings = read_input_embeddings(target_llm, target_config)  # (V_t, D_t)
+    if source_embeddings.shape[1] != source.projector_weight.shape[0]:
+        raise VpgtransError(f"source LLM width {source_embeddings.shape[1]} != source projector output "
+                            f"{source.projector_weight.shape[0]}: --source-llm is not the LLM this VPG was trained for")
+    lines = None
+    if corpus is not None:
+        if not Path(corpus).is_file():
+            raise VpgtransError(f"{corpus}: corpus file not found")
+        lines = [line for line in Path(corpus).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    pairs = pair_tokens(source_tokenizer, target_tokenizer, config.lowercase_fallback, lines)
+    weight, bias, stats = fit_converter(source_embeddings, target_embeddings, pairs, config.ridge,
+                                        config.heldout_fraction, config.seed)
+    stats["corpus"] = str(corpus) if corpus else None
+    return weight, bias, stats
+
+
+def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig | None = None,
+            vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
+            template: PromptTemplate | None = None, trust_remote_code: bool = False, force: bool = False) -> Path:
+    """Source VPG + converter-initialised projector for ``target_llm`` -> a bundle at ``out_dir``."""
+    config = config or InheritConfig()
+    src = read_source(Path(source), vision, source_llm)
+    target_llm = Path(target_llm)
+    target_config = read_target_llm(target_llm, trust_remote_code)
+    if config.connector != "linear":
+        raise VpgtransError(f"inherit initialises the linear projector; connector {config.connector!r} "
+                            "is not available yet")
+    metrics, tensors = {}, {}
+    d_q = src.projector_weight.shape[1]
+    if config.converter == "shared-tokens":
+        conv_w, conv_b, stats = _fit_converter(src, target_llm, target_config, config, corpus)
+        proj_w, proj_b = merge_projector(conv_w, conv_b, src.projector_weight, src.projector_bias)
+        tensors[CONVERTER_FILE] = {"weight": conv_w, "bias": conv_b}
+        metrics["converter"] = stats
+        log.info("converter: %d pairs, held-out cosine %.4f", stats["pairs"], stats.get("heldout_cosine", float("nan")))
+    else:
+        # The paper's "no projector init" ablation: a fresh projector, the VPG still inherited.
+        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        generator = torch.Generator().manual_seed(config.seed)
+        proj_w = torch.randn(text.hidden_size, d_q, generator=generator) * 0.02
+        proj_b = torch.zeros(text.hidden_size)
+    model = model_section(src, config.connector, d_q, target_config)
+    if proj_w.shape[0] != model["connector"]["out_dim"]:
+        raise VpgtransError(f"converter output {proj_w.shape[0]} != target LLM width {model['connector']['out_dim']}")
+    tensors[VPG_FILE] = src.vpg_state
+    tensors[CONNECTOR_FILE] = {"proj.weight": proj_w, "proj.bias": proj_b}
+    references = {
+        "vision": {**src.vision_ref, "fingerprint": fingerprint(Path(src.vision_ref["path"]))},
+        "llm": {"path": str(target_llm.resolve()), "fingerprint": fingerprint(target_llm),
+                "trust_remote_code": trust_remote_code},
+        "source": {"path": str(Path(source).resolve()), "format": src.format, "fingerprint": fingerprint(Path(source))},
+    }
+    if src.source_llm:
+        references["source_llm"] = {"path": src.source_llm["path"], "prefix": src.source_llm["prefix"]}
+    template = template or PromptTemplate.for_llm(model["llm"]["is_encoder_decoder"])
+    return write_bundle(out_dir, stage="inherit", tensors=tensors, model=model, references=references,
+                        template=to_dict(template), config={"inherit": to_dict(config)}, metrics=metrics, force=force)
