@@ -1,0 +1,321 @@
+"""The ``vpgtrans`` command line: a thin Typer layer over the library.
+
+Each command parses options, builds a config, calls one library function and prints where the result
+went. Heavy imports (torch, transformers) happen inside the commands so ``--help`` is instant. Any
+``VpgtransError`` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vpgtrans.errors import VpgtransError
+
+app = typer.Typer(help="Move a visual prompt generator (VPG) from one multimodal LLM to another LLM (VPGTrans).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, console=_err_console())], force=True)
+    logging.getLogger("vpgtrans").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cli_command(func):
+    """Register a command whose user-facing errors become one line + exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except VpgtransError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(name: str | None = None):
+    def register(func):
+        return app.command(name)(cli_command(func))
+
+    return register
+
+
+# Options shared by the training commands ------------------------------------------------------------
+MaxSteps = Annotated[Optional[int], typer.Option(help="Budget in optimizer steps (overrides --epochs).")]
+MaxSamples = Annotated[Optional[int], typer.Option(help="Budget in training samples (overrides --epochs).")]
+Epochs = Annotated[Optional[float], typer.Option(help="Budget in passes over the data (default 1).")]
+BatchSize = Annotated[int, typer.Option(help="Global batch size (all processes, all accumulation steps).")]
+GradAccum = Annotated[int, typer.Option(help="Gradient accumulation steps.")]
+Seed = Annotated[int, typer.Option(help="Seed for initialisation and data order.")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate (default: the stage's recipe).")]
+EvalData = Annotated[Optional[Path], typer.Option(help="Data to evaluate on during training.")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N optimizer steps (needs --eval-data).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
+
+
+def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len):
+    from vpgtrans.config import TrainConfig
+
+    overrides = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_steps": max_steps,
+                 "max_samples": max_samples, "eval_every": eval_every, "max_text_len": max_text_len}
+    if lr is not None:
+        overrides["lr"] = lr
+        if kind == "finetune":
+            overrides["min_lr"] = lr / 2  # keep the recipe's cosine-to-half shape
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return TrainConfig.warmup(**overrides) if kind == "warmup" else TrainConfig.finetune(**overrides)
+
+
+def _progress_bar(description: str):
+    """A rich progress bar (samples/s, ETA) as a callback for the training loop."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=_err_console(), transient=True)
+    state = {"task": None}
+
+    def update(done: int, total: int, loss: float) -> None:
+        if state["task"] is None:
+            progress.start()
+            state["task"] = progress.add_task(description, total=total, loss=loss)
+        progress.update(state["task"], completed=done, loss=loss)
+        if done == total:
+            progress.stop()
+            state["task"] = None
+
+    return update
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@command()
+def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP dir, LAVIS .pth, HF LLM dir or bundle.")],
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Describe a model, checkpoint or bundle without loading it."""
+    from vpgtrans.inspect import inspect_path, render
+
+    info = inspect_path(path)
+    if as_json:
+        _print_json(info)
+    else:
+        from rich.console import Console
+
+        Console().print(render(info))
+
+
+@command()
+def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/InstructBLIP dir or LAVIS .pth.")],
+            target_llm: Annotated[Path, typer.Option(help="Target LLM: HF causal LM or T5 directory.")],
+            out: Annotated[Path, typer.Option(help="Output bundle directory.")],
+            vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
+            source_llm: Annotated[Optional[Path], typer.Option(help="The source LLM dir (needed for .pth with a converter).")] = None,
+            converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
+            corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
+            ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
+            connector: Annotated[str, typer.Option(help="Connector type.")] = "linear",
+            trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
+            force: Force = False, verbose: Verbose = False):
+    """Inherit the source VPG and initialise the projector through the word converter."""
+    _quiet_libraries()
+    _setup_logging(verbose)
+    from vpgtrans.config import InheritConfig
+    from vpgtrans.stages.inherit import inherit as run
+
+    config = InheritConfig(converter=converter, ridge=ridge, connector=connector)
+    path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
+               trust_remote_code=trust_remote_code, force=force)
+    stats = json.loads((path / "manifest.json").read_text())["metrics"].get("converter")
+    if stats:
+        typer.echo(f"converter: {stats['pairs']} token pairs, held-out cosine {stats.get('heldout_cosine', float('nan')):.4f}")
+    typer.echo(f"bundle written to {path}")
+
+
+def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,
+                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose):
+    _quiet_libraries()
+    _setup_logging(verbose)
+    from vpgtrans.stages import train
+
+    config = _train_config("warmup" if kind == "warmup" else "finetune", lr, max_steps, max_samples, epochs,
+                           batch_size, grad_accum, seed, eval_every, max_text_len)
+    run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
+    path = run(bundle, data, out, config, eval_data=eval_data, force=force, progress=_progress_bar(kind))
+    metrics = json.loads((path / "manifest.json").read_text())["metrics"]
+    typer.echo(f"{kind}: {metrics['train']['steps']} steps, final loss {metrics['train']['final_loss']:.4f}"
+               + (f", eval {metrics['eval']}" if "eval" in metrics else ""))
+    typer.echo(f"bundle written to {path}")
+
+
+@command("warmup-projector")
+def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (from inherit).")],
+                     data: Annotated[Path, typer.Option(help="Training data directory.")],
+                     out: Annotated[Path, typer.Option(help="Output bundle directory.")],
+                     lr: Lr = None, max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
+                     batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
+                     eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
+                     force: Force = False, verbose: Verbose = False):
+    """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
+    _train_command("warmup", bundle, data, out, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed,
+                   eval_data, eval_every, max_text_len, force, verbose)
+
+
+@command()
+def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from warmup-projector).")],
+             data: Annotated[Path, typer.Option(help="Training data directory.")],
+             out: Annotated[Path, typer.Option(help="Output bundle directory.")],
+             lr: Lr = None, max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
+             batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
+             eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
+             from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise VPG + projector first (baseline).")] = False,
+             force: Force = False, verbose: Verbose = False):
+    """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
+    _train_command("scratch" if from_scratch else "finetune", bundle, data, out, lr, max_steps, max_samples, epochs,
+                   batch_size, grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose)
+
+
+@command()
+def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/InstructBLIP dir or LAVIS .pth.")],
+             target_llm: Annotated[Path, typer.Option(help="Target LLM directory.")],
+             data: Annotated[Path, typer.Option(help="Training data (warm-up, and fine-tune unless --finetune-data).")],
+             out: Annotated[Path, typer.Option(help="Output directory (one bundle per stage inside).")],
+             finetune_data: Annotated[Optional[Path], typer.Option(help="Data for stage 2.")] = None,
+             vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
+             source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
+             converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
+             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
+             from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Run the train-from-scratch baseline.")] = False,
+             skip_warmup: Annotated[bool, typer.Option("--skip-warmup", help="Ablation: no projector warm-up.")] = False,
+             max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
+             batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
+             warmup_lr: Lr = None, warmup_max_steps: MaxSteps = None, warmup_max_samples: MaxSamples = None,
+             finetune_lr: Lr = None, finetune_max_steps: MaxSteps = None, finetune_max_samples: MaxSamples = None,
+             finetune_epochs: Epochs = None,
+             eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
+             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
+             force: Force = False, verbose: Verbose = False):
+    """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
+    _quiet_libraries()
+    _setup_logging(verbose)
+    from vpgtrans.config import InheritConfig
+    from vpgtrans.stages.transfer import transfer as run
+
+    def pick(specific, shared):
+        return specific if specific is not None else shared
+
+    warmup_config = _train_config("warmup", warmup_lr, pick(warmup_max_steps, max_steps), pick(warmup_max_samples, max_samples),
+                                  epochs, batch_size, grad_accum, seed, eval_every, max_text_len)
+    finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
+                                    pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
+                                    grad_accum, seed, eval_every, max_text_len)
+    summary = run(source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
+                  finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
+                  from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm, corpus=corpus,
+                  skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
+                  progress=_progress_bar("train"))
+    for name, path in summary["stages"].items():
+        typer.echo(f"{name}: {path}")
+    final = summary["metrics"][list(summary["stages"])[-1]]
+    if "eval" in final:
+        typer.echo(f"final eval: {final['eval']}")
+    typer.echo(f"summary written to {Path(out) / 'transfer.json'}")
+
+
+@command("eval")
+def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
+          data: Annotated[Path, typer.Option(help="Evaluation data directory.")],
+          task: Annotated[Optional[str], typer.Option(help="caption or vqa (default: what the data holds).")] = None,
+          batch_size: int = 16, max_samples: Annotated[Optional[int], typer.Option(help="Score only the first N.")] = None,
+          max_new_tokens: int = 20, num_beams: int = 1,
+          out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, force: Force = False):
+    """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM)."""
+    _quiet_libraries()
+    from vpgtrans.evaluate import evaluate
+
+    if task is not None and task not in ("caption", "vqa"):
+        raise VpgtransError(f"--task must be caption or vqa (got {task!r})")
+    if out is not None and out.exists() and not force:
+        raise VpgtransError(f"{out}: already exists; choose a new --out or pass --force")
+    report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out)
+    if as_json:
+        _print_json(report)
+    else:
+        scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["scores"].items())
+        typer.echo(f"{report['task']}: {scores}")
+        if out is not None:
+            typer.echo(f"predictions written to {out}")
+
+
+@command()
+def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
+           out: Annotated[Path, typer.Option(help="Output directory (hf) or .pth file (lavis).")],
+           format: Annotated[str, typer.Option("--format", help="hf or lavis.")] = "hf", force: Force = False):
+    """Write a standalone HF BLIP-2 directory (with processor) or a LAVIS .pth."""
+    _quiet_libraries()
+    from vpgtrans.export import export_bundle
+
+    if format not in ("hf", "lavis"):
+        raise VpgtransError(f"--format must be hf or lavis (got {format!r})")
+    path = export_bundle(bundle, out, format=format, force=force)
+    typer.echo(f"{format} export written to {path}")
+
+
+@command()
+def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundles here (default: a temp dir).")] = None,
+         force: Force = False, verbose: Verbose = False):
+    """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU)."""
+    _quiet_libraries()
+    _setup_logging(verbose)
+    from rich.console import Console
+
+    from vpgtrans.demo.run import render_summary, run_demo
+
+    summary = run_demo(out_dir=out, force=force, progress=_progress_bar("demo"), log=lambda m: _err_console().print(m))
+    Console().print(render_summary(summary))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

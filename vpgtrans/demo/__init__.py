@@ -1,0 +1,1 @@
+"""A synthetic visual world and a tiny model zoo built from it, offline, for the demo, tests and benchmarks."""

@@ -1,0 +1,92 @@
+"""``transfer``: the whole VPGTrans recipe — inherit -> warm up the projector -> fine-tune — or, with
+``from_scratch``, the train-from-scratch baseline on the same target. Each stage's bundle goes under
+``out_dir/``; ``out_dir/transfer.json`` sums up the run with one metric curve in optimizer steps
+(stage 1's steps count toward VPGTrans's total, as in the paper's speed-up)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from vpgtrans.bundle import read_manifest
+from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace, to_dict
+from vpgtrans.data import load_rows
+from vpgtrans.errors import VpgtransError
+from vpgtrans.io import atomic_write_text
+from vpgtrans.stages.inherit import inherit
+from vpgtrans.stages.train import finetune, train_from_scratch, warmup_projector
+
+
+def _combined_curve(stages: list[tuple[str, Path]]) -> list[dict]:
+    """The eval curves of consecutive stages on one axis of cumulative optimizer steps and samples."""
+    curve, step_offset, sample_offset = [], 0, 0
+    for name, path in stages:
+        manifest = read_manifest(path)
+        for point in manifest["curve"]:
+            if curve and point["step"] == 0:
+                continue  # the start of a stage is the end of the previous one
+            curve.append({**point, "stage": name, "step": point["step"] + step_offset,
+                          "samples": point["samples"] + sample_offset})
+        train = manifest["metrics"].get("train", {})
+        step_offset += train.get("steps", 0)
+        sample_offset += train.get("samples", 0)
+    return curve
+
+
+def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finetune_data: Path | None = None,
+             warmup_config: TrainConfig | None = None, finetune_config: TrainConfig | None = None,
+             inherit_config: InheritConfig | None = None, from_scratch: bool = False, eval_data: Path | None = None,
+             vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
+             template: PromptTemplate | None = None, skip_warmup: bool = False, trust_remote_code: bool = False,
+             force: bool = False, progress=None) -> dict:
+    """Run the recipe; return ``{"stages": {name: path}, "metrics": ..., "curve": [...]}``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise VpgtransError(f"{out_dir}: already exists; choose a new --out or pass --force to replace it")
+    # Validate every input before the first stage runs: a typo must not cost a stage's compute.
+    for path in (source, target_llm, data, finetune_data, eval_data, vision, source_llm, corpus):
+        if path is not None and not Path(path).exists():
+            raise VpgtransError(f"{path}: no such file or directory")
+    for path in (data, finetune_data, eval_data):
+        if path is not None:
+            load_rows(path)
+    warmup_config = warmup_config or TrainConfig.warmup()
+    finetune_config = finetune_config or TrainConfig.finetune()
+    inherit_config = inherit_config or InheritConfig()
+    if from_scratch:
+        inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
+    if out_dir.exists():
+        for child in ("inherit", "warmup", "finetune", "scratch", "transfer.json"):
+            target = out_dir / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_kwargs = {"eval_data": eval_data, "force": force, "progress": progress}
+
+    stages: list[tuple[str, Path]] = []
+    inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision, source_llm=source_llm,
+                        corpus=corpus, template=template, trust_remote_code=trust_remote_code, force=force)
+    if from_scratch:
+        stages.append(("scratch", train_from_scratch(inherited, finetune_data or data, out_dir / "scratch",
+                                                     finetune_config, **train_kwargs)))
+    else:
+        current = inherited
+        if not skip_warmup:
+            current = warmup_projector(current, data, out_dir / "warmup", warmup_config, **train_kwargs)
+            stages.append(("warmup", current))
+        stages.append(("finetune", finetune(current, finetune_data or data, out_dir / "finetune", finetune_config,
+                                            **train_kwargs)))
+    summary = {
+        "arm": "scratch" if from_scratch else "vpgtrans",
+        "stages": {"inherit": str(inherited), **{name: str(path) for name, path in stages}},
+        "final_bundle": str(stages[-1][1]),
+        "metrics": {name: read_manifest(path)["metrics"] for name, path in [("inherit", inherited), *stages]},
+        "curve": _combined_curve(stages),
+        "config": {"inherit": to_dict(inherit_config), "warmup": None if from_scratch or skip_warmup else to_dict(warmup_config),
+                   "finetune": to_dict(finetune_config)},
+    }
+    atomic_write_text(out_dir / "transfer.json", json.dumps(summary, indent=2) + "\n")
+    return summary
