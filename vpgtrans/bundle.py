@@ -197,7 +197,8 @@ def load_tensors(bundle_dir: Path, file_name: str) -> dict:
 
 def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: bool = False):
     """Assemble the ``VisionLanguageModel`` of a bundle: trained parts from the bundle, frozen
-    vision encoder and LLM from their references. Vision and LLM come back frozen."""
+    vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
+    comes back in eval mode."""
     from vpgtrans.model.assemble import assemble_model
 
     bundle_dir = Path(bundle_dir)

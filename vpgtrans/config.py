@@ -54,12 +54,15 @@ class PromptTemplate:
     stop: str = "\n"
 
     def __post_init__(self) -> None:
+        problems = []
         for name in ("caption", "vqa"):
             text = getattr(self, name)
             if not isinstance(text, str) or text.count(IMAGE_SLOT) != 1:
-                raise VpgtransError(f"prompt template '{name}' must contain {IMAGE_SLOT} exactly once: {text!r}")
-        if "{question}" not in self.vqa:
-            raise VpgtransError(f"prompt template 'vqa' must contain {{question}}: {self.vqa!r}")
+                problems.append(f"prompt template '{name}' must contain {IMAGE_SLOT} exactly once: {text!r}")
+        if not isinstance(self.vqa, str) or "{question}" not in self.vqa:
+            problems.append(f"prompt template 'vqa' must contain {{question}}: {self.vqa!r}")
+        if problems:
+            raise VpgtransError("; ".join(problems))
 
     @classmethod
     def for_llm(cls, is_encoder_decoder: bool) -> "PromptTemplate":
@@ -141,12 +144,15 @@ class InheritConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        problems = []
         if self.converter not in ("shared-tokens", "none"):
-            raise VpgtransError(f"converter must be 'shared-tokens' or 'none' (got {self.converter!r})")
+            problems.append(f"converter must be 'shared-tokens' or 'none' (got {self.converter!r})")
         if not 0 < self.heldout_fraction < 0.5:
-            raise VpgtransError(f"heldout_fraction must be in (0, 0.5) (got {self.heldout_fraction})")
-        if self.ridge < 0:
-            raise VpgtransError(f"ridge must be >= 0 (got {self.ridge})")
+            problems.append(f"heldout_fraction must be in (0, 0.5) (got {self.heldout_fraction})")
+        if not self.ridge >= 0:
+            problems.append(f"ridge must be >= 0 (got {self.ridge})")
+        if problems:
+            raise VpgtransError("; ".join(problems))
 
 
 _NESTED: dict[tuple[str, str], type] = {}

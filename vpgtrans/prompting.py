@@ -28,9 +28,9 @@ def prompt_ids(tokenizer, template: PromptTemplate, task: str, num_query_tokens:
                question: str | None = None, is_encoder_decoder: bool = False) -> list[int]:
     """The prompt (everything before the target) as ids, image slots as ``IMAGE_TOKEN_ID``."""
     text = template.caption if task == "caption" else template.vqa
+    before, after = text.split(IMAGE_SLOT)  # split first: a question's own text never adds slots
     if question is not None:
-        text = text.replace("{question}", question.strip())
-    before, after = text.split(IMAGE_SLOT)
+        before, after = (part.replace("{question}", question.strip()) for part in (before, after))
     ids = _encode_text(tokenizer, before) + [IMAGE_TOKEN_ID] * num_query_tokens + _encode_text(tokenizer, after)
     if is_encoder_decoder and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

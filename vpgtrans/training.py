@@ -42,7 +42,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def lr_lambda(config: TrainConfig, total_steps: int):
     """Multiplier of ``config.lr`` at an optimizer step: linear warm-up, then constant (``min_lr`` None)
-    or cosine decay to ``min_lr`` at ``total_steps`` (BLIP-2's schedule)."""
+    or cosine decay (BLIP-2's schedule) that reaches ``min_lr`` at the last step, ``total_steps - 1``."""
     floor = None if config.min_lr is None else config.min_lr / config.lr
 
     def multiplier(step: int) -> float:
@@ -50,7 +50,7 @@ def lr_lambda(config: TrainConfig, total_steps: int):
             return (step + 1) / config.warmup_steps
         if floor is None:
             return 1.0
-        span = max(1, total_steps - config.warmup_steps)
+        span = max(1, total_steps - 1 - config.warmup_steps)  # the last step (total - 1) runs at min_lr
         progress = min(1.0, (step - config.warmup_steps) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -26,7 +26,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 40), "purple": (150, 60, 200), "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES: dict[str, float] = {"small": 0.11, "large": 0.2}  # radius as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.14, "large": 0.22}  # radius as a fraction of the image side
 POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
 ATTRIBUTES = ("color", "shape", "size", "position")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -76,19 +76,21 @@ def _object(rng: random.Random, cell: int) -> dict:
 
 def _overlap(a: dict, b: dict) -> bool:
     (ax, ay, ar), (bx, by, br) = a["_geometry"], b["_geometry"]
-    return ((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5 < 0.8 * (ar + br)
+    return ((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5 < ar + br + 0.02  # shapes fit in their radius
 
 
 def sample_scene(rng: random.Random, max_objects: int = 1) -> dict:
     """A scene: ``{"background": int grey level, "objects": [object dicts in reading order]}``.
-    Several objects sit in distinct cells and (re-drawn until) they barely overlap."""
+    Several objects sit in distinct cells and are re-drawn until they do not touch (a scene too
+    crowded to draw that way gets fewer objects)."""
     count = rng.randint(1, max_objects)
-    for _ in range(100):
-        cells = sorted(rng.sample(range(len(POSITIONS)), count))
-        objects = [_object(rng, cell) for cell in cells]
-        if not any(_overlap(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
-            break
-    return {"background": rng.randint(0, 50), "objects": objects}
+    while True:
+        for _ in range(100):
+            cells = sorted(rng.sample(range(len(POSITIONS)), count))
+            objects = [_object(rng, cell) for cell in cells]
+            if not any(_overlap(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
+                return {"background": rng.randint(0, 50), "objects": objects}
+        count -= 1  # too crowded for these sizes: one object fewer (one always fits)
 
 
 def _draw(draw, shape: str, cx: float, cy: float, radius: float, fill) -> None:
@@ -190,7 +192,8 @@ def question_for(scene: dict, rng: random.Random, kinds: tuple[str, ...] | None 
     values = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS}
     if kind == "yesno":
         attribute = asked
-        value = obj[attribute] if rng.random() < 0.5 else rng.choice([v for v in values[attribute] if v != obj[attribute]])
+        wrong = [v for v in values[attribute] if v != obj[attribute]]
+        value = obj[attribute] if rng.random() < 0.5 else rng.choice(wrong)
         refs = _references(obj, objects, attribute)
         ref = refs[0] if rng.random() < 0.6 else rng.choice(refs)
         question = f"is {ref} a {value}?" if attribute == "shape" else f"is {ref} {value}?"

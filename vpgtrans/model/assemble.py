@@ -96,5 +96,4 @@ def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, devic
                                 image_processor=image_processor)
     for part in (model.vision, model.llm):
         part.requires_grad_(False)
-        part.eval()
-    return model
+    return model.eval()  # as HF's from_pretrained: no dropout until a stage asks for train mode

@@ -31,6 +31,15 @@ def _eval_point(model, eval_set, config: TrainConfig, step: int, samples: int) -
     return point
 
 
+def _train_mode(model, core, config: TrainConfig) -> None:
+    """Train mode for the trained parts only: frozen parts (ViT, LLM, and the VPG during the warm-up)
+    keep dropout off, as BLIP-2 does for its frozen ViT and VPGTrans for its frozen Q-Former."""
+    model.train()
+    for part in ("vision", "vpg", "connector", "llm"):
+        if part not in config.trainable:
+            getattr(core, part).eval()
+
+
 def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, stage: str,
               eval_data: Path | None = None, fresh_init: bool = False, force: bool = False,
               progress=None) -> Path:
@@ -69,9 +78,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     curve, losses, started = [], [], time.time()
     if eval_set is not None and config.eval_every:
         curve.append(_eval_point(core, eval_set, config, 0, 0))
-    model.train()
-    core.vision.eval()
-    core.llm.eval()  # frozen parts keep dropout off, as in BLIP-2
+    _train_mode(model, core, config)
     order, epoch, cursor = epoch_order(len(dataset), config.seed, 0), 0, 0
     for step in range(steps):
         # The global batch of this optimizer step, the same on any number of processes.
@@ -107,9 +114,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             log.info("step %d/%d loss %.4f lr %.2e", done, steps, step_loss, scheduler.get_last_lr()[0])
         if eval_set is not None and config.eval_every and (done % config.eval_every == 0 or done == steps):
             curve.append(_eval_point(core, eval_set, config, done, done * config.batch_size))
-            model.train()
-            core.vision.eval()
-            core.llm.eval()
+            _train_mode(model, core, config)
 
     # --- save --------------------------------------------------------------------------------------
     seconds = time.time() - started

@@ -14,7 +14,8 @@ from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace,
 from vpgtrans.data import load_rows
 from vpgtrans.errors import VpgtransError
 from vpgtrans.io import atomic_write_text
-from vpgtrans.stages.inherit import inherit
+from vpgtrans.sources import read_source
+from vpgtrans.stages.inherit import inherit, read_target_llm
 from vpgtrans.stages.train import finetune, train_from_scratch, warmup_projector
 
 
@@ -51,6 +52,8 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     for path in (data, finetune_data, eval_data):
         if path is not None:
             load_rows(path)
+    read_source(Path(source), vision, source_llm)  # reads only the VPG and projector tensors
+    read_target_llm(Path(target_llm), trust_remote_code)
     warmup_config = warmup_config or TrainConfig.warmup()
     finetune_config = finetune_config or TrainConfig.finetune()
     inherit_config = inherit_config or InheritConfig()

@@ -1,0 +1,77 @@
+"""Two tokenizers trained locally on the world corpus, as different as OPT's and LLaMA's.
+
+- OPT style: byte-level BPE (``Ġ`` marks a leading space, "\\n" is ``Ċ``), ids 0-3 =
+  ``<s> <pad> </s> <unk>``, and like OPT the BOS it prepends is ``</s>`` (= EOS).
+- LLaMA style: Metaspace BPE (``▁`` marks a leading space, prepended to the first word), ids 0-2 =
+  ``<unk> <s> </s>``, then 256 byte-fallback tokens ``<0x00>``..``<0xFF>`` ("\\n" is ``<0x0A>``), no
+  pad token; its merges run over punctuation ("▁circle?"), byte-level BPE's do not.
+
+Both add BOS with ``add_special_tokens=True`` and encode "\\n" as one token (BLIP-2 OPT appends "\\n" to
+targets and stops generating on it). Both are plain ``PreTrainedTokenizerFast`` (one ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+import json
+
+OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def train_opt_tokenizer(corpus: list[str], vocab_size: int = 400):
+    """Byte-level BPE like OPT/GPT-2, trained on ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(OPT_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.decoder = decoders.ByteLevel()
+    bos = OPT_SPECIALS.index("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                             special_tokens=[("</s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def _llama_pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        # "\n" alone must stay one token: drop the "▁" Metaspace puts in front of a leading "\n"
+        # (the price: a space right before a newline does not round-trip).
+        pre_tokenizers.Split(Regex("▁(?=\n)"), behavior="removed"),
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+    ])
+
+
+def train_llama_tokenizer(corpus: list[str], vocab_size: int = 200):
+    """Metaspace BPE with byte fallback like LLaMA's; ``vocab_size`` counts the learned part only (the
+    256 byte tokens come on top)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = _llama_pre_tokenizer()
+    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                            special_tokens=list(LLAMA_SPECIALS)))
+    learned = json.loads(learner.to_str())["model"]
+    # Re-number as LLaMA lays it out: specials, 256 byte tokens, then the learned pieces.
+    vocab = {token: i for i, token in enumerate(LLAMA_SPECIALS)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) for m in learned["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = _llama_pre_tokenizer()
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    bos = LLAMA_SPECIALS.index("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", bos)])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA_SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

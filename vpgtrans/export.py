@@ -1,0 +1,339 @@
+"""``export``: materialise a bundle as a standalone model other tools load without vpgtrans.
+
+``hf``     a ``Blip2ForConditionalGeneration`` directory (config.json, model.safetensors, processor,
+           tokenizer, generation_config.json) that loads with ``transformers`` alone: the referenced ViT,
+           the bundle's VPG and projector, and the target LLM whose tokenizer gains an ``<image>``
+           special token (the embeddings grow by a mean-initialised row when the id is past the table).
+           Each part keeps its stored precision. The tokenizer is made to add what the template puts
+           around the text (BOS after the image tokens; EOS for T5), and the export checks that
+           ``Blip2Processor`` then gives exactly the template's ids; any difference is a warning.
+``lavis``  a LAVIS-style ``.pth`` (``{"model", "config", "iters": 0}``) holding what LAVIS checkpoints
+           hold: the VPG and the projector, in LAVIS names.
+
+Both write a temporary sibling and rename it into place, so a reader never sees half an export.
+``vpgtrans_export.json`` (in the HF directory; the ``config`` entry of the .pth) records the source
+bundle (path and manifest hash), the toolkit version, the text to give the processor per task, and
+warnings. InstructBLIP VPGs export to LAVIS only: vpgtrans runs their Q-Former without instruction
+text, HF InstructBLIP always feeds it one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from vpgtrans import __version__
+from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, commit_out_dir, file_sha256, fingerprint,
+                             load_tensors, prepare_out_dir, validate_bundle)
+from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate, from_dict
+from vpgtrans.errors import VpgtransError
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "vpgtrans_export.json"
+IMAGE_TOKEN = "<image>"
+SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor against the template
+
+
+def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False) -> Path:
+    """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf``, a ``.pth`` file for
+    ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written."""
+    if format not in EXPORTERS:
+        raise VpgtransError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORTERS)}")
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    # The LAVIS file holds only the trained parts: it needs no ViT or LLM on this machine.
+    manifest = validate_bundle(bundle_dir, check_references=format == "hf")
+    connector = manifest["model"]["connector"]["type"]
+    if connector != "linear":
+        raise VpgtransError(f"{bundle_dir}: only a linear connector maps onto BLIP-2's language_projection "
+                            f"(this bundle has {connector!r}); it cannot be exported as {format}")
+    return EXPORTERS[format](bundle_dir, manifest, out_dir, force)
+
+
+def _trained_parts(bundle_dir: Path) -> dict:
+    """The bundle's VPG and projector in HF BLIP-2 names (``vision_model.post_layernorm`` = ln_vision)."""
+    vpg = load_tensors(bundle_dir, VPG_FILE)
+    connector = load_tensors(bundle_dir, CONNECTOR_FILE)
+    state, unexpected = {}, []
+    for name, tensor in vpg.items():
+        if name.startswith("ln_vision."):
+            state["vision_model.post_layernorm." + name[len("ln_vision."):]] = tensor
+        elif name == "query_tokens" or name.startswith("qformer."):
+            state[name] = tensor
+        else:
+            unexpected.append(name)
+    for name, tensor in connector.items():
+        if name in ("proj.weight", "proj.bias"):
+            state["language_projection." + name[len("proj."):]] = tensor
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise VpgtransError(f"{bundle_dir}: unexpected tensors in the VPG / connector: "
+                            f"{', '.join(sorted(unexpected)[:10])}")
+    return state
+
+
+def _export_info(bundle_dir: Path, manifest: dict, format: str, **extra) -> dict:
+    return {
+        "format": format,
+        "vpgtrans_version": __version__,
+        "bundle": {"path": str(bundle_dir.resolve()), "manifest_sha256": file_sha256(bundle_dir / MANIFEST),
+                   "stage": manifest["stage"], "vpgtrans_version": manifest["vpgtrans_version"]},
+        "references": manifest["references"],
+        "template": manifest["template"],
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------------- LAVIS
+
+
+def lavis_projection_prefix(manifest: dict) -> str:
+    """The projector's name in LAVIS, from the target LLM's family (its config's model_type)."""
+    model_type = manifest["model"]["llm"]["model_type"]
+    if model_type == "t5":
+        return "t5_proj"  # blip2_t5, blip2_t5_instruct
+    if manifest["model"]["vpg"]["kind"] == "instructblip":
+        return "llm_proj"  # blip2_vicuna_instruct
+    return {"opt": "opt_proj", "llama": "llama_proj"}.get(model_type, "llm_proj")
+
+
+def export_lavis(bundle_dir: Path, manifest: dict, out_path: Path, force: bool) -> Path:
+    if out_path.suffix != ".pth":
+        raise VpgtransError(f"{out_path}: a LAVIS export is a single .pth file; give a path ending in .pth")
+    if out_path.is_dir():
+        raise VpgtransError(f"{out_path}: is a directory; a LAVIS export is a single .pth file")
+    if out_path.exists() and not force:
+        raise VpgtransError(f"{out_path}: already exists; choose a new --out or pass --force to replace it")
+    from vpgtrans.formats.lavis import hf_to_lavis, save_pth
+
+    prefix = lavis_projection_prefix(manifest)
+    state = hf_to_lavis(_trained_parts(bundle_dir), projection_prefix=prefix)
+    model = manifest["model"]
+    config = _export_info(bundle_dir, manifest, "lavis", model=model, projection_prefix=prefix,
+                          num_query_tokens=model["vpg"]["num_query_tokens"])
+    config = json.loads(json.dumps(config))  # JSON-safe: plain dicts, lists, strings and numbers only
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_pth(state, out_path, config=config)
+    log.info("exported %s -> %s (LAVIS, %d tensors, projector %s)", bundle_dir, out_path, len(state), prefix)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------ HF
+
+
+def _add_image_token(tokenizer) -> tuple[str, int]:
+    """Add ``<image>`` as a special token (unless the tokenizer already names one); return it and its id."""
+    from transformers import AddedToken
+
+    token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, normalized=False, special=True)], special_tokens=True)
+    return token, tokenizer.convert_tokens_to_ids(token)
+
+
+def _grow_embeddings(llm, num_rows: int) -> None:
+    """Resize the LLM's input embeddings (and an untied output layer) to ``num_rows``; new rows are the
+    mean of the old ones. The image token's input row is never read (soft prompts replace it); its
+    output row is suppressed at generation (``suppress_tokens``)."""
+    import torch
+
+    old_in = llm.get_input_embeddings().weight.detach().clone()  # (V, D)
+    out = llm.get_output_embeddings()
+    tied = out is not None and out.weight is llm.get_input_embeddings().weight
+    old_out = None if out is None or tied else out.weight.detach().clone()
+    old_bias = None if out is None or tied or getattr(out, "bias", None) is None else out.bias.detach().clone()
+    llm.resize_token_embeddings(num_rows, mean_resizing=False)
+    rows = old_in.shape[0]
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[rows:] = old_in.mean(0)
+        out = llm.get_output_embeddings()
+        if old_out is not None:
+            out.weight[rows:] = old_out.mean(0)
+        if old_bias is not None:
+            out.bias[rows:] = old_bias.mean()
+
+
+def _load_strict(model, state: dict) -> None:
+    """Put ``state`` into a (meta-device) model, naming every missing, unexpected and mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in set(own) & set(state)
+                    if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise VpgtransError(f"the composed BLIP-2 weights do not fit the BLIP-2 model (missing: {missing[:5]}, "
+                            f"unexpected: {unexpected[:5]}, shape mismatches: {shapes[:5]})")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _processor_prompts(template: PromptTemplate) -> tuple[dict, list[str]]:
+    """The text to give ``Blip2Processor`` for each task, and why it cannot reproduce the template.
+
+    The HF processor always puts the K image tokens first, then the tokenizer's encoding of the text
+    (with the tokenizer's own special tokens, e.g. BOS)."""
+    prompts, problems = {}, []
+    for task in ("caption", "vqa"):
+        text = getattr(template, task)
+        before, after = text.split(IMAGE_SLOT)
+        if before:
+            problems.append(f"{task} template {text!r} has text before {IMAGE_SLOT}; the HF processor always puts "
+                            "the image tokens first")
+        rest = after[len(BOS_SLOT):] if after.startswith(BOS_SLOT) else after
+        if BOS_SLOT in rest:
+            problems.append(f"{task} template {text!r} has {BOS_SLOT} other than right after {IMAGE_SLOT}")
+        prompts[task] = rest.replace(BOS_SLOT, "")
+    return prompts, problems
+
+
+def _fit_special_tokens(tokenizer, template: PromptTemplate, is_encoder_decoder: bool) -> None:
+    """Make the tokenizer add what the template puts around the text: BOS first where the template has
+    ``{image}{bos}`` (BLIP-2 OPT/LLaMA), EOS last for seq2seq (FlanT5). Real OPT, LLaMA and T5
+    tokenizers already do; tokenizers that do not are switched, when their backend allows it."""
+    want_bos = template.caption.split(IMAGE_SLOT)[1].startswith(BOS_SLOT) and tokenizer.bos_token_id is not None
+    want_eos = is_encoder_decoder and tokenizer.eos_token_id is not None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    has_bos = len(ids) > len(plain) and ids[0] == tokenizer.bos_token_id
+    has_eos = len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id
+    for name, want, has in (("add_bos_token", want_bos, has_bos), ("add_eos_token", want_eos, has_eos)):
+        if want != has and hasattr(type(tokenizer), name):
+            try:
+                setattr(tokenizer, name, want)  # fast tokenizers rebuild their post-processor
+            except (AttributeError, ValueError):
+                pass  # _check_processor reports the difference
+
+
+def _check_processor(processor, tokenizer_ids, prompts: dict, image_token_id: int) -> list[str]:
+    """Compare the processor's input ids with the template's (``tokenizer_ids(task, question)``)."""
+    from PIL import Image
+
+    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
+
+    image = Image.new("RGB", (8, 8))
+    problems = []
+    for task, text in prompts.items():
+        question = SAMPLE_QUESTION if task == "vqa" else None
+        theirs = processor(images=image, text=text.replace("{question}", question or ""))["input_ids"][0]
+        ours = [image_token_id if i == IMAGE_TOKEN_ID else i for i in tokenizer_ids(task, question)]
+        if list(theirs) != ours:
+            problems.append(f"{task}: the HF processor gives {list(theirs)} for {text!r} where the bundle's template "
+                            f"gives {ours}")
+    return problems
+
+
+def _generation_config(llm, tokenizer, template: PromptTemplate, image_token_id: int):
+    """The LLM's generation config, stopping also on the template's stop token ("\\n" for BLIP-2 OPT)
+    and never emitting the image token."""
+    from vpgtrans.prompting import stop_token_ids
+
+    config = llm.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else llm.config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    for token_id in stop_token_ids(tokenizer, template):
+        if token_id not in eos and token_id != tokenizer.unk_token_id:
+            eos.append(token_id)
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    config.suppress_tokens = sorted(set(config.suppress_tokens or []) | {image_token_id})
+    return config
+
+
+def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> Path:
+    info, refs = manifest["model"], manifest["references"]
+    if info["vpg"]["kind"] == "instructblip":
+        raise VpgtransError(f"{bundle_dir}: HF export of InstructBLIP VPGs is not supported yet (HF InstructBLIP "
+                            "feeds the instruction to the Q-Former through a BERT tokenizer, which this bundle "
+                            "does not use); export with --format lavis")
+    template = from_dict(PromptTemplate, manifest["template"], "template")
+    tmp = prepare_out_dir(out_dir, force)
+    try:
+        _write_hf(tmp, bundle_dir, manifest, template)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s (HF Blip2ForConditionalGeneration)", bundle_dir, out_dir)
+    return commit_out_dir(tmp, out_dir)
+
+
+def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate) -> None:
+    import torch
+    from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    from vpgtrans.data import build_image_processor
+    from vpgtrans.model.assemble import load_llm, load_vision_state
+    from vpgtrans.prompting import prompt_ids
+
+    info, refs = manifest["model"], manifest["references"]
+    is_encoder_decoder = bool(info["llm"]["is_encoder_decoder"])
+    num_query_tokens = int(info["vpg"]["num_query_tokens"])
+
+    # Weights: trained VPG + projector from the bundle, frozen ViT and LLM from their references.
+    state = _trained_parts(bundle_dir)
+    state.update({"vision_model." + k: v for k, v in load_vision_state(refs["vision"]).items()})
+    llm, tokenizer = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+    image_token, image_token_id = _add_image_token(tokenizer)
+    if image_token_id >= llm.get_input_embeddings().weight.shape[0]:
+        _grow_embeddings(llm, image_token_id + 1)
+    state.update({"language_model." + k: v for k, v in llm.state_dict().items()})
+    # Every part keeps the precision it is stored in (a bf16 LLM stays bf16 on disk). transformers records
+    # the dtype of the first parameter, the fp32 query_tokens, so from_pretrained loads in fp32 unless
+    # given dtype=..., as for any HF BLIP-2.
+    llm_dtype = str(llm.dtype).replace("torch.", "")
+    generation_config = _generation_config(llm, tokenizer, template, image_token_id)
+    text_config = {k: v for k, v in llm.config.to_dict().items() if k != "_name_or_path"}
+    # HF BLIP-2's generate() runs language_model.generate(), whose generation config comes from
+    # text_config, not from generation_config.json: the stop token has to be there too.
+    text_config["eos_token_id"] = generation_config.eos_token_id
+    try:
+        config = Blip2Config(vision_config=info["vision"]["config"], qformer_config=info["vpg"]["qformer_config"],
+                             text_config=text_config, num_query_tokens=num_query_tokens,
+                             image_token_index=image_token_id)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise VpgtransError(f"{refs['llm']['path']}: transformers cannot build a BLIP-2 around this LLM "
+                            f"({str(exc).splitlines()[0]})") from None
+    if config.use_decoder_only_language_model == is_encoder_decoder:
+        raise VpgtransError(f"{refs['llm']['path']}: BLIP-2 would wrap model_type {llm.config.model_type!r} as "
+                            f"{'a causal' if config.use_decoder_only_language_model else 'a seq2seq'} LM, but the "
+                            "bundle was made for the other kind")
+    with torch.device("meta"):  # no second copy of the LLM, no random init
+        model = Blip2ForConditionalGeneration(config)
+    _load_strict(model, state)
+    model.generation_config = generation_config
+    del llm, state
+    model.save_pretrained(tmp)
+    del model
+
+    # The processor: BLIP-2 preprocessing + the LLM's tokenizer with <image>, K image tokens per image.
+    _fit_special_tokens(tokenizer, template, is_encoder_decoder)
+    processor_info = info["image_processor"]
+    image_processor = build_image_processor(processor_info["image_size"], processor_info["image_mean"],
+                                            processor_info["image_std"])
+    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                   num_query_tokens=num_query_tokens).save_pretrained(tmp)
+
+    # Check what a user of the export gets against what the bundle's model is given.
+    prompts, warnings = _processor_prompts(template)
+    for role in ("vision", "llm"):
+        ref = refs[role]
+        if ref.get("fingerprint") and fingerprint(Path(ref["path"])) != ref["fingerprint"]:
+            warnings.append(f"the referenced {role} at {ref['path']} changed since the bundle was made; the export "
+                            "holds the changed one")
+    warnings += _check_processor(
+        AutoProcessor.from_pretrained(tmp),
+        lambda task, q: prompt_ids(tokenizer, template, task, num_query_tokens, q, is_encoder_decoder),
+        prompts, image_token_id)
+    ln_eps, vit_eps = info["vpg"].get("ln_eps", 1e-6), info["vision"]["config"].get("layer_norm_eps", 1e-6)
+    if ln_eps != vit_eps:
+        warnings.append(f"the VPG's ln_vision uses eps {ln_eps}, HF BLIP-2's post_layernorm the vision config's "
+                        f"{vit_eps} (as in transformers' own LAVIS conversion); outputs differ very slightly")
+    for warning in warnings:
+        log.warning("export: %s", warning)
+    export_info = _export_info(bundle_dir, manifest, "hf", llm_dtype=llm_dtype,
+                               image_token=image_token, image_token_id=image_token_id, processor_prompts=prompts,
+                               warnings=warnings)
+    (tmp / EXPORT_INFO).write_text(json.dumps(export_info, indent=2) + "\n")
+
+
+EXPORTERS = {"hf": export_hf, "lavis": export_lavis}
