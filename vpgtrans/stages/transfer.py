@@ -59,14 +59,7 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     inherit_config = inherit_config or InheritConfig()
     if from_scratch:
         inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
-    if out_dir.exists():
-        for child in ("inherit", "warmup", "finetune", "scratch", "transfer.json"):
-            target = out_dir / child
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # with --force, each stage replaces its bundle atomically
     train_kwargs = {"eval_data": eval_data, "force": force, "progress": progress}
 
     stages: list[tuple[str, Path]] = []
@@ -92,4 +85,9 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
                    "finetune": to_dict(finetune_config)},
     }
     atomic_write_text(out_dir / "transfer.json", json.dumps(summary, indent=2) + "\n")
+    # A forced re-run of the other arm leaves the previous arm's stage bundles behind: drop them only now,
+    # after this run succeeded, so a failed re-run never costs the user the old results.
+    for stale in {"inherit", "warmup", "finetune", "scratch"} - {"inherit", *(name for name, _ in stages)}:
+        if (out_dir / stale / "manifest.json").is_file():
+            shutil.rmtree(out_dir / stale)
     return summary
