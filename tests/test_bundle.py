@@ -129,6 +129,22 @@ def test_bad_manifest_is_a_user_error(inherited, tmp_path, content, expected):
             check(bundle)
 
 
+@pytest.mark.parametrize("edit, expected", [
+    ({"format_version": "1"}, "format_version should be int"),
+    ({"files": ["vpg.safetensors"]}, "files should be dict"),
+    ({"references": None, "model": 3}, "model should be dict; references should be dict"),
+    ({"files": {"../outside.safetensors": "00"}}, "not a plain file name"),
+    ({"references": {"llm": {"path": ""}, "vision": {}}}, "referenced vision not found: None"),
+])
+def test_hand_edited_manifest_is_a_one_line_user_error(inherited, tmp_path, edit, expected):
+    bundle = _copy(inherited, tmp_path)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    (bundle / MANIFEST).write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(VpgtransError) as err:
+        validate_bundle(bundle)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
 def test_newer_format_and_missing_manifest(inherited, tmp_path):
     bundle = _copy(inherited, tmp_path)
     manifest = json.loads((bundle / MANIFEST).read_text())

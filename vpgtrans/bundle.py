@@ -32,6 +32,7 @@ CONNECTOR_FILE = "connector.safetensors"
 CONVERTER_FILE = "converter.safetensors"
 STAGES = ("inherit", "warmup", "finetune", "scratch")
 REQUIRED_KEYS = ("format", "format_version", "vpgtrans_version", "stage", "model", "references", "template", "files")
+_KEY_TYPES = {"format_version": int, "stage": str, "model": dict, "references": dict, "template": dict, "files": dict}
 
 _FULL_HASH_LIMIT = 256 * 2**20
 _CHUNK = 2**20
@@ -155,6 +156,10 @@ def read_manifest(bundle_dir: Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise VpgtransError(f"{path}: manifest lacks {', '.join(missing)}; the bundle is damaged")
+    wrong_types = [f"{key} should be {kind.__name__}" for key, kind in _KEY_TYPES.items()
+                   if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)]
+    if wrong_types:
+        raise VpgtransError(f"{path}: manifest is damaged: {'; '.join(wrong_types)}")
     if manifest["format_version"] > FORMAT_VERSION:
         raise VpgtransError(f"{path}: bundle format {manifest['format_version']} is newer than this vpgtrans "
                             f"({__version__}) reads; upgrade vpgtrans")
@@ -168,7 +173,9 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True) -> dict:
     problems = []
     for file_name, expected in manifest["files"].items():
         path = bundle_dir / file_name
-        if not path.is_file():
+        if Path(file_name).name != file_name or not isinstance(expected, str):
+            problems.append(f"manifest file entry {file_name!r} is not a plain file name with a hash")
+        elif not path.is_file():
             problems.append(f"missing {file_name}")
         elif file_sha256(path) != expected:
             problems.append(f"{file_name} does not match its manifest hash (changed or corrupt)")
@@ -178,8 +185,9 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True) -> dict:
     if check_references:
         for role in ("vision", "llm"):
             ref = manifest["references"].get(role)
-            if not ref or not Path(ref.get("path", "")).exists():
-                problems.append(f"referenced {role} not found: {ref.get('path') if ref else None}")
+            ref_path = ref.get("path") if isinstance(ref, dict) else None
+            if not isinstance(ref_path, str) or not ref_path or not Path(ref_path).exists():
+                problems.append(f"referenced {role} not found: {ref_path!r}; move it back or re-run inherit")
     if problems:
         raise VpgtransError(f"{bundle_dir}: invalid bundle: " + "; ".join(problems))
     return manifest

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest, validate_bundle
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats.detect import detect_format
-from vpgtrans.formats.hf import _safetensors_header, read_config, tensor_shapes
+from vpgtrans.formats.hf import safetensors_header, read_config, tensor_shapes
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
 
@@ -221,19 +221,12 @@ def _inspect_llm(path: Path) -> dict:
     return {"llm": _llm_fields(_hf_config(read_config(path)), tensor_shapes(path))}
 
 
-def _pth_kind(state: dict) -> str:
-    # Same rule as vpgtrans.sources.read_source: InstructBLIP keeps the Q-Former's word embeddings.
-    instruct = any(k.startswith("Qformer.bert.embeddings.word_embeddings") for k in state) \
-        and any(k.startswith(("llm_proj", "t5_proj")) for k in state)
-    return "instructblip" if instruct else "blip2"
-
-
 def _inspect_pth(path: Path) -> dict:
     """A LAVIS / VPGTrans ``.pth``: read (weights_only), converted to HF names, described by shapes."""
     from vpgtrans.formats import lavis
 
     state = lavis.load_pth(path)
-    kind = _pth_kind(state)
+    kind = lavis.checkpoint_kind(state)
     hf_state, dropped = lavis.lavis_to_hf(state, keep_qformer_embeddings=kind == "instructblip")
     shapes = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in hf_state.items()}
     _require(shapes, ["query_tokens", "language_projection.weight"], path, "BLIP-2 stage-2 checkpoint")
@@ -258,7 +251,7 @@ def _file_params(path: Path) -> dict:
     if not path.is_file():
         return {"error": "missing"}
     try:
-        header = _safetensors_header(path)
+        header = safetensors_header(path)
         shapes = {n: (tuple(v["shape"]), v["dtype"]) for n, v in header.items()}
     except (VpgtransError, KeyError, TypeError) as exc:
         return {"error": str(exc)}

@@ -125,8 +125,7 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
         from vpgtrans.formats import lavis
 
         state = lavis.load_pth(source)
-        kind = "instructblip" if any(k.startswith("Qformer.bert.embeddings.word_embeddings") for k in state) \
-            and any(k.startswith("llm_proj") or k.startswith("t5_proj") for k in state) else "blip2"
+        kind = lavis.checkpoint_kind(state)
         hf_state, _dropped = lavis.lavis_to_hf(state, keep_qformer_embeddings=kind == "instructblip")
         vpg_state, proj_w, proj_b = _split_hf_state(hf_state)
         vision_ref, vision_config, template = _vision_ref(vision, None)

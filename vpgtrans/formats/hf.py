@@ -42,14 +42,14 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
             return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / WEIGHT_FILE
     if single.is_file():
-        return {name: single for name in _safetensors_header(single)}
+        return {name: single for name in safetensors_header(single)}
     binary = model_dir / BIN_FILE
     if binary.is_file():
         return {name: binary for name in _load_bin(binary)}
     raise VpgtransError(f"{model_dir}: no model.safetensors, sharded index or pytorch_model.bin found")
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
     try:
         with open(path, "rb") as fh:
@@ -87,7 +87,7 @@ def tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         if file.suffix == ".safetensors":
-            header = _safetensors_header(file)
+            header = safetensors_header(file)
             for name in names:
                 if name in header:
                     shapes[name] = (tuple(header[name]["shape"]), header[name]["dtype"])

@@ -250,6 +250,14 @@ def hf_to_lavis(state: dict[str, torch.Tensor], projection_prefix: str = "opt_pr
 # ----------------------------------------------------------------------------------- .pth files
 
 
+def checkpoint_kind(state: dict) -> str:
+    """``instructblip`` or ``blip2``: InstructBLIP keeps the Q-Former's word embeddings (it reads the
+    instruction) and projects with ``llm_proj`` / ``t5_proj``; BLIP-2 stage-2 checkpoints do neither."""
+    instruct = any(k.startswith("Qformer.bert.embeddings.word_embeddings") for k in state) \
+        and any(k.startswith(("llm_proj", "t5_proj")) for k in state)
+    return "instructblip" if instruct else "blip2"
+
+
 def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a LAVIS / VPGTrans ``.pth`` (its ``"model"`` entry, or the file itself when
     it is a flat state dict), loaded with ``weights_only=True`` — pickled code is never run."""
