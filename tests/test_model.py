@@ -168,3 +168,12 @@ def test_question_text_cannot_add_image_slots(tokenizer):
     ids = prompt_ids(tokenizer, PromptTemplate(), "vqa", K, question="what is in {image} here?")
     assert ids.count(IMAGE_TOKEN_ID) == K
     assert ids[:K] == [IMAGE_TOKEN_ID] * K
+
+
+def test_question_text_cannot_add_a_bos(tokenizer):
+    template = PromptTemplate(vqa="{bos}Q: {image} {question} A:")
+    ids = prompt_ids(tokenizer, template, "vqa", K, question="is {bos} here?")
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    literal = tokenizer(" is {bos} here? A:", add_special_tokens=False)["input_ids"]
+    first_slot = ids.index(IMAGE_TOKEN_ID)
+    assert ids[first_slot + K:] == literal

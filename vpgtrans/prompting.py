@@ -13,12 +13,15 @@ from vpgtrans.model.vlm import IMAGE_TOKEN_ID
 IGNORE_INDEX = -100
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
-    """Text with optional ``{bos}`` markers -> ids (no other special tokens added)."""
+def _encode_template(tokenizer, text: str, question: str | None) -> list[int]:
+    """Template text with optional ``{bos}`` markers -> ids (no other special tokens added). The
+    question is put in after splitting at the markers, so a question's own text never adds a BOS."""
     ids: list[int] = []
     for i, part in enumerate(text.split(BOS_SLOT)):
         if i > 0 and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
+        if question is not None:
+            part = part.replace("{question}", question.strip())
         if part:
             ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
     return ids
@@ -29,9 +32,8 @@ def prompt_ids(tokenizer, template: PromptTemplate, task: str, num_query_tokens:
     """The prompt (everything before the target) as ids, image slots as ``IMAGE_TOKEN_ID``."""
     text = template.caption if task == "caption" else template.vqa
     before, after = text.split(IMAGE_SLOT)  # split first: a question's own text never adds slots
-    if question is not None:
-        before, after = (part.replace("{question}", question.strip()) for part in (before, after))
-    ids = _encode_text(tokenizer, before) + [IMAGE_TOKEN_ID] * num_query_tokens + _encode_text(tokenizer, after)
+    ids = (_encode_template(tokenizer, before, question) + [IMAGE_TOKEN_ID] * num_query_tokens
+           + _encode_template(tokenizer, after, question))
     if is_encoder_decoder and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
