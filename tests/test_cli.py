@@ -14,6 +14,7 @@ from vpgtrans.bundle import CONNECTOR_FILE, CONVERTER_FILE, MANIFEST, VPG_FILE, 
 from vpgtrans.cli import app
 
 BUNDLE = {MANIFEST, VPG_FILE, CONNECTOR_FILE}
+TRAINED = BUNDLE | {"metrics.jsonl"}  # training stages also write their metrics log
 TINY_BUDGET = ["--max-steps", "2", "--batch-size", "4"]
 
 
@@ -86,7 +87,7 @@ def test_inherit_command(cli_bundles):
 def test_warmup_projector_command(cli_bundles):
     root, results = cli_bundles
     result = _ok(results["warmup"])
-    assert _names(root / "warmup") == BUNDLE
+    assert _names(root / "warmup") == TRAINED
     manifest = read_manifest(root / "warmup")
     assert manifest["stage"] == "warmup"
     assert manifest["metrics"]["train"]["steps"] == 2 and manifest["metrics"]["train"]["samples"] == 8
@@ -98,7 +99,7 @@ def test_warmup_projector_command(cli_bundles):
 def test_finetune_command(cli_bundles):
     root, results = cli_bundles
     _ok(results["finetune"])
-    assert _names(root / "finetune") == BUNDLE
+    assert _names(root / "finetune") == TRAINED
     manifest = read_manifest(root / "finetune")
     assert manifest["stage"] == "finetune" and manifest["config"]["task"] == "vqa"
     train = manifest["config"]["train"]
@@ -120,7 +121,7 @@ def test_transfer_command(runner, tiny, tmp_path):
                       tiny["caption"], "--out", out, *TINY_BUDGET, "--finetune-max-steps", "1"))
     assert _names(out) == {"inherit", "warmup", "finetune", "transfer.json"}
     assert _names(out / "inherit") == BUNDLE | {CONVERTER_FILE}
-    assert _names(out / "warmup") == _names(out / "finetune") == BUNDLE
+    assert _names(out / "warmup") == _names(out / "finetune") == TRAINED
     summary = json.loads((out / "transfer.json").read_text())
     assert summary["metrics"]["warmup"]["train"]["steps"] == 2
     assert summary["metrics"]["finetune"]["train"]["steps"] == 1

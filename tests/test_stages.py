@@ -131,7 +131,7 @@ def test_input_bundle_is_never_modified(run_name, request):
 def test_output_manifest_records_lineage_and_budget(run_name, stage, request, tiny):
     run = request.getfixturevalue(run_name)
     out, parent = run["out"], run["input"]
-    assert {p.name for p in out.iterdir()} == {MANIFEST, VPG_FILE, CONNECTOR_FILE}
+    assert {p.name for p in out.iterdir()} == {MANIFEST, VPG_FILE, CONNECTOR_FILE, "metrics.jsonl"}
     manifest, parent_manifest = read_manifest(out), read_manifest(parent)
     assert manifest["stage"] == stage
     assert manifest["parent"] == {"path": str(parent.resolve()), "manifest_sha256": file_sha256(parent / MANIFEST)}

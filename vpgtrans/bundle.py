@@ -203,10 +203,11 @@ def load_tensors(bundle_dir: Path, file_name: str) -> dict:
         raise VpgtransError(f"{path}: unreadable safetensors ({exc})") from None
 
 
-def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: bool = False):
+def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: bool = False, **llm_options):
     """Assemble the ``VisionLanguageModel`` of a bundle: trained parts from the bundle, frozen
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
-    comes back in eval mode."""
+    comes back in eval mode. ``llm_options`` (``quantization="8bit"|"4bit"``,
+    ``gradient_checkpointing``) go to ``vpgtrans.model.assemble.load_llm``."""
     from vpgtrans.model.assemble import assemble_model
 
     bundle_dir = Path(bundle_dir)
@@ -218,4 +219,4 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
                 raise VpgtransError(f"{bundle_dir}: referenced {role} at {ref['path']} changed since the bundle was made")
     vpg_state = load_tensors(bundle_dir, VPG_FILE)
     connector_state = load_tensors(bundle_dir, CONNECTOR_FILE)
-    return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype)
+    return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype, **llm_options)

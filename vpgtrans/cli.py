@@ -85,6 +85,15 @@ EvalData = Annotated[Optional[Path], typer.Option(help="Data to evaluate on duri
 EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N optimizer steps (needs --eval-data).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
+SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N optimizer steps under OUT/checkpoints/.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint under --out.")]
+SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
+Dtype = Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32: mixed precision and frozen-weight dtype "
+                                                   "(default: the accelerate launch config, else fp32).")]
+LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the frozen LLM in 8-bit (bitsandbytes).")]
+LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
+GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
+ReportTo = Annotated[str, typer.Option(help="none, tensorboard or wandb (through accelerate's trackers).")]
 
 
 def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len):
@@ -101,20 +110,27 @@ def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, gra
     return TrainConfig.warmup(**overrides) if kind == "warmup" else TrainConfig.finetune(**overrides)
 
 
-def _progress_bar(description: str):
+def _progress_bar(description: str, batch_size: int | None = None):
     """A rich progress bar (samples/s, ETA) as a callback for the training loop."""
+    import time
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=_err_console(), transient=True)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}")]
+    if batch_size:
+        columns.append(TextColumn("{task.fields[rate]:.1f} samples/s"))
+    progress = Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=_err_console(), transient=True)
     state = {"task": None}
 
     def update(done: int, total: int, loss: float) -> None:
-        if state["task"] is None:
+        if state["task"] is None:  # (a resumed run starts at its checkpoint's step)
             progress.start()
-            state["task"] = progress.add_task(description, total=total, loss=loss)
-        progress.update(state["task"], completed=done, loss=loss)
+            state.update(task=progress.add_task(description, total=total, loss=loss, rate=0.0, completed=done - 1),
+                         first=(time.time(), done))
+        seconds, steps = time.time() - state["first"][0], done - state["first"][1]
+        rate = steps * (batch_size or 0) / seconds if seconds > 0 else 0.0
+        progress.update(state["task"], completed=done, loss=loss, rate=rate)
         if done == total:
             progress.stop()
             state["task"] = None
@@ -168,8 +184,34 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     typer.echo(f"bundle written to {path}")
 
 
+def _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
+                 report_to):
+    from vpgtrans.training import RunOptions
+
+    return RunOptions(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
+                      load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                      gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+
+
+def _is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process runs the command; only rank 0 prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _until_stopped(run, *args, **kwargs):
+    """Run a training function; a SIGTERM stop (checkpoint saved) exits with 143 = 128 + SIGTERM."""
+    from vpgtrans.training import TrainingInterrupted
+
+    try:
+        return run(*args, **kwargs)
+    except TrainingInterrupted as exc:
+        if _is_main_process():
+            typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(143) from None
+
+
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,
-                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose):
+                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose, options):
     _quiet_libraries()
     _setup_logging(verbose)
     from vpgtrans.stages import train
@@ -177,7 +219,10 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps
     config = _train_config("warmup" if kind == "warmup" else "finetune", lr, max_steps, max_samples, epochs,
                            batch_size, grad_accum, seed, eval_every, max_text_len)
     run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
-    path = run(bundle, data, out, config, eval_data=eval_data, force=force, progress=_progress_bar(kind))
+    path = _until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
+                          progress=_progress_bar(kind, batch_size), options=_run_options(*options))
+    if not _is_main_process():
+        return
     metrics = json.loads((path / "manifest.json").read_text())["metrics"]
     typer.echo(f"{kind}: {metrics['train']['steps']} steps, final loss {metrics['train']['final_loss']:.4f}"
                + (f", eval {metrics['eval']}" if "eval" in metrics else ""))
@@ -191,10 +236,15 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      lr: Lr = None, max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
                      batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
                      eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
+                     save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
+                     dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+                     gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
                      force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     _train_command("warmup", bundle, data, out, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed,
-                   eval_data, eval_every, max_text_len, force, verbose)
+                   eval_data, eval_every, max_text_len, force, verbose,
+                   (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
+                    report_to))
 
 
 @command()
@@ -205,10 +255,15 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
              eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise VPG + projector first (baseline).")] = False,
+             save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
+             dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+             gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, lr, max_steps, max_samples, epochs,
-                   batch_size, grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose)
+                   batch_size, grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose,
+                   (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
+                    report_to))
 
 
 @command()
@@ -230,6 +285,11 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              finetune_epochs: Epochs = None,
              eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
              trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
+             save_every: SaveEvery = None,
+             resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run: skip finished stages, resume "
+                                                                   "the running one from its latest checkpoint.")] = False,
+             skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
+             load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              force: Force = False, verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     _quiet_libraries()
@@ -245,11 +305,15 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
                                     grad_accum, seed, eval_every, max_text_len)
-    summary = run(source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
-                  finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
-                  from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm, corpus=corpus,
-                  skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
-                  progress=_progress_bar("train"))
+    options = _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
+                           report_to)
+    summary = _until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
+                             finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
+                             from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
+                             corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
+                             progress=_progress_bar("train", batch_size), options=options)
+    if not _is_main_process():
+        return
     for name, path in summary["stages"].items():
         typer.echo(f"{name}: {path}")
     final = summary["metrics"][list(summary["stages"])[-1]]

@@ -1,14 +1,20 @@
-"""Pure helpers shared by the training stages: what is trainable, parameter groups, schedules, budgets."""
+"""Helpers shared by the training stages: what is trainable, parameter groups, schedules, budgets, run
+options, the data position, the token-level loss, and SIGTERM handling."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import signal
+import threading
+from dataclasses import dataclass
 
 import torch
 
 from vpgtrans.config import TrainConfig
 from vpgtrans.errors import VpgtransError
+from vpgtrans.prompting import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +75,157 @@ def total_steps(config: TrainConfig, num_samples: int) -> int:
     return max(1, math.ceil(samples / config.batch_size))
 
 
-def micro_batch_size(config: TrainConfig, num_processes: int) -> int:
-    per_step = config.grad_accum * num_processes
-    if config.batch_size % per_step:
-        raise VpgtransError(f"global batch {config.batch_size} is not divisible by grad_accum x processes "
-                            f"({config.grad_accum} x {num_processes})")
-    return config.batch_size // per_step
+def check_world_size(config: TrainConfig, num_processes: int) -> None:
+    """The global batch is split over processes (then into ``grad_accum`` micro-batches each): every
+    process needs at least one sample of it."""
+    if config.batch_size < num_processes:
+        raise VpgtransError(f"global batch {config.batch_size} is smaller than the number of processes "
+                            f"({num_processes}); raise --batch-size")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch: a permutation fixed by (seed, epoch), the same for every arm."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_samples, generator=generator).tolist()
+
+
+# --- run options (how a stage runs, not what it computes) -----------------------------------------
+
+DTYPES = ("fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class RunOptions:
+    """How a stage is run: checkpoints, resume, precision, quantisation, logging. Recorded in the output
+    bundle's manifest (``config.run``); ``load_model`` never needs them."""
+
+    save_every: int | None = None  # optimizer steps between checkpoints under OUT/checkpoints/
+    keep_checkpoints: int = 2
+    resume: bool = False
+    skip_nonfinite: int = 0  # batches with a non-finite loss to skip before stopping
+    dtype: str | None = None  # mixed precision; None: accelerate's launch config, else fp32
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.save_every is not None and self.save_every < 1:
+            problems.append(f"--save-every must be >= 1 (got {self.save_every})")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        if self.skip_nonfinite < 0:
+            problems.append(f"--skip-nonfinite must be >= 0 (got {self.skip_nonfinite})")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.load_in_8bit and self.load_in_4bit:
+            problems.append("--load-in-8bit and --load-in-4bit exclude each other")
+        if self.report_to not in REPORT_TO:
+            problems.append(f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
+        if problems:
+            raise VpgtransError("; ".join(problems))
+
+    @property
+    def quantization(self) -> str | None:
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
+
+
+# --- the data position ------------------------------------------------------------------------------
+
+class DataCursor:
+    """Walks the epochs' permutations; ``(epoch, cursor)`` is all a checkpoint needs to continue."""
+
+    def __init__(self, num_samples: int, seed: int, epoch: int = 0, cursor: int = 0):
+        self.num_samples, self.seed, self.epoch, self.cursor = num_samples, seed, epoch, cursor
+        self.order = epoch_order(num_samples, seed, epoch)
+
+    def take(self, count: int) -> list[int]:
+        """The next ``count`` sample indices (crossing into the next epoch's order when needed)."""
+        indices: list[int] = []
+        while len(indices) < count:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = epoch_order(self.num_samples, self.seed, self.epoch)
+            take = min(count - len(indices), len(self.order) - self.cursor)
+            indices += self.order[self.cursor:self.cursor + take]
+            self.cursor += take
+        return indices
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+def split_batch(indices: list[int], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
+    """This process's share of a global batch, cut into at most ``grad_accum`` micro-batches.
+
+    Shares may differ by one sample (the loss is normalised by the global number of target tokens,
+    so an uneven split gives the same update)."""
+    mine = indices[process_index::num_processes]
+    size = max(1, math.ceil(len(mine) / grad_accum))
+    return [mine[start:start + size] for start in range(0, len(mine), size)]
+
+
+# --- the loss -----------------------------------------------------------------------------------------
+
+def count_targets(batch: dict, is_encoder_decoder: bool) -> int:
+    """Target tokens of a batch: labels that a logit predicts (decoder-only LMs shift by one)."""
+    labels = batch["labels"] if is_encoder_decoder else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def summed_loss(model, batch: dict, is_encoder_decoder: bool, keep_logits: bool) -> torch.Tensor:
+    """Cross-entropy summed over the batch's target tokens (the caller divides by the global count).
+
+    Decoder-only LLMs that take ``logits_to_keep`` compute LM-head logits only at positions that
+    predict a target: none on the soft prompts and the prompt, which are most of a caption sample
+    and cost (B, T, vocab) floats for nothing."""
+    if is_encoder_decoder:  # T5: decoder logits only exist on the target side
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                    attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        return out.loss * count_targets(batch, True)
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # (B, T-1): logit t predicts token t+1
+    if keep_logits:
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (P,) shared by the batch
+        extra = {"logits_to_keep": positions}
+        targets = targets[:, positions]  # (B, P)
+    else:
+        extra = {}
+    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                attention_mask=batch["attention_mask"], use_cache=False, **extra)
+    logits = out.logits if keep_logits else out.logits[:, :-1]  # (B, P, V)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def accepts_logits_to_keep(llm) -> bool:
+    return "logits_to_keep" in inspect.signature(llm.forward).parameters
+
+
+# --- SIGTERM ----------------------------------------------------------------------------------------
+
+class StopSignal:
+    """Context manager: SIGTERM (what Slurm sends on pre-emption) sets ``.received`` instead of killing
+    the process, so the loop can finish its step, save a checkpoint and exit."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainingInterrupted(VpgtransError):
+    """Stopped by SIGTERM after saving a checkpoint (the CLI exits with 143, as a SIGTERM'ed process)."""

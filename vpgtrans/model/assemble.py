@@ -37,18 +37,67 @@ def load_vision_encoder(ref: dict, vision_config: dict):
     return vision
 
 
-def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu"):
-    """The frozen LLM and its tokenizer. ``trust_remote_code`` only when the user asked for it."""
+def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu", quantization: str | None = None,
+             gradient_checkpointing: bool = False):
+    """The frozen LLM and its tokenizer. ``trust_remote_code`` only when the user asked for it.
+
+    ``quantization`` "8bit" / "4bit" loads the LLM's linear layers with bitsandbytes (LLM.int8 / NF4;
+    they run on CPU too); the other weights, and 4-bit compute, use ``dtype`` (default fp32)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
     remote = bool(ref.get("trust_remote_code", False))
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": remote}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization_config(quantization, dtype), device_map={"": str(device)})
     try:
-        llm = auto.from_pretrained(ref["path"], dtype=dtype or torch.float32, trust_remote_code=remote)
+        llm = auto.from_pretrained(ref["path"], **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(ref["path"], trust_remote_code=remote)
     except (OSError, ValueError) as exc:
         raise VpgtransError(f"{ref['path']}: cannot load the LLM ({str(exc).splitlines()[0]})") from None
-    return llm.to(device), tokenizer
+    if gradient_checkpointing:
+        checkpoint_layers(llm)
+    return (llm if quantization is not None else llm.to(device)), tokenizer
+
+
+def quantization_config(quantization: str, dtype=None):
+    """transformers' ``BitsAndBytesConfig`` for ``--load-in-8bit`` / ``--load-in-4bit``."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise VpgtransError(f"--load-in-{quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype or torch.float32)
+    raise VpgtransError(f"unknown quantization {quantization!r} (8bit or 4bit)")
+
+
+def checkpoint_layers(llm) -> int:
+    """Gradient checkpointing for the frozen LLM: each decoder/encoder block recomputes its activations
+    in the backward pass instead of storing them (non-reentrant ``torch.utils.checkpoint``, RNG
+    preserved).
+
+    transformers' own switch only acts on modules in train mode, and our frozen LLM stays in eval
+    mode (no dropout), so the blocks' ``forward`` is wrapped here. Under ``torch.no_grad``
+    (evaluation, generation) the blocks run as usual. Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise VpgtransError(f"{type(llm).__name__}: no transformer blocks found for --gradient-checkpointing")
+    for block in blocks:
+        def forward(*args, _forward=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
 
 
 def build_trainable_parts(model_info: dict):
@@ -77,7 +126,9 @@ def load_strict(module, state: dict, what: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, device: str = "cpu", dtype=None):
+def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, device: str = "cpu", dtype=None,
+                   **llm_options):
+    """``llm_options`` (``quantization``, ``gradient_checkpointing``) go to ``load_llm``."""
     from vpgtrans.config import PromptTemplate, from_dict
     from vpgtrans.data import build_image_processor
     from vpgtrans.model.vlm import VisionLanguageModel
@@ -87,7 +138,8 @@ def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, devic
     vpg, connector = build_trainable_parts(info)
     load_strict(vpg, vpg_state, "vpg.safetensors")
     load_strict(connector, connector_state, "connector.safetensors")
-    llm, tokenizer = load_llm(refs["llm"], info["llm"]["is_encoder_decoder"], dtype=dtype, device=device)
+    llm, tokenizer = load_llm(refs["llm"], info["llm"]["is_encoder_decoder"], dtype=dtype, device=device,
+                              **llm_options)
     processor_info = info["image_processor"]
     image_processor = build_image_processor(processor_info["image_size"], processor_info["image_mean"],
                                             processor_info["image_std"])

@@ -1,33 +1,62 @@
 """The training stages: ``warmup_projector`` (VPGTrans stage 1), ``finetune`` (stage 2) and
 ``train_from_scratch`` (the baseline). Each reads a bundle and writes a new one; the input is never
 modified. They share ``run_stage``, whose loop is written out below: load -> freeze -> train -> save.
+
+Runs the same under ``torchrun`` / ``accelerate launch`` (DDP; only rank 0 writes), resumes exactly from
+``OUT/checkpoints/`` and stops cleanly on SIGTERM (see ``vpgtrans.checkpoint``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, load_model, read_manifest, write_bundle
+from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, load_model, read_manifest, validate_bundle, write_bundle
+from vpgtrans.checkpoint import (clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
 from vpgtrans.config import TrainConfig, to_dict
 from vpgtrans.data import Collator, load_rows
 from vpgtrans.errors import VpgtransError
-from vpgtrans.evaluate import evaluate_model
-from vpgtrans.training import (epoch_order, lr_lambda, micro_batch_size, param_groups, set_trainable,
-                               total_steps)
+from vpgtrans.evaluate import evaluate_model, group_caption_rows
+from vpgtrans.io import atomic_write_text
+from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
+                               check_world_size, count_targets, lr_lambda, param_groups, set_trainable, split_batch,
+                               summed_loss, total_steps)
 
 log = logging.getLogger(__name__)
+PART_FILES = {"vpg": VPG_FILE, "connector": CONNECTOR_FILE}
+METRICS_FILE = "metrics.jsonl"
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
 
 
-def _eval_point(model, eval_set, config: TrainConfig, step: int, samples: int) -> dict:
+def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, samples: int) -> dict:
+    """Evaluate on every process's share of the eval rows, gather predictions and score them all on
+    every process: the same numbers as a 1-process evaluation, in 1/N of the time."""
+    from accelerate.utils import gather_object
+
+    from vpgtrans.metrics import caption_scores, vqa_scores
+
     dataset, task, stats = eval_set
-    result = evaluate_model(model, dataset, task, batch_size=max(8, config.batch_size),
-                            max_samples=config.eval_max_samples, max_new_tokens=config.max_new_tokens, stats=stats)
-    point = {"step": step, "samples": samples, **{k: v for k, v in result["scores"].items() if k != "n"}}
-    log.info("eval @ step %d: %s", step, point)
+    rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
+    rows = rows[:config.eval_max_samples]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = -(-len(rows) // world)  # contiguous shares: gathered in rank order they are the 1-process order
+    mine, result = rows[rank * share:(rank + 1) * share], {"predictions": [], "references": []}
+    if mine:  # (a process may have no eval rows when there are fewer rows than processes)
+        result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
+                                max_new_tokens=config.max_new_tokens, stats=stats)
+    shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
+    predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
+    references = [r for _, refs in shards for r in refs]
+    scores = (caption_scores if task == "caption" else vqa_scores)(predictions, references)
+    point = {"step": step, "samples": samples, **{k: v for k, v in scores.items() if k != "n"}}
+    if accelerator.is_main_process:
+        log.info("eval @ step %d: %s", step, point)
     return point
 
 
@@ -40,26 +69,98 @@ def _train_mode(model, core, config: TrainConfig) -> None:
             getattr(core, part).eval()
 
 
+def _accelerator(options: RunOptions, out_dir: Path):
+    """accelerate's Accelerator: the launch config (torchrun / accelerate launch, DDP, FSDP, DeepSpeed)
+    decides the processes; ``options.dtype`` the mixed precision (None: the launch config's)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if options.report_to == "tensorboard" and not is_tensorboard_available():
+        raise VpgtransError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    if options.report_to == "wandb" and not is_wandb_available():
+        raise VpgtransError("--report-to wandb needs the wandb package: pip install wandb")
+    precision = {"fp32": "no", None: None}.get(options.dtype, options.dtype)
+    state = AcceleratorState._shared_state
+    if precision is not None and state.get("_mixed_precision") not in (None, precision):
+        # One Python process running stages at different precisions (a notebook, the tests): accelerate
+        # keeps the first one for the process; forget it, keeping the distributed set-up.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                       log_with=None if options.report_to == "none" else options.report_to,
+                       project_dir=str(out_dir / "logs"))
+
+
+def _run_record(bundle_dir: Path, data: Path, config: TrainConfig, stage: str, fresh_init: bool, precision: str,
+                options: RunOptions) -> dict:
+    """What a checkpoint must have been made with to be resumed by this call."""
+    return {"stage": stage, "input": str(bundle_dir.resolve()), "data": str(Path(data).resolve()),
+            "train": to_dict(config), "fresh_init": fresh_init, "precision": precision,
+            "quantization": options.quantization}
+
+
+def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: bool):
+    """Decide how this call starts: ``("done", None)`` (resume of a finished run), ``("resume", path)``
+    or ``("fresh", None)``; refuse what would lose or mix up work."""
+    if options.resume:
+        if (out_dir / MANIFEST).is_file():
+            manifest = validate_bundle(out_dir)
+            if manifest["config"].get("train") != record["train"]:
+                raise VpgtransError(f"{out_dir}: holds a finished run with another config; use a new --out or --force")
+            return "done", None
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise VpgtransError(f"{out_dir}: no checkpoint to resume from (none under {out_dir}/checkpoints); "
+                                f"run without --resume")
+        saved = json.loads((checkpoint / "state.json").read_text())["record"]
+        changed = sorted(k for k in record if saved.get(k) != record[k])
+        if changed:
+            raise VpgtransError(f"{checkpoint}: was made with a different {', '.join(changed)} than this call; "
+                                f"resume with the same options, or use --force to start over")
+        return "resume", checkpoint
+    if out_dir.exists() and not force:
+        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
+                            f"or --force to replace it")
+    if main:
+        clear_checkpoints(out_dir)  # never resume into checkpoints of a run this one replaces
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    return "fresh", None
+
+
 def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, stage: str,
               eval_data: Path | None = None, fresh_init: bool = False, force: bool = False,
-              progress=None) -> Path:
+              progress=None, options: RunOptions | None = None) -> Path:
     """Train the parts ``config.trainable`` names on ``data`` and write the result as a new bundle."""
-    from accelerate import Accelerator
-
+    options = options or RunOptions()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     if out_dir.resolve() == bundle_dir.resolve():
         raise VpgtransError(f"{out_dir}: --out must differ from the input bundle (stages never modify their input)")
-    if out_dir.exists() and not force:
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out or pass --force to replace it")
+    if out_dir.exists() and not (force or options.resume):
+        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
+                            f"or --force to replace it")
     parent = read_manifest(bundle_dir)
     dataset, task, data_stats = load_rows(data)
     eval_set = load_rows(eval_data) if eval_data is not None else None
 
     # --- setup -------------------------------------------------------------------------------------
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    micro = micro_batch_size(config, accelerator.num_processes)
-    torch.manual_seed(config.seed)
-    model = load_model(bundle_dir, device=accelerator.device)
+    from accelerate.utils import gather_object
+
+    accelerator = _accelerator(options, out_dir)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    check_world_size(config, world)
+    precision = accelerator.mixed_precision
+    record = _run_record(bundle_dir, data, config, stage, fresh_init, precision, options)
+    how, checkpoint = _start(out_dir, options, force, record, main)
+    if how == "done":
+        if main:
+            log.warning("%s: already complete; nothing to resume", out_dir)
+        return out_dir
+    accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
+    frozen_dtype = TORCH_DTYPES[precision]
+    model = load_model(bundle_dir, device=accelerator.device, dtype=frozen_dtype, quantization=options.quantization,
+                       gradient_checkpointing=options.gradient_checkpointing)
+    if frozen_dtype is not None:
+        model.vision.to(frozen_dtype)  # frozen: 16-bit weights; the trained parts keep fp32 master weights
     if fresh_init:  # train-from-scratch: the architecture of the bundle, none of its VPG weights
         model.vpg.init_fresh(config.seed)
         model.connector.init_fresh(config.seed + 1)
@@ -69,75 +170,190 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     steps = total_steps(config, len(dataset))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
+    files = {PART_FILES[part]: part for part in config.trainable}
+    resumed = None
+    if checkpoint is not None:  # restore weights before DDP broadcasts them, the optimizer after prepare
+        resumed = load_checkpoint(checkpoint, list(files))
+        for file_name, part in files.items():
+            getattr(model, part).load_state_dict(resumed["tensors"][file_name], strict=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
+    keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
     collate = Collator(core.tokenizer, core.template, task, core.num_query_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
+    run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world}}
+    if options.report_to != "none":
+        accelerator.init_trackers(f"vpgtrans-{stage}", {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                         for k, v in {**run_config["train"], **run_config["run"]}.items()})
+
+    # --- state: fresh, or everything the checkpoint holds -----------------------------------------
+    torch.manual_seed(config.seed + rank)  # dropout streams: reproducible, different on each process
+    step, cursor, losses, curve, records, skipped, seconds = 0, DataCursor(len(dataset), config.seed), [], [], [], [], 0.0
+    if resumed is not None:
+        saved = resumed["state"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"][rank % len(saved["rng"])])
+        step, losses, curve, records, skipped = saved["step"], saved["losses"], saved["curve"], saved["records"], saved["skipped"]
+        cursor, seconds = DataCursor(len(dataset), config.seed, **saved["position"]), saved["seconds"]
+        for key, value in saved["data_stats"].items():
+            setattr(data_stats, key, value)
+        if main:
+            log.warning("resuming %s from %s (step %d/%d)", stage, checkpoint, step, steps)
+            atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    started = time.time()
+
+    def emit(entry: dict) -> None:
+        records.append(entry)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        if options.report_to != "none":
+            accelerator.log({f"{entry['type']}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))
+                             and k not in ("step", "type")}, step=entry["step"])
+
+    def save(done: int) -> Path | None:
+        state = {"record": record, "scheduler": scheduler.state_dict(), "position": cursor.position(), "losses": losses,
+                 "curve": curve, "records": records, "skipped": skipped, "seconds": seconds + time.time() - started,
+                 "data_stats": data_stats.to_dict(), "num_processes": world}
+        rngs = gather_object([rng_state()])  # every process's RNG, in rank order
+        path = None
+        if main:
+            tensors = {name: getattr(core, part).state_dict() for name, part in files.items()}
+            path = save_checkpoint(out_dir, done, tensors, optimizer.state_dict(), {**state, "rng": rngs},
+                                   keep=options.keep_checkpoints)
+            log.info("checkpoint saved: %s", path)
+        accelerator.wait_for_everyone()
+        return path
 
     # --- train -------------------------------------------------------------------------------------
-    curve, losses, started = [], [], time.time()
-    if eval_set is not None and config.eval_every:
-        curve.append(_eval_point(core, eval_set, config, 0, 0))
+    if resumed is None and eval_set is not None and config.eval_every:
+        curve.append(_eval_point(accelerator, core, eval_set, config, 0, 0))
+        emit({"type": "eval", **curve[-1]})
     _train_mode(model, core, config)
-    order, epoch, cursor = epoch_order(len(dataset), config.seed, 0), 0, 0
-    for step in range(steps):
-        # The global batch of this optimizer step, the same on any number of processes.
-        indices = []
-        while len(indices) < config.batch_size:
-            if cursor == len(order):
-                epoch, cursor = epoch + 1, 0
-                order = epoch_order(len(dataset), config.seed, epoch)
-            take = min(config.batch_size - len(indices), len(order) - cursor)
-            indices += order[cursor:cursor + take]
-            cursor += take
-        mine = indices[accelerator.process_index::accelerator.num_processes]
-        step_loss = 0.0
-        for start in range(0, len(mine), micro):
-            batch = collate([dataset[i] for i in mine[start:start + micro]])
-            if not batch:
-                continue  # every image of this micro-batch was unreadable (counted in the stats)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss = model(**batch).loss / config.grad_accum
-            if not torch.isfinite(loss):
-                raise VpgtransError(f"non-finite loss at step {step + 1} (samples {mine[start:start + micro]}); "
-                                    f"lower the learning rate or check the data")
-            accelerator.backward(loss)
-            step_loss += float(loss.detach())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        done = step + 1
-        if progress is not None:
-            progress(done, steps, step_loss)
-        if done % config.log_every == 0 or done == steps:
-            log.info("step %d/%d loss %.4f lr %.2e", done, steps, step_loss, scheduler.get_last_lr()[0])
-        if eval_set is not None and config.eval_every and (done % config.eval_every == 0 or done == steps):
-            curve.append(_eval_point(core, eval_set, config, done, done * config.batch_size))
-            _train_mode(model, core, config)
+    last_good = None
+    with StopSignal() as stop:
+        while step < steps:
+            # The global batch of this optimizer step, the same on any number of processes.
+            indices = cursor.take(config.batch_size)
+            batches = []
+            for chunk in split_batch(indices, rank, world, config.grad_accum):
+                batch = collate([dataset[i] for i in chunk])
+                if batch:  # empty: every image of this micro-batch was unreadable (counted in the stats)
+                    batches.append((chunk, {k: v.to(accelerator.device) for k, v in batch.items()}))
+            if not batches:  # keep this process in step with the others: a zero-weight pass
+                if last_good is None:
+                    raise VpgtransError(f"step {step + 1}: no readable image in this process's share of the batch")
+                batches, weight = [last_good], 0.0
+            else:
+                last_good, weight = batches[-1], 1.0
+            # Loss = sum over target tokens / target tokens of the *global* batch: the same update for any
+            # split into processes and micro-batches (DDP averages gradients, hence the x world).
+            targets = accelerator.reduce(torch.tensor(float(sum(count_targets(b, core.is_encoder_decoder)
+                                                                for _, b in batches) * weight)), "sum")
+            scale = world / max(float(targets), 1.0)
+            local_sum, bad = 0.0, []
+            for i, (chunk, batch) in enumerate(batches):
+                with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+                    loss_sum = summed_loss(model, batch, core.is_encoder_decoder, keep_logits) * weight
+                    if not torch.isfinite(loss_sum):
+                        bad += chunk
+                    accelerator.backward(loss_sum * scale)
+                local_sum += float(loss_sum.detach())
+            totals = accelerator.reduce(torch.tensor([local_sum, float(len(bad))]), "sum")
+            if totals[1] > 0:  # a non-finite loss somewhere: no update from this batch
+                optimizer.zero_grad(set_to_none=True)
+                bad_samples = sorted(i for shard in gather_object([bad]) for i in shard)
+                if len(skipped) < options.skip_nonfinite:
+                    skipped.append({"step": step + 1, "samples": bad_samples})
+                    if main:
+                        log.warning("non-finite loss at step %d (samples %s): batch skipped (%d/%d)", step + 1,
+                                    bad_samples, len(skipped), options.skip_nonfinite)
+                    continue
+                last = latest_checkpoint(out_dir)
+                raise VpgtransError(f"non-finite loss at step {step + 1} (samples {bad_samples}); "
+                                    + (f"last good checkpoint: {last}; " if last else "")
+                                    + "lower the learning rate or check the data (--skip-nonfinite N skips such batches)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = float(totals[0]) / max(float(targets), 1.0)
+            losses.append(step_loss)
+            step += 1
+            if progress is not None and main:
+                progress(step, steps, step_loss)
+            if step % config.log_every == 0 or step == steps:
+                lr = scheduler.get_last_lr()[0]
+                if main:
+                    log.info("step %d/%d loss %.4f lr %.2e", step, steps, step_loss, lr)
+                emit({"type": "train", "step": step, "samples": step * config.batch_size, "epoch": cursor.epoch,
+                      "loss": step_loss, "lr": lr, "seconds": round(seconds + time.time() - started, 3)})
+            if eval_set is not None and config.eval_every and (step % config.eval_every == 0 or step == steps):
+                curve.append(_eval_point(accelerator, core, eval_set, config, step, step * config.batch_size))
+                emit({"type": "eval", **curve[-1]})
+                _train_mode(model, core, config)
+            saved_now = None
+            if options.save_every and step % options.save_every == 0 and step < steps:
+                saved_now = save(step)
+            if _any_process(accelerator, stop.received) and step < steps:  # SIGTERM: save and stop, all together
+                path = saved_now or save(step)
+                raise TrainingInterrupted(f"stopped by SIGTERM after step {step}/{steps}; checkpoint saved to "
+                                          f"{path or out_dir / 'checkpoints'}; re-run the same command with --resume")
 
     # --- save --------------------------------------------------------------------------------------
-    seconds = time.time() - started
-    metrics = {"train": {"steps": steps, "samples": steps * config.batch_size, "epochs": steps * config.batch_size / len(dataset),
-                         "final_loss": losses[-1], "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
-                         "seconds": round(seconds, 2), "samples_per_second": round(steps * config.batch_size / seconds, 2),
-                         **counts}}
-    if curve:
-        metrics["eval"] = {k: v for k, v in curve[-1].items() if k not in ("step", "samples")}
-    elif eval_set is not None:
-        metrics["eval"] = {k: v for k, v in _eval_point(core, eval_set, config, steps, steps * config.batch_size).items()
-                           if k not in ("step", "samples")}
-    result = out_dir
-    if accelerator.is_main_process:
-        tensors = {VPG_FILE: core.vpg.state_dict(), CONNECTOR_FILE: core.connector.state_dict()}
-        config_record = {"train": to_dict(config), "stage_input": str(bundle_dir.resolve()), "task": task,
-                         "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
-                         "fresh_init": fresh_init, "num_processes": accelerator.num_processes, "parent_config": parent["config"]}
-        result = write_bundle(out_dir, stage=stage, tensors=tensors, model=parent["model"],
-                              references=parent["references"], template=parent["template"], config=config_record,
-                              parent=bundle_dir, metrics=metrics, curve=curve, data=data_stats.to_dict(), force=force)
+    with StopSignal():  # a SIGTERM now waits until the bundle is written (then the run is done)
+        seconds += time.time() - started
+        trained = steps - (resumed["state"]["step"] if resumed else 0)
+        metrics = {"train": {"steps": steps, "samples": steps * config.batch_size, "epochs": steps * config.batch_size / len(dataset),
+                             "final_loss": losses[-1], "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
+                             "seconds": round(seconds, 2), "samples_per_second": round(trained * config.batch_size / max(
+                                 time.time() - started, 1e-9), 2), "skipped_nonfinite": len(skipped),
+                             "skipped_nonfinite_batches": skipped, "resumed": resumed is not None, **counts}}
+        if curve:
+            metrics["eval"] = {k: v for k, v in curve[-1].items() if k not in ("step", "samples")}
+        elif eval_set is not None:
+            point = _eval_point(accelerator, core, eval_set, config, steps, steps * config.batch_size)
+            metrics["eval"] = {k: v for k, v in point.items() if k not in ("step", "samples")}
+            records.append({"type": "eval", **point})
+        if options.report_to != "none":
+            accelerator.end_training()
+        result = out_dir
+        if main:
+            tensors = {VPG_FILE: core.vpg.state_dict(), CONNECTOR_FILE: core.connector.state_dict()}
+            config_record = {**run_config, "stage_input": str(bundle_dir.resolve()), "task": task,
+                             "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
+                             "fresh_init": fresh_init, "num_processes": world, "parent_config": parent["config"]}
+            logs = _set_aside(out_dir / "logs")
+            result = write_bundle(out_dir, stage=stage, tensors=tensors, model=parent["model"],
+                                  references=parent["references"], template=parent["template"], config=config_record,
+                                  parent=bundle_dir, metrics=metrics, curve=curve, data=data_stats.to_dict(),
+                                  force=out_dir.exists())
+            atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+            if logs is not None:
+                logs.rename(out_dir / "logs")
     accelerator.wait_for_everyone()
     return result
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (one tiny all-reduce per step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag)), "sum") > 0)
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move tracker logs out of the way of the bundle that replaces their directory (put back after)."""
+    if not path.is_dir():
+        return None
+    aside = path.parent.parent / f".{path.parent.name}.logs-aside"
+    if aside.exists():
+        import shutil
+
+        shutil.rmtree(aside)
+    path.rename(aside)
+    return aside
 
 
 def warmup_projector(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig | None = None, **kwargs) -> Path:

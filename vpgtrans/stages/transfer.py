@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from vpgtrans.bundle import read_manifest
+from vpgtrans.bundle import MANIFEST, read_manifest, validate_bundle
+from vpgtrans.checkpoint import latest_checkpoint
 from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace, to_dict
 from vpgtrans.data import load_rows
 from vpgtrans.errors import VpgtransError
@@ -17,6 +18,7 @@ from vpgtrans.io import atomic_write_text
 from vpgtrans.sources import read_source
 from vpgtrans.stages.inherit import inherit, read_target_llm
 from vpgtrans.stages.train import finetune, train_from_scratch, warmup_projector
+from vpgtrans.training import RunOptions
 
 
 def _combined_curve(stages: list[tuple[str, Path]]) -> list[dict]:
@@ -40,11 +42,18 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
              inherit_config: InheritConfig | None = None, from_scratch: bool = False, eval_data: Path | None = None,
              vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
              template: PromptTemplate | None = None, skip_warmup: bool = False, trust_remote_code: bool = False,
-             force: bool = False, progress=None) -> dict:
-    """Run the recipe; return ``{"stages": {name: path}, "metrics": ..., "curve": [...]}``."""
+             force: bool = False, progress=None, options: RunOptions | None = None) -> dict:
+    """Run the recipe; return ``{"stages": {name: path}, "metrics": ..., "curve": [...]}``.
+
+    With ``options.resume``, stages whose bundles exist and validate are kept, the stage that was
+    running continues from its latest checkpoint, and the rest run as usual."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out or pass --force to replace it")
+    options = options or RunOptions()
+    if options.resume and not out_dir.is_dir():
+        raise VpgtransError(f"{out_dir}: nothing to resume (no such directory); run without --resume")
+    if out_dir.exists() and not (force or options.resume):
+        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
+                            f"or --force to replace it")
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
     for path in (source, target_llm, data, finetune_data, eval_data, vision, source_llm, corpus):
         if path is not None and not Path(path).exists():
@@ -59,22 +68,33 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     inherit_config = inherit_config or InheritConfig()
     if from_scratch:
         inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
+    if options.resume:
+        _check_resumable(out_dir, from_scratch)
     out_dir.mkdir(parents=True, exist_ok=True)  # with --force, each stage replaces its bundle atomically
-    train_kwargs = {"eval_data": eval_data, "force": force, "progress": progress}
+
+    def train_stage(run, name: str, bundle: Path, stage_data: Path, config: TrainConfig) -> Path:
+        stage_dir = out_dir / name
+        resume = options.resume and _resumable(stage_dir)
+        stage_options = replace(options, resume=resume)  # a stage that never started starts fresh
+        return run(bundle, stage_data, stage_dir, config, eval_data=eval_data, progress=progress,
+                   force=force or (options.resume and not resume), options=stage_options)
 
     stages: list[tuple[str, Path]] = []
-    inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision, source_llm=source_llm,
-                        corpus=corpus, template=template, trust_remote_code=trust_remote_code, force=force)
+    if options.resume and _finished(out_dir / "inherit"):
+        inherited = out_dir / "inherit"
+    else:
+        inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision,
+                            source_llm=source_llm, corpus=corpus, template=template,
+                            trust_remote_code=trust_remote_code, force=force or options.resume)
     if from_scratch:
-        stages.append(("scratch", train_from_scratch(inherited, finetune_data or data, out_dir / "scratch",
-                                                     finetune_config, **train_kwargs)))
+        stages.append(("scratch", train_stage(train_from_scratch, "scratch", inherited, finetune_data or data,
+                                              finetune_config)))
     else:
         current = inherited
         if not skip_warmup:
-            current = warmup_projector(current, data, out_dir / "warmup", warmup_config, **train_kwargs)
+            current = train_stage(warmup_projector, "warmup", current, data, warmup_config)
             stages.append(("warmup", current))
-        stages.append(("finetune", finetune(current, finetune_data or data, out_dir / "finetune", finetune_config,
-                                            **train_kwargs)))
+        stages.append(("finetune", train_stage(finetune, "finetune", current, finetune_data or data, finetune_config)))
     summary = {
         "arm": "scratch" if from_scratch else "vpgtrans",
         "stages": {"inherit": str(inherited), **{name: str(path) for name, path in stages}},
@@ -91,3 +111,27 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         if (out_dir / stale / "manifest.json").is_file():
             shutil.rmtree(out_dir / stale)
     return summary
+
+
+def _finished(stage_dir: Path) -> bool:
+    """A stage bundle that exists and validates (hashes included): a resumed transfer keeps it."""
+    if not (stage_dir / MANIFEST).is_file():
+        return False
+    try:
+        validate_bundle(stage_dir)
+    except VpgtransError:
+        return False
+    return True
+
+
+def _resumable(stage_dir: Path) -> bool:
+    """A stage to continue: finished (the stage returns it as it is) or with a checkpoint."""
+    return _finished(stage_dir) or latest_checkpoint(stage_dir) is not None
+
+
+def _check_resumable(out_dir: Path, from_scratch: bool) -> None:
+    """``--resume`` needs something of this arm's run under ``out_dir``."""
+    names = ("inherit", "scratch") if from_scratch else ("inherit", "warmup", "finetune")
+    if not any((out_dir / name).is_dir() for name in names):
+        raise VpgtransError(f"{out_dir}: nothing to resume (no stage of a {'scratch' if from_scratch else 'vpgtrans'} "
+                            f"run in it); run without --resume")

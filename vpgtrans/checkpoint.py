@@ -1,0 +1,150 @@
+"""Training checkpoints: what ``--save-every N`` writes and ``--resume`` reads.
+
+A checkpoint is a directory ``OUT/checkpoints/step-000120/`` holding everything an interrupted run
+needs to continue as if it had never stopped::
+
+    vpg.safetensors / connector.safetensors   the trained parts (fp32), as in a bundle
+    optimizer.pt                              optimizer state (tensors and numbers only: read back
+                                              with torch.load(weights_only=True), no pickle code runs)
+    state.json                                step, data position (epoch, cursor), scheduler state,
+                                              RNG states of every process, loss history, eval curve,
+                                              metrics records, counters, and the run record it must match
+
+It is written to a temporary sibling, every file and the directory fsync'ed, then renamed into
+place: a run killed mid-save (even ``kill -9``) leaves the previous checkpoint intact, and a reader
+never sees half a checkpoint. Only the last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from vpgtrans.errors import VpgtransError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints under ``out_dir``, oldest first (temporary directories are not listed)."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimizer_state: dict, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically; drop all but the newest ``keep``. Returns its path."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    for stale in root.glob(".step-*.tmp-*"):  # left by a run killed mid-save (one run writes here at a time)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for file_name, tensor_state in tensors.items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_state.items()}, str(tmp / file_name),
+                      metadata={"format": "pt", "vpgtrans_checkpoint_step": str(step)})
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}) + "\n")
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        if final.exists():  # a re-run of the same step (after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(out_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, tensor_files: list[str]) -> dict:
+    """``{"tensors": {file: state}, "optimizer": state_dict, "state": dict}`` of a checkpoint."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        tensors = {name: load_file(str(path / name)) for name in tensor_files}
+        optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise VpgtransError(f"{path}: incomplete checkpoint ({Path(exc.filename or '?').name} missing)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file, or one torch refuses to unpickle safely
+        raise VpgtransError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+    return {"tensors": tensors, "optimizer": optimizer, "state": state}
+
+
+def clear_checkpoints(out_dir: Path) -> None:
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+
+
+# --- RNG states as JSON ---------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy) as JSON-ready lists."""
+    state = {"torch": torch.get_rng_state().tolist(), "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
