@@ -156,7 +156,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             log.warning("%s: already complete; nothing to resume", out_dir)
         return out_dir
     accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
-    frozen_dtype = TORCH_DTYPES[precision]
+    frozen_dtype = TORCH_DTYPES.get(precision)
     model = load_model(bundle_dir, device=accelerator.device, dtype=frozen_dtype, quantization=options.quantization,
                        gradient_checkpointing=options.gradient_checkpointing)
     if frozen_dtype is not None:

@@ -1,0 +1,143 @@
+"""8-bit / 4-bit frozen LLMs (bitsandbytes, on CPU), mixed precision and gradient checkpointing:
+gradients reach the soft prompts, a warm-up step trains the projector, the bundle records the options
+and ``load_model`` does not need them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, load_model, read_manifest
+from vpgtrans.cli import app
+from vpgtrans.config import TrainConfig
+from vpgtrans.data import Collator, load_rows
+from vpgtrans.errors import VpgtransError
+from vpgtrans.stages import train as train_module
+from vpgtrans.training import RunOptions, count_targets, summed_loss
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _batch(model, data, n=4):
+    dataset, task, _ = load_rows(data)
+    collate = Collator(model.tokenizer, model.template, task, model.num_query_tokens, model.image_processor,
+                       model.is_encoder_decoder)
+    return collate([dataset[i] for i in range(n)])
+
+
+def _linear_types(model):
+    return {type(m).__name__ for m in model.llm.modules() if "Linear" in type(m).__name__}
+
+
+@pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_soft_prompt_gradients_flow_through_a_quantised_llm(inherited, tiny, quantization, layer):
+    model = load_model(inherited, quantization=quantization)
+    assert layer in _linear_types(model)  # the LLM's linear layers really are bitsandbytes layers
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    batch = _batch(model, tiny["caption"])
+    loss = summed_loss(model, batch, False, keep_logits=True) / count_targets(batch, False)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grad = model.connector.proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+def test_quantised_loss_is_close_to_full_precision(inherited, tiny):
+    full, quant = load_model(inherited), load_model(inherited, quantization="8bit")
+    batch = _batch(full, tiny["caption"])
+    with torch.no_grad():
+        a = summed_loss(full, batch, False, True) / count_targets(batch, False)
+        b = summed_loss(quant, batch, False, True) / count_targets(batch, False)
+    assert float(a) == pytest.approx(float(b), rel=0.05)  # int8 weights: close, not equal
+    assert float(a) != float(b)
+
+
+@pytest.mark.parametrize("options", [RunOptions(load_in_8bit=True), RunOptions(load_in_4bit=True, dtype="bf16"),
+                                     RunOptions(dtype="bf16", gradient_checkpointing=True)],
+                         ids=["8bit", "4bit-bf16", "bf16-checkpointing"])
+def test_warmup_trains_the_projector_and_load_model_needs_no_options(inherited, tiny, tmp_path, options):
+    out = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "w",
+                                        TrainConfig.warmup(max_steps=2, batch_size=4), options=options)
+    before, after = load_file(str(inherited / CONNECTOR_FILE)), load_file(str(out / CONNECTOR_FILE))
+    assert not torch.equal(before["proj.weight"], after["proj.weight"])
+    assert all(t.dtype == torch.float32 for t in after.values())  # fp32 master weights in the bundle
+    for name, tensor in load_file(str(inherited / VPG_FILE)).items():
+        assert torch.equal(tensor, load_file(str(out / VPG_FILE))[name])
+    run = read_manifest(out)["config"]["run"]
+    assert (run["load_in_8bit"], run["load_in_4bit"], run["dtype"], run["gradient_checkpointing"]) == (
+        options.load_in_8bit, options.load_in_4bit, options.dtype, options.gradient_checkpointing)
+    assert run["precision"] == ("bf16" if options.dtype == "bf16" else "no")
+    model = load_model(out)  # plain load: full-precision LLM, no bitsandbytes layers, no checkpointing
+    assert _linear_types(model) == {"Linear"}
+    assert next(model.llm.parameters()).dtype == torch.float32
+    assert torch.equal(model.connector.proj.weight, after["proj.weight"])
+
+
+def test_bf16_loads_the_frozen_parts_in_bf16_and_trains_fp32(inherited, tiny, tmp_path, monkeypatch):
+    captured = {}
+    real = train_module.load_model
+
+    def capture(*args, **kwargs):
+        captured["model"] = real(*args, **kwargs)
+        return captured["model"]
+
+    monkeypatch.setattr(train_module, "load_model", capture)
+    train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "w", TrainConfig.warmup(max_steps=1, batch_size=4),
+                                  options=RunOptions(dtype="bf16"))
+    model = captured["model"]
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.connector.parameters()} == {p.dtype for p in model.vpg.parameters()} == {torch.float32}
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(inherited, tiny):
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        model = load_model(inherited, gradient_checkpointing=checkpointing)
+        model.requires_grad_(False)
+        model.connector.requires_grad_(True)
+        calls[checkpointing] = 0
+
+        def count(*_, flag=checkpointing):  # runs inside the block: counts recomputations too
+            calls[flag] += 1
+
+        model.llm.model.layers[0].input_layernorm.register_forward_hook(count)  # (recompute stops early)
+        batch = _batch(model, tiny["caption"])
+        summed_loss(model, batch, False, True).backward()
+        grads[checkpointing] = model.connector.proj.weight.grad.clone()
+        with torch.no_grad():
+            model(**batch)  # no recomputation without a graph
+    assert calls == {False: 2, True: 3}  # forward + forward (no grad); + recompute in backward
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--load-in-8bit", "--load-in-4bit"], "exclude each other"),
+    (["--dtype", "fp64"], "--dtype must be one of fp32, bf16, fp16"),
+    (["--report-to", "mlflow"], "--report-to must be one of"),
+    (["--save-every", "0"], "--save-every must be >= 1"),
+])
+def test_bad_run_options_are_one_line_errors(inherited, tiny, tmp_path, args, fragment):
+    result = CliRunner().invoke(app, ["warmup-projector", str(inherited), "--data", str(tiny["caption"]),
+                                      "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_to_a_missing_tracker_is_a_clear_error(inherited, tiny, tmp_path):
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    for tracker, available in (("tensorboard", is_tensorboard_available()), ("wandb", is_wandb_available())):
+        if available:
+            continue
+        with pytest.raises(VpgtransError, match=f"needs the {tracker} package: pip install {tracker}"):
+            train_module.warmup_projector(inherited, tiny["caption"], tmp_path / tracker,
+                                          TrainConfig.warmup(max_steps=1, batch_size=4),
+                                          options=RunOptions(report_to=tracker))
+        assert not (tmp_path / tracker).exists()
