@@ -141,3 +141,23 @@ def test_report_to_a_missing_tracker_is_a_clear_error(inherited, tiny, tmp_path)
                                           TrainConfig.warmup(max_steps=1, batch_size=4),
                                           options=RunOptions(report_to=tracker))
         assert not (tmp_path / tracker).exists()
+
+
+def test_report_to_tensorboard_logs_the_metrics_jsonl_points(inherited, tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig.warmup(max_steps=4, batch_size=4, log_every=2, eval_every=2, eval_max_samples=4, max_new_tokens=2)
+    out = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "w", config, eval_data=tiny["caption"],
+                                        options=RunOptions(report_to="tensorboard"))
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in records] == [("eval", 0), ("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
+    (run_dir,) = (out / "logs").iterdir()  # the tracker's logs are moved into the bundle
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records if r["type"] == "train"], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/cider")] == [0, 2, 4]
