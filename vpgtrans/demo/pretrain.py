@@ -150,6 +150,64 @@ def pretrain_vision(vision, pixel_values: torch.Tensor, labels: torch.Tensor, st
             for i, (a, l) in enumerate(zip(world.ATTRIBUTES, logits))}
 
 
+def generic_vision_dataset(n: int, seed: int, image_size: int, image_processor) -> torch.Tensor:
+    """``n`` world images with 0..4 objects and no labels: (n, 3, S, S) pixel values."""
+    rng = random.Random(f"vpgtrans-vision-generic:{seed}")
+    images = []
+    for _ in range(n):
+        scene = world.sample_scene(rng, max_objects=4) if rng.random() < 0.95 else \
+            {"background": rng.randint(0, 50), "objects": []}
+        images.append(world.render_scene(scene, image_size))
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def pretrain_vision_generic(vision, pixel_values: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3,
+                            mask_ratio: float = 0.25, seed: int = 0, eval_count: int = 200) -> dict:
+    """Pre-train a ``Blip2VisionModel`` as a masked patch autoencoder: a quarter of the patches are
+    blanked, and every patch token must give back its patch's pixels (a throw-away linear head).
+
+    Nothing here names a colour, a shape or a position: the encoder learns generic, dense appearance
+    features, and turning them into the words of a caption is left to the VPG (DESIGN §5). The last
+    ``eval_count`` images are held out; returns their reconstruction error (MSE, all and masked patches)
+    next to the error of predicting each patch's mean (the baseline a useless encoder reaches).
+    """
+    patch = vision.config.patch_size
+    grid = vision.config.image_size // patch
+    head = nn.Linear(vision.config.hidden_size, 3 * patch * patch)
+    train_x = pixel_values[:-eval_count]
+    modules = nn.ModuleList([vision, head])
+    optimizer = _optimizer(modules.parameters(), lr, weight_decay=0.05)
+    order = torch.Generator().manual_seed(seed)
+
+    def patches(x):  # (B, 3, S, S) -> (B, P, 3 * patch * patch), P in raster order like the ViT's tokens
+        return nn.functional.unfold(x, patch, stride=patch).transpose(1, 2)
+
+    def masked_loss(x, generator):
+        keep = (torch.rand(x.shape[0], 1, grid, grid, generator=generator) >= mask_ratio).float()
+        blanked = x * nn.functional.interpolate(keep, scale_factor=patch)  # 0 = the dataset mean colour
+        predicted = head(vision(pixel_values=blanked).last_hidden_state[:, 1:])  # (B, P, 3 * patch^2)
+        error = ((predicted - patches(x)) ** 2).mean(-1)  # (B, P)
+        masked = 1 - keep.flatten(1)
+        return error.mean(), (error * masked).sum() / masked.sum().clamp(min=1)
+
+    modules.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=20)
+        x = train_x[torch.randint(len(train_x), (batch_size,), generator=order)]
+        loss, _ = masked_loss(x, order)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    modules.eval()
+    held = pixel_values[-eval_count:]
+    with torch.no_grad():
+        mse, masked_mse = masked_loss(held, torch.Generator().manual_seed(seed + 1))
+        target = patches(held)
+        baseline = ((target - target.mean(-1, keepdim=True)) ** 2).mean()
+    return {"mse": mse.item(), "masked_mse": masked_mse.item(), "patch_mean_mse": baseline.item()}
+
+
 # ------------------------------------------------------------------------------------------- source
 
 def set_vpg_trainable(model) -> tuple[int, int]:
@@ -183,11 +241,12 @@ def soft_prompts(model, features: torch.Tensor) -> torch.Tensor:
 
 
 def train_source(model, features: torch.Tensor, examples: list[tuple[int, list[int], list[int]]], pad_id: int,
-                 steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> float:
+                 steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, on_step=None) -> float:
     """Train the VPG and projector of a ``Blip2ForConditionalGeneration`` with ViT and LLM frozen.
 
     ``examples``: (feature row, input_ids with ``config.image_token_id`` in the K image slots, labels).
-    Returns the mean loss of the last 20 steps.
+    ``on_step(step, loss)`` (optional) is called after each optimizer step, e.g. to evaluate on the
+    way. Returns the mean loss of the last 20 steps.
     """
     set_vpg_trainable(model)
     image_token = model.config.image_token_id
@@ -211,5 +270,7 @@ def train_source(model, features: torch.Tensor, examples: list[tuple[int, list[i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])

@@ -87,32 +87,33 @@ def _padded(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def llm_config(spec: LLMSpec, tokenizer):
+def llm_config(spec: LLMSpec, tokenizer, max_positions: int = 64):
     """An OPT or LLaMA config sized by ``spec``, its vocabulary fitted to ``tokenizer``."""
     from transformers import LlamaConfig, OPTConfig
 
     if spec.family == "opt":  # one spare row at least, for a source model's <image> token
         return OPTConfig(vocab_size=_padded(len(tokenizer) + 1), hidden_size=spec.hidden_size,
                          word_embed_proj_dim=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                         ffn_dim=spec.ffn_dim, num_attention_heads=spec.num_heads, max_position_embeddings=64,
+                         ffn_dim=spec.ffn_dim, num_attention_heads=spec.num_heads, max_position_embeddings=max_positions,
                          dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
                        intermediate_size=spec.ffn_dim, num_attention_heads=spec.num_heads,
-                       num_key_value_heads=spec.num_heads, max_position_embeddings=64, tie_word_embeddings=False,
+                       num_key_value_heads=spec.num_heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def source_config(vision_config, text_config, image_token_id: int, newline_id: int):
+def source_config(vision_config, text_config, image_token_id: int, newline_id: int,
+                  num_query_tokens: int = NUM_QUERY_TOKENS, qformer: dict | None = None):
     """BLIP-2 = tiny ViT + 2-layer Q-Former (cross-attention in every layer) + 8 queries + opt-s.
     Like the HF BLIP-2 OPT checkpoints, the text config's EOS is "\\n", where generation stops."""
     from transformers import Blip2Config
 
     text = text_config.to_dict()
     text["eos_token_id"] = newline_id
-    qformer = dict(QFORMER, encoder_hidden_size=vision_config.hidden_size)
+    qformer = dict(qformer or QFORMER, encoder_hidden_size=vision_config.hidden_size)
     return Blip2Config(vision_config=vision_config.to_dict(), qformer_config=qformer, text_config=text,
-                       num_query_tokens=NUM_QUERY_TOKENS, image_token_index=image_token_id)
+                       num_query_tokens=num_query_tokens, image_token_index=image_token_id)
 
 
 def source_tokenizer(opt_tokenizer):
@@ -253,9 +254,10 @@ def _read_rows(split_dir: Path) -> list[dict]:
 
 
 def evaluate_blip2(model_dir: str | Path, split_dir: str | Path, batch_size: int = 100,
-                   max_new_tokens: int = 24) -> dict:
+                   max_new_tokens: int = 24, caption_scorer=None) -> dict:
     """Score an HF BLIP-2 directory on a world split through the plain ``transformers`` path
-    (``Blip2Processor`` + ``generate``). Captions: ``world.caption_accuracy``; VQA: ``vqa_accuracy``
+    (``Blip2Processor`` + ``generate``). Captions: ``caption_scorer`` (default ``world.caption_accuracy``);
+    VQA: ``vqa_accuracy``
     (min(#annotators agreeing / 3, 1)) and ``exact`` (= the most common answer)."""
     import torch
     from PIL import Image
@@ -283,7 +285,7 @@ def evaluate_blip2(model_dir: str | Path, split_dir: str | Path, batch_size: int
             out = out[:, inputs["input_ids"].shape[1]:]  # generate echoed the prompt
         predictions += [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
     if task == "caption":
-        scores = world.caption_accuracy(predictions, rows)
+        scores = (caption_scorer or world.caption_accuracy)(predictions, rows)
     else:
         vqa = [min(row["answers"].count(p) / 3, 1.0) for p, row in zip(predictions, rows)]
         exact = [p == most_common_answer(row["answers"]) for p, row in zip(predictions, rows)]

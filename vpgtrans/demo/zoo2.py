@@ -1,0 +1,246 @@
+"""The benchmark zoo (``zoo-v2``): world v2 (2-3 objects, 48-pixel images), a ViT pre-trained as a masked
+patch autoencoder, OPT-style "S" and "L" LLMs sharing a tokenizer, a LLaMA-style LLM with another
+tokenizer, and a source BLIP-2 on opt-s **trained to convergence** — the expensive asset a transfer
+reuses (DESIGN §5). ``zoo-v1`` (``vpgtrans.demo.zoo``) stays as it is for ``vpgtrans demo``.
+
+``build_zoo_v2()`` builds it deterministically from a seed and caches it under
+``$VPGTRANS_CACHE/zoo-v2/seed{seed}`` (``python -m benchmarks.build_zoo``); ``build_tiny_zoo_v2()``
+writes the same layout with random weights and a tiny world in seconds, for smoke tests. Layout::
+
+    zoo.json                 seed, sizes, metrics (LM copy accuracy, ViT reconstruction, source scores), times
+    world/                   world2.make_world(): caption_train, caption_eval, vqa_train, vqa_eval
+    vision/                  Blip2VisionModel (+ image processor), masked-patch-autoencoder pre-training
+    opt-s/, opt-l/, llama-s/ causal LMs + tokenizers, pre-trained on scene-then-text sequences
+    source-blip2-opt-s/      Blip2ForConditionalGeneration (vision + VPG + opt-s) + Blip2Processor
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from vpgtrans.demo import world, world2
+from vpgtrans.demo.zoo import (IMAGE_TOKEN, SOURCE_NAME, LLMSpec, _install, default_cache_dir, evaluate_blip2,
+                               llm_config, source_config, source_tokenizer)
+from vpgtrans.errors import VpgtransError
+
+logger = logging.getLogger(__name__)
+ZOO_VERSION = "zoo-v2"
+NUM_QUERY_TOKENS = 12
+MAX_POSITIONS = 128  # K soft prompts + BOS + a three-object caption fit with room to spare
+WORLD_SIZES = {"full": (6000, 200), "tiny": (16, 8)}  # (n_train, n_eval) per task
+LLMS = {
+    "opt-s": LLMSpec("opt", 64, 2, 256, 4, steps=1000, lr=5e-3),
+    "opt-l": LLMSpec("opt", 128, 4, 512, 4, steps=700, lr=3e-3),
+    "llama-s": LLMSpec("llama", 96, 2, 384, 4, steps=700, lr=5e-3),
+}
+LM_PAIRS = 30000
+VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "image_size": world2.IMAGE_SIZE, "patch_size": 8, "initializer_range": 0.02}  # HF's default is 1e-10
+QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+           "cross_attention_frequency": 1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+VISION_IMAGES, VISION_STEPS = 6000, 800
+SOURCE_IMAGES, SOURCE_STEPS, SOURCE_LR = 16000, 8000, 2e-3
+MIN_SOURCE_ACCURACY = 0.5  # caption attribute accuracy below which a build is not cached
+PARTS = ("vision", "source", *LLMS)
+SPLITS = ("caption_train", "caption_eval", "vqa_train", "vqa_eval")
+
+
+def zoo_paths(root: Path) -> dict[str, Path]:
+    root = Path(root)
+    return {"root": root, "vision": root / "vision", "source": root / SOURCE_NAME,
+            **{name: root / name for name in LLMS}, "world": root / "world"}
+
+
+def _is_complete(root: Path) -> bool:
+    paths = zoo_paths(root)
+    return (root / "zoo.json").is_file() and all((paths[k] / "config.json").is_file() for k in PARTS) \
+        and all((paths["world"] / split / "data.jsonl").is_file() for split in SPLITS)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _source_examples(tokenizer, image_token_id: int, captions: list[str]) -> list[tuple[int, list[int], list[int]]]:
+    """(feature row, input_ids with <image> x K, labels) in BLIP-2 OPT's caption format."""
+    from vpgtrans.config import PromptTemplate
+    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
+    from vpgtrans.prompting import training_example
+
+    template, examples = PromptTemplate(), []
+    for i, caption in enumerate(captions):
+        ex = training_example(tokenizer, template, "caption", NUM_QUERY_TOKENS, caption, None)
+        examples.append((i, [image_token_id if t == IMAGE_TOKEN_ID else t for t in ex["input_ids"]], ex["labels"]))
+    return examples
+
+
+def _build(root: Path, seed: int, trained: bool, log) -> dict:
+    """Write every zoo directory under ``root``; returns the zoo.json record (without paths)."""
+    import torch
+    from transformers import (AutoModelForCausalLM, Blip2ForConditionalGeneration, Blip2Processor,
+                              Blip2VisionConfig, Blip2VisionModel)
+
+    from vpgtrans.data import build_image_processor
+    from vpgtrans.demo import pretrain, vocab
+
+    paths = zoo_paths(root)
+    record: dict = {"zoo_version": ZOO_VERSION, "seed": seed, "trained": trained, "params": {}, "metrics": {},
+                    "seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        record["seconds"][name] = round(time.perf_counter() - clock, 2)
+        log(f"zoo-v2: {name} done in {record['seconds'][name]:.1f}s")
+        clock = time.perf_counter()
+
+    n_train, n_eval = WORLD_SIZES["full" if trained else "tiny"]
+    splits = world2.make_world(paths["world"], n_train=n_train, n_eval=n_eval, seed=seed)
+    corpus = world2.text_corpus(5000, seed)
+    tokenizers = {"opt": vocab.train_opt_tokenizer(corpus), "llama": vocab.train_llama_tokenizer(corpus)}
+    image_processor = build_image_processor(world2.IMAGE_SIZE)
+    lap("world+tokenizers")
+
+    pairs = world2.text_pairs(LM_PAIRS, seed) if trained else []
+    llms = {}
+    for i, (name, spec) in enumerate(LLMS.items()):
+        tokenizer = tokenizers[spec.family]
+        torch.manual_seed(seed * 1000 + i)
+        model = AutoModelForCausalLM.from_config(llm_config(spec, tokenizer, MAX_POSITIONS))
+        if trained:
+            loss = pretrain.pretrain_lm(model, tokenizer, pairs, spec.steps, lr=spec.lr, seed=seed * 1000 + i)
+            copy = pretrain.lm_copy_accuracy(model, tokenizer, world2.text_pairs(200, 10_000 + seed))
+            record["metrics"].update({f"{name}/final_loss": round(loss, 4), f"{name}/copy_accuracy": round(copy, 4)})
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+        record["params"][name] = _count(model)
+        llms[name] = model
+        lap(name)
+
+    torch.manual_seed(seed * 1000 + 10)
+    vision_config = Blip2VisionConfig(**VISION)
+    vision = Blip2VisionModel(vision_config)
+    if trained:
+        pixel_values = pretrain.generic_vision_dataset(VISION_IMAGES, seed, world2.IMAGE_SIZE, image_processor)
+        scores = pretrain.pretrain_vision_generic(vision, pixel_values, VISION_STEPS, seed=seed)
+        record["metrics"].update({f"vision/{k}": round(v, 4) for k, v in scores.items()})
+    vision.eval()
+    vision.save_pretrained(paths["vision"])
+    image_processor.save_pretrained(paths["vision"])
+    record["params"]["vision"] = _count(vision)
+    lap("vision")
+
+    tokenizer = source_tokenizer(tokenizers["opt"])
+    newline_id = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = source_config(vision_config, llms["opt-s"].config, image_token_id, newline_id,
+                           num_query_tokens=NUM_QUERY_TOKENS, qformer=QFORMER)
+    torch.manual_seed(seed * 1000 + 20)
+    source = Blip2ForConditionalGeneration(config)
+    source.vision_model.load_state_dict(vision.state_dict())
+    source.language_model.load_state_dict(llms["opt-s"].state_dict())
+    with torch.no_grad():  # HF initialises the queries to zeros: a dead VPG
+        source.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed * 1000 + 21))
+    trainable, frozen = pretrain.set_vpg_trainable(source)
+    log(f"zoo-v2: source BLIP-2 trains {trainable:,} parameters (VPG + projector); {frozen:,} frozen (ViT, LLM)")
+    record["params"]["source_vpg"] = trainable
+    if trained:
+        # The source's own pre-training set: fresh scenes (not the benchmark's train split), in memory.
+        rng = random.Random(f"vpgtrans-source2:{seed}")
+        scenes = [world2.sample_scene(rng) for _ in range(SOURCE_IMAGES)]
+        pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
+                                       return_tensors="pt")["pixel_values"]
+        features = pretrain.vision_features(source.vision_model, pixel_values)
+        examples = _source_examples(tokenizer, image_token_id, [world2.caption_for(s) for s in scenes])
+        loss = pretrain.train_source(source, features, examples, tokenizer.pad_token_id, SOURCE_STEPS,
+                                     lr=SOURCE_LR, seed=seed)
+        record["metrics"]["source/final_loss"] = round(loss, 4)
+        record["metrics"]["source/steps"] = SOURCE_STEPS
+        record["metrics"]["source/samples"] = SOURCE_STEPS * 64
+    source.eval()
+    source.save_pretrained(paths["source"])
+    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                   num_query_tokens=NUM_QUERY_TOKENS).save_pretrained(paths["source"])
+    record["params"]["source"] = _count(source)
+    lap("source")
+
+    if trained:
+        for task in ("caption", "vqa"):
+            scores = evaluate_blip2(paths["source"], splits[f"{task}_eval"], max_new_tokens=40,
+                                    caption_scorer=world2.caption_accuracy)
+            record["metrics"].update({f"source/{task}_eval/{k}": v for k, v in scores.items() if k != "examples"})
+        lap("evaluation")
+    return record
+
+
+def _write_record(root: Path, record: dict, started: float) -> None:
+    import tokenizers
+    import torch
+    import transformers
+
+    record["build_seconds"] = round(time.perf_counter() - started, 1)
+    record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "tokenizers": tokenizers.__version__}
+    record["paths"] = {k: str(p.relative_to(root)) for k, p in zoo_paths(root).items() if k != "root"}
+    (root / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _quiet_build(root: Path, seed: int, trained: bool, log) -> dict:
+    """``_build`` on one thread (on a shared 2-core machine, two threads make these small matmuls several
+    times slower), with transformers' per-model warnings silenced, settings restored."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(root, seed, trained, log)
+    finally:
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+
+
+def build_tiny_zoo_v2(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """zoo-v2's layout with random weights and an 16/8-row world, in a few seconds (smoke tests)."""
+    started = time.perf_counter()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    record = _quiet_build(root, seed, trained=False, log=lambda message: None)
+    _write_record(root, record, started)
+    return zoo_paths(root)
+
+
+def build_zoo_v2(cache_dir: Path | None = None, seed: int = 0, force: bool = False, log=None) -> dict[str, Path]:
+    """The trained benchmark zoo for ``seed``, built once (several minutes on 2 CPU cores) and cached
+    under ``cache_dir/zoo-v2/seed{seed}``; a complete cached zoo is returned at once unless ``force``.
+    Built in a temporary directory and renamed into place, like ``zoo.build_zoo``."""
+    root = Path(cache_dir or default_cache_dir()) / ZOO_VERSION / f"seed{seed}"
+    if not force and _is_complete(root):
+        return zoo_paths(root)
+    log = log or logger.info
+    started = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-building-", dir=root.parent))
+    try:
+        record = _quiet_build(tmp, seed, trained=True, log=log)
+        accuracy = record["metrics"]["source/caption_eval/attribute_accuracy"]
+        if accuracy < MIN_SOURCE_ACCURACY:
+            raise VpgtransError(f"zoo-v2 build (seed {seed}): the source BLIP-2 reaches only {accuracy:.2f} caption "
+                                f"attribute accuracy (< {MIN_SOURCE_ACCURACY}); not caching it")
+        _write_record(tmp, record, started)
+        _install(tmp, root, replace=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"zoo-v2: built {root} in {time.perf_counter() - started:.1f}s")
+    return zoo_paths(root)
