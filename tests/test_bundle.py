@@ -166,24 +166,39 @@ def _write(out, force=False, value=1.0):
 
 def test_existing_out_dir_is_refused_unless_forced(tmp_path):
     out = tmp_path / "bundle"
+    _write(out)
+    (out / "stale.txt").write_text("left in the old bundle")
+    with pytest.raises(VpgtransError, match="already exists"):
+        _write(out, value=2.0)
+    assert _files(out) == {MANIFEST, VPG_FILE, CONNECTOR_FILE, "stale.txt"}
+    assert _write(out, force=True, value=2.0) == out
+    assert _files(out) == {MANIFEST, VPG_FILE, CONNECTOR_FILE}
+    assert torch.equal(load_file(str(out / VPG_FILE))["x"], torch.full((2,), 2.0))
+    assert _siblings(out) == ["bundle"]  # no temporary or old directory left behind
+    assert validate_bundle(out, check_references=False, check_model=False)["stage"] == "inherit"
+
+
+def test_force_never_replaces_a_directory_vpgtrans_did_not_write(tmp_path):
+    out = tmp_path / "mine"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(VpgtransError, match="already exists"):
-        _write(out)
-    assert _files(out) == {"keep.txt"}
-    assert _write(out, force=True) == out
+    for force in (False, True):
+        with pytest.raises(VpgtransError, match="already exists" if not force else "is not a vpgtrans output"):
+            _write(out, force=force)
+    assert _files(out) == {"keep.txt"} and (out / "keep.txt").read_text() == "mine"
+    assert _siblings(out) == ["mine"]
+    (out / "keep.txt").unlink()
+    _write(out, force=True)  # an empty directory may be filled
     assert _files(out) == {MANIFEST, VPG_FILE, CONNECTOR_FILE}
-    assert _siblings(out) == ["bundle"]  # no temporary or old directory left behind
-    assert validate_bundle(out, check_references=False)["stage"] == "inherit"
 
 
 def test_inherit_refuses_existing_out_and_force_replaces(tiny, tmp_path):
     out = tmp_path / "b"
-    out.mkdir()
+    inherit(tiny["source"], tiny["llama"], out, InheritConfig(converter="none"))
     (out / "old.txt").write_text("old")
     with pytest.raises(VpgtransError, match="already exists"):
         inherit(tiny["source"], tiny["llama"], out)
-    assert _files(out) == {"old.txt"}
+    assert "old.txt" in _files(out)
     inherit(tiny["source"], tiny["llama"], out, force=True)
     assert _files(out) == {MANIFEST, VPG_FILE, CONNECTOR_FILE, CONVERTER_FILE}
     assert _siblings(out) == ["b"]

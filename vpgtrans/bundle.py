@@ -9,7 +9,9 @@ A bundle stores only what was trained, as safetensors, plus ``manifest.json``::
     converter.safetensors  (inherit only, when fitted) weight (D_t, D_s), bias (D_t,)
 
 The frozen vision encoder and LLM are referenced by path plus a content fingerprint. Bundles are
-written to a temporary sibling directory and renamed into place: a reader never sees half a bundle.
+written to a temporary sibling directory, fsync'ed and renamed into place: a reader never sees half a
+bundle (``vpgtrans.outputs`` says what ``--force`` may replace). ``validate_bundle`` checks the
+manifest's structure, the file hashes and the references, and names every problem at once.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
+import logging
 import shutil
 from pathlib import Path
 
 from vpgtrans import __version__
 from vpgtrans.errors import VpgtransError
+from vpgtrans.outputs import commit_out_dir, prepare_out_dir
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vpgtrans-bundle"
 FORMAT_VERSION = 1
@@ -33,6 +38,18 @@ CONVERTER_FILE = "converter.safetensors"
 STAGES = ("inherit", "warmup", "finetune", "scratch")
 REQUIRED_KEYS = ("format", "format_version", "vpgtrans_version", "stage", "model", "references", "template", "files")
 _KEY_TYPES = {"format_version": int, "stage": str, "model": dict, "references": dict, "template": dict, "files": dict}
+
+# What load_model needs from the manifest's model / references sections: key -> type, per part.
+_MODEL_SCHEMA = {
+    "vision": {"config": dict},
+    "vpg": {"kind": str, "qformer_config": dict, "num_query_tokens": int},
+    "connector": {"type": str, "in_dim": int, "out_dim": int},
+    "llm": {"model_type": str, "hidden_size": int, "vocab_size": int, "is_encoder_decoder": bool},
+    "image_processor": {"image_size": int, "image_mean": list, "image_std": list},
+}
+_REFERENCE_SCHEMA = {"vision": {"path": str, "kind": str}, "llm": {"path": str}}
+VPG_KINDS = ("blip2", "instructblip")
+VISION_KINDS = ("hf-blip2", "hf-vision")
 
 _FULL_HASH_LIMIT = 256 * 2**20
 _CHUNK = 2**20
@@ -71,34 +88,6 @@ def fingerprint(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> Path:
-    """Refuse an existing ``out_dir`` unless ``force``; return the temporary directory to write into."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VpgtransError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_out_dir(tmp: Path, out_dir: Path) -> Path:
-    """Move a finished temporary directory into place (replacing an old ``out_dir`` only now)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
-
-
 def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: dict, references: dict,
                  template: dict, config: dict, parent: Path | None = None, metrics: dict | None = None,
                  curve: list | None = None, data: dict | None = None, force: bool = False) -> Path:
@@ -107,7 +96,8 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage}")
-    tmp = prepare_out_dir(out_dir, force)
+    inputs = [parent] + [ref.get("path") for ref in references.values() if isinstance(ref, dict)]
+    tmp = prepare_out_dir(out_dir, force, inputs=inputs)
     try:
         hashes = {}
         for file_name, state in tensors.items():
@@ -149,8 +139,8 @@ def read_manifest(bundle_dir: Path) -> dict:
         raise VpgtransError(f"{bundle_dir}: no {MANIFEST} — not a vpgtrans bundle")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VpgtransError(f"{path}: not valid JSON ({exc}); the bundle is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise VpgtransError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); the bundle is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise VpgtransError(f"{path}: not a vpgtrans bundle manifest (format != {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -166,11 +156,49 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
-def validate_bundle(bundle_dir: Path, check_references: bool = True) -> dict:
-    """Check a bundle and report every problem at once; return its manifest."""
+def _section_problems(section: dict, schema: dict, where: str) -> list[str]:
+    problems = []
+    for part, keys in schema.items():
+        value = section.get(part)
+        if not isinstance(value, dict):
+            problems.append(f"{where}.{part} should be an object")
+            continue
+        for key, kind in keys.items():
+            item = value.get(key)
+            wrong_bool = isinstance(item, bool) and kind is not bool
+            if not isinstance(item, kind) or wrong_bool or (kind is int and item < 1) or (kind is str and not item):
+                problems.append(f"{where}.{part}.{key} should be a {'positive ' if kind is int else ''}{kind.__name__}"
+                                f" (is {item!r:.40})")
+    return problems
+
+
+def model_problems(manifest: dict) -> list[str]:
+    """What in the manifest's ``model`` / ``references`` / ``template`` sections ``load_model`` could
+    not build from (wrong or missing keys, an invalid prompt template); [] when nothing."""
+    from vpgtrans.config import PromptTemplate, from_dict
+
+    problems = _section_problems(manifest["model"], _MODEL_SCHEMA, "model")
+    problems += _section_problems(manifest["references"], _REFERENCE_SCHEMA, "references")
+    vpg, vision = manifest["model"].get("vpg"), manifest["references"].get("vision")
+    if isinstance(vpg, dict) and isinstance(vpg.get("kind"), str) and vpg["kind"] not in VPG_KINDS:
+        problems.append(f"model.vpg.kind should be one of {', '.join(VPG_KINDS)} (is {vpg['kind']!r:.40})")
+    if isinstance(vision, dict) and isinstance(vision.get("kind"), str) and vision["kind"] not in VISION_KINDS:
+        problems.append(f"references.vision.kind should be one of {', '.join(VISION_KINDS)} (is {vision['kind']!r:.40})")
+    try:
+        from_dict(PromptTemplate, manifest["template"], "template")
+    except VpgtransError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model: bool = True) -> dict:
+    """Check a bundle and report every problem at once; return its manifest.
+
+    ``check_model``: the sections ``load_model`` builds from (``model_problems``); ``check_references``:
+    the referenced vision encoder and LLM exist."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    problems = []
+    problems = model_problems(manifest) if check_model else []
     for file_name, expected in manifest["files"].items():
         path = bundle_dir / file_name
         if Path(file_name).name != file_name or not isinstance(expected, str):
@@ -200,7 +228,7 @@ def load_tensors(bundle_dir: Path, file_name: str) -> dict:
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise VpgtransError(f"{path}: unreadable safetensors ({exc})") from None
+        raise VpgtransError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
 
 
 def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: bool = False, **llm_options):
@@ -208,10 +236,24 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
     comes back in eval mode. ``llm_options`` (``quantization="8bit"|"4bit"``,
     ``gradient_checkpointing``) go to ``vpgtrans.model.assemble.load_llm``."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from vpgtrans.formats.hf import check_model_dir, require_trusted_code
+    from vpgtrans.formats.torchfile import first_line
     from vpgtrans.model.assemble import assemble_model
 
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
+    refs = manifest["references"]
+    for role in ("vision", "llm"):  # configs and weight headers, before anything is built
+        check_model_dir(Path(refs[role]["path"]))
+    llm_path, remote = Path(refs["llm"]["path"]), refs["llm"].get("trust_remote_code") is True
+    require_trusted_code(llm_path, remote)
+    if remote:
+        log.warning("%s: the bundle was made with --trust-remote-code: the LLM's own code at %s runs again",
+                    bundle_dir, llm_path)
     if check_fingerprints:
         for role in ("vision", "llm"):
             ref = manifest["references"][role]
@@ -219,4 +261,10 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
                 raise VpgtransError(f"{bundle_dir}: referenced {role} at {ref['path']} changed since the bundle was made")
     vpg_state = load_tensors(bundle_dir, VPG_FILE)
     connector_state = load_tensors(bundle_dir, CONNECTOR_FILE)
-    return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype, **llm_options)
+    try:
+        return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype, **llm_options)
+    except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
+        raise VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({first_line(exc)[:120]}); vpgtrans "
+                            "never executes pickled code — convert them to safetensors in a trusted environment") from None
+    except SafetensorError as exc:
+        raise VpgtransError(f"{bundle_dir}: a referenced safetensors file is unreadable ({first_line(exc)})") from None

@@ -1,5 +1,6 @@
 """``eval``: generate with the bundle's prompt template and score — captions with CIDEr and BLEU-4
-(pycocoevalcap), VQA with the standard VQAv2 accuracy and exact match. Never writes into the bundle."""
+(pycocoevalcap), VQA with the standard VQAv2 accuracy and exact match, grounding (box text
+``x1,y1,x2,y2``) with accuracy at IoU >= 0.5 and mean IoU. Never writes into the bundle."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ from pathlib import Path
 import torch
 
 from vpgtrans.data import Collator, LoadStats, load_rows
+from vpgtrans.errors import VpgtransError
 from vpgtrans.prompting import clean_generation, stop_token_ids
+
+TASKS = ("caption", "vqa", "grounding")
+
+
+def score(task: str, predictions: list[str], references: list) -> dict:
+    """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM; grounding -> accuracy at
+    IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes)."""
+    from vpgtrans.grounding import grounding_accuracy
+    from vpgtrans.metrics import caption_scores, vqa_scores
+
+    if task not in TASKS:
+        raise VpgtransError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return {"caption": caption_scores, "vqa": vqa_scores, "grounding": grounding_accuracy}[task](predictions, references)
 
 
 def group_caption_rows(dataset) -> list[dict]:
@@ -26,9 +41,7 @@ def group_caption_rows(dataset) -> list[dict]:
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
                    max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None) -> dict:
-    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` of one task)."""
-    from vpgtrans.metrics import caption_scores, vqa_scores
-
+    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task)."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
@@ -51,17 +64,23 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
         predictions.extend(clean_generation(t, model.template) for t in texts)
         references.extend(batch["references"])
     model.train(was_training)
-    scores = caption_scores(predictions, references) if task == "caption" else vqa_scores(predictions, references)
+    if not predictions:
+        raise VpgtransError("no sample could be evaluated: every image was unreadable")
+    scores = score(task, predictions, references)
     return {"scores": scores, "predictions": predictions, "references": references}
 
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
-             out: Path | None = None, device: str = "cpu") -> dict:
-    """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle)."""
+             out: Path | None = None, device: str = "cpu", strict: bool | None = None, force: bool = False) -> dict:
+    """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
+    an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip."""
     from vpgtrans.bundle import load_model
+    from vpgtrans.outputs import check_out_dir
 
-    dataset, found_task, stats = load_rows(data, task)
+    if out is not None:
+        check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
+    dataset, found_task, stats = load_rows(data, task, strict=strict)
     model = load_model(bundle_dir, device=device)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,

@@ -10,7 +10,9 @@
 ``lavis``  a LAVIS-style ``.pth`` (``{"model", "config", "iters": 0}``) holding what LAVIS checkpoints
            hold: the VPG and the projector, in LAVIS names.
 
-Both write a temporary sibling and rename it into place, so a reader never sees half an export.
+Both write a temporary sibling, fsync it and rename it into place, so a reader never sees half an
+export; ``--force`` replaces only a previous vpgtrans output at that path (``vpgtrans.outputs``), and
+the bundle is only read.
 ``vpgtrans_export.json`` (in the HF directory; the ``config`` entry of the .pth) records the source
 bundle (path and manifest hash), the toolkit version, the text to give the processor per task, and
 warnings. InstructBLIP VPGs export to LAVIS only: vpgtrans runs their Q-Former without instruction
@@ -29,10 +31,10 @@ from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, commit_out_dir,
                              load_tensors, prepare_out_dir, validate_bundle)
 from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate, from_dict
 from vpgtrans.errors import VpgtransError
+from vpgtrans.outputs import EXPORT_INFO, check_out_dir
 
 log = logging.getLogger(__name__)
 
-EXPORT_INFO = "vpgtrans_export.json"
 IMAGE_TOKEN = "<image>"
 SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor against the template
 
@@ -103,10 +105,9 @@ def lavis_projection_prefix(manifest: dict) -> str:
 def export_lavis(bundle_dir: Path, manifest: dict, out_path: Path, force: bool) -> Path:
     if out_path.suffix != ".pth":
         raise VpgtransError(f"{out_path}: a LAVIS export is a single .pth file; give a path ending in .pth")
-    if out_path.is_dir():
+    if out_path.is_dir() and not out_path.is_symlink():
         raise VpgtransError(f"{out_path}: is a directory; a LAVIS export is a single .pth file")
-    if out_path.exists() and not force:
-        raise VpgtransError(f"{out_path}: already exists; choose a new --out or pass --force to replace it")
+    check_out_dir(out_path, force, inputs=[bundle_dir], is_file=True)
     from vpgtrans.formats.lavis import hf_to_lavis, save_pth
 
     prefix = lavis_projection_prefix(manifest)
@@ -247,7 +248,7 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> P
                             "feeds the instruction to the Q-Former through a BERT tokenizer, which this bundle "
                             "does not use); export with --format lavis")
     template = from_dict(PromptTemplate, manifest["template"], "template")
-    tmp = prepare_out_dir(out_dir, force)
+    tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir, refs["vision"]["path"], refs["llm"]["path"]])
     try:
         _write_hf(tmp, bundle_dir, manifest, template)
     except BaseException:

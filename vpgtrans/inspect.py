@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest, validate_bundle
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats.detect import detect_format
-from vpgtrans.formats.hf import safetensors_header, read_config, tensor_shapes
+from vpgtrans.formats.hf import custom_code, read_config, safetensors_header, tensor_shapes
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
 
@@ -67,6 +67,8 @@ def _subset(shapes: Shapes, keep) -> Shapes:
 def _hf_config(config: dict):
     """A transformers config (defaults filled in, aliases such as T5's ``d_model`` -> ``hidden_size``
     resolved); the raw dict as a namespace when transformers does not know the model type."""
+    if not isinstance(config, dict):
+        return SimpleNamespace()
     try:
         from transformers import AutoConfig
 
@@ -217,8 +219,15 @@ def _inspect_vision(path: Path) -> dict:
 
 
 def _inspect_llm(path: Path) -> dict:
-    """An HF causal LM or seq2seq LM directory."""
-    return {"llm": _llm_fields(_hf_config(read_config(path)), tensor_shapes(path))}
+    """An HF causal LM or seq2seq LM directory (described from its config: its own code never runs)."""
+    raw = read_config(path)
+    info = {"llm": _llm_fields(_hf_config(raw), tensor_shapes(path))}
+    code = custom_code(raw)
+    if code:
+        info["llm"]["custom_code"] = code
+        info["notes"] = [f"config.json auto_map points at the model's own code ({', '.join(code[:3])}); vpgtrans "
+                         "runs it only with --trust-remote-code"]
+    return info
 
 
 def _inspect_pth(path: Path) -> dict:
@@ -258,6 +267,11 @@ def _file_params(path: Path) -> dict:
     return {"tensors": len(shapes), "params": _count(shapes), "dtype": _dtype(shapes)}
 
 
+def _obj(value) -> dict:
+    """A manifest section as a dict — ``{}`` when a hand edit made it something else."""
+    return value if isinstance(value, dict) else {}
+
+
 def _inspect_bundle(path: Path) -> dict:
     """A vpgtrans bundle: manifest + safetensors headers; a damaged bundle is described, ``valid`` says why."""
     manifest = read_manifest(path)  # unreadable JSON or no manifest at all: nothing to describe
@@ -268,22 +282,24 @@ def _inspect_bundle(path: Path) -> dict:
         valid = str(exc)
     except (KeyError, TypeError, AttributeError) as exc:  # a manifest with the right keys but wrong contents
         valid = f"{path}: invalid bundle: malformed manifest ({type(exc).__name__}: {exc})"
-    model = manifest.get("model") or {}
-    vision_config = SimpleNamespace(**((model.get("vision") or {}).get("config") or {}))
-    vpg_section = model.get("vpg") or {}
-    qformer_config = SimpleNamespace(**(vpg_section.get("qformer_config") or {}))
-    connector, llm = model.get("connector") or {}, model.get("llm") or {}
-    files = {name: _file_params(path / name) for name in manifest.get("files") or {}}
-    references = {role: {**ref,
-                         "exists": bool(ref.get("path")) and Path(ref["path"]).exists()}
-                  for role, ref in (manifest.get("references") or {}).items() if isinstance(ref, dict)}
+    model = _obj(manifest.get("model"))
+    vision_config = SimpleNamespace(**_obj(_obj(model.get("vision")).get("config")))
+    vpg_section = _obj(model.get("vpg"))
+    qformer_config = SimpleNamespace(**_obj(vpg_section.get("qformer_config")))
+    connector, llm = _obj(model.get("connector")), _obj(model.get("llm"))
+    files = {name: _file_params(path / name) if Path(name).name == name else {"error": "not a plain file name"}
+             for name in _obj(manifest.get("files"))}
+    references = {role: {**ref, "exists": isinstance(ref.get("path"), str) and bool(ref["path"])
+                         and Path(ref["path"]).exists()}
+                  for role, ref in _obj(manifest.get("references")).items() if isinstance(ref, dict)}
     parent = manifest.get("parent")
     return {
         "stage": manifest.get("stage"),
         "vpgtrans_version": manifest.get("vpgtrans_version"),
         "created": manifest.get("created"),
         "parent": None if not isinstance(parent, dict) else {
-            "path": parent.get("path"), "exists": bool(parent.get("path")) and Path(parent["path"]).exists()},
+            "path": parent.get("path"),
+            "exists": isinstance(parent.get("path"), str) and bool(parent["path"]) and Path(parent["path"]).exists()},
         "valid": valid,
         "vpg": {
             "kind": vpg_section.get("kind"),
@@ -304,8 +320,8 @@ def _inspect_bundle(path: Path) -> dict:
         # Unknown (None) when either trained file is missing or unreadable.
         "trainable_params": None if any(files.get(f, {}).get("params") is None for f in (VPG_FILE, CONNECTOR_FILE))
         else files[VPG_FILE]["params"] + files[CONNECTOR_FILE]["params"],
-        "metrics": manifest.get("metrics") or {},
-        "curve_length": len(manifest.get("curve") or []),
+        "metrics": _obj(manifest.get("metrics")),
+        "curve_length": len(manifest["curve"]) if isinstance(manifest.get("curve"), list) else None,
     }
 
 

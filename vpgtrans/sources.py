@@ -12,7 +12,7 @@ import torch
 
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
-from vpgtrans.formats.hf import read_config, read_tensors
+from vpgtrans.formats.hf import custom_code, read_config, read_tensors
 
 LAVIS_LN_EPS = 1e-5  # LAVIS ln_vision; HF post_layernorm uses the vision config's 1e-6
 
@@ -61,13 +61,35 @@ def _vision_ref(vision: Path | None, fallback: Path | None) -> tuple[dict, dict,
         raise VpgtransError("LAVIS checkpoints carry no ViT: pass --vision with an HF BLIP-2 directory "
                             "or a Blip2VisionModel directory")
     kind = detect.detect_format(path)
+    if kind not in ("hf-blip2", "hf-instructblip", "hf-vision"):
+        raise VpgtransError(f"{path}: --vision must be an HF BLIP-2 / InstructBLIP directory or a vision model "
+                            f"directory (found {kind})")
     config = read_config(path)
-    if kind in ("hf-blip2", "hf-instructblip"):
-        return {"path": str(Path(path).resolve()), "kind": "hf-blip2"}, config["vision_config"], config["qformer_config"]
     if kind == "hf-vision":
         return {"path": str(Path(path).resolve()), "kind": "hf-vision"}, config, None
-    raise VpgtransError(f"{path}: --vision must be an HF BLIP-2 / InstructBLIP directory or a vision model "
-                        f"directory (found {kind})")
+    _require_sections(path, config, ("vision_config", "qformer_config"))
+    return {"path": str(Path(path).resolve()), "kind": "hf-blip2"}, config["vision_config"], config["qformer_config"]
+
+
+def _require_sections(path: Path, config: dict, sections: tuple[str, ...]) -> None:
+    bad = [name for name in sections if not isinstance(config.get(name), dict)]
+    if bad:
+        raise VpgtransError(f"{Path(path) / 'config.json'}: a BLIP-2 config needs {', '.join(bad)} as JSON objects; "
+                            "the file is damaged or not a BLIP-2 config")
+
+
+def _source_llm(source_llm: Path) -> dict:
+    """The source LLM a converter is fitted from: only its tokenizer and embedding table are read, and
+    never with the model's own code — so its type must be one transformers knows."""
+    config = read_config(source_llm)
+    if custom_code(config):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise VpgtransError(f"{source_llm}: model_type {config.get('model_type')!r} needs the model's own code "
+                                f"({', '.join(custom_code(config)[:3])} in auto_map), which vpgtrans does not run for "
+                                "a source LLM; pass --converter none to inherit without it")
+    return {"path": str(Path(source_llm).resolve()), "prefix": "", "text_config": config}
 
 
 def _clean_config(config: dict) -> dict:
@@ -111,6 +133,7 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
     fmt = detect.detect_format(source)
     if fmt in ("hf-blip2", "hf-instructblip"):
         config = read_config(source)
+        _require_sections(source, config, ("vision_config", "qformer_config", "text_config"))
         kind = "instructblip" if fmt == "hf-instructblip" else "blip2"
         names = [n for n in detect.weight_names(source) if not n.startswith(("language_model.", "vision_model.encoder",
                                                                                "vision_model.embeddings"))]
@@ -118,7 +141,7 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
         vision_ref, vision_config, _ = _vision_ref(vision, source)
         llm = {"path": str(source.resolve()), "prefix": "language_model.", "text_config": config["text_config"]}
         if source_llm is not None:
-            llm = {"path": str(Path(source_llm).resolve()), "prefix": "", "text_config": read_config(source_llm)}
+            llm = _source_llm(source_llm)
         qformer_config = _clean_config(config["qformer_config"])
         ln_eps = vision_config.get("layer_norm_eps", 1e-6)
     elif fmt == "lavis-pth":
@@ -130,14 +153,16 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
         vpg_state, proj_w, proj_b = _split_hf_state(hf_state)
         vision_ref, vision_config, template = _vision_ref(vision, None)
         qformer_config = _clean_config(_infer_qformer_config(vpg_state, kind, template and _clean_config(template)))
-        llm = {}
-        if source_llm is not None:
-            llm = {"path": str(Path(source_llm).resolve()), "prefix": "", "text_config": read_config(source_llm)}
+        llm = _source_llm(source_llm) if source_llm is not None else {}
         ln_eps = LAVIS_LN_EPS
     else:
         raise VpgtransError(f"{source}: not a BLIP-2 source (found {fmt}); expected an HF BLIP-2 / InstructBLIP "
                             "directory or a LAVIS / VPGTrans .pth")
     vision_config = _clean_config(vision_config)
+    missing = [key for key in ("hidden_size", "image_size") if not isinstance(vision_config.get(key), int)]
+    if missing:
+        raise VpgtransError(f"{vision_ref['path']}: the vision config lacks {', '.join(missing)}; it is damaged or "
+                            "not a BLIP-2 ViT config")
     width = vision_config["hidden_size"]
     problems = []
     if vpg_state["ln_vision.weight"].shape[0] != width:

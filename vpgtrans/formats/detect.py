@@ -30,10 +30,12 @@ def detect_format(path: str | Path) -> str:
         raise VpgtransError(f"{path}: directory holds no config.json or manifest.json — not a model or bundle")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VpgtransError(f"{config_path}: not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise VpgtransError(f"{config_path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise VpgtransError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not model_type:
+    if not model_type or not isinstance(model_type, str):
         raise VpgtransError(f"{config_path}: no model_type — not a Hugging Face model config")
     if model_type in BLIP2_TYPES:
         return BLIP2_TYPES[model_type]

@@ -1,16 +1,22 @@
 """Reading Hugging Face model directories without materialising the model.
 
 Weights are read tensor by tensor from safetensors (one tensor of a sharded 70B checkpoint costs only
-that tensor); shapes come from the safetensors headers. ``pytorch_model.bin`` is read with
-``weights_only=True``.
+that tensor); shapes come from the safetensors headers, which are checked against the file size (a
+truncated file is named as such before any tensor is read). ``pytorch_model.bin`` is read with
+``weights_only=True``. A model whose config needs its own code (``auto_map`` with a ``model_type``
+transformers does not know) is refused unless the user passed ``--trust-remote-code``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
+from vpgtrans.formats.torchfile import first_line, load_weights_only
+
+log = logging.getLogger(__name__)
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
@@ -24,9 +30,46 @@ def read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise VpgtransError(f"{model_dir}: no config.json — not a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VpgtransError(f"{path}: not valid JSON ({exc})") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise VpgtransError(f"{path}: not valid JSON ({first_line(exc)})") from None
+    except OSError as exc:
+        raise VpgtransError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(config, dict):
+        raise VpgtransError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    return config
+
+
+def custom_code(config: dict) -> list[str]:
+    """The code a config's ``auto_map`` points at (``"modeling_x.XForCausalLM"``, ...); [] when none."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if isinstance(auto_map, dict):
+        refs = [v for value in auto_map.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    elif isinstance(auto_map, (list, tuple)):
+        refs = list(auto_map)
+    else:
+        return []
+    return sorted({str(ref) for ref in refs if ref})
+
+
+def require_trusted_code(model_dir: Path, trust_remote_code: bool = False, config: dict | None = None) -> None:
+    """Refuse a model that needs its own Python code (``auto_map`` and a ``model_type`` transformers
+    does not know) unless ``trust_remote_code``. Nothing is imported or run here. When transformers
+    knows the type, its built-in implementation is used and the custom code is ignored (logged)."""
+    config = read_config(model_dir) if config is None else config
+    code = custom_code(config)
+    if not code or trust_remote_code:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise VpgtransError(f"{model_dir}: model_type {model_type!r} needs the model's own Python code "
+                            f"({', '.join(code[:3])} in config.json auto_map); vpgtrans runs it only with "
+                            "--trust-remote-code (trust_remote_code=True in Python) — read that code first")
+    log.warning("%s: config.json auto_map points at custom code (%s); using transformers' built-in %r "
+                "implementation instead (pass --trust-remote-code to run the model's own code)",
+                model_dir, ", ".join(code[:3]), model_type)
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -37,8 +80,13 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise VpgtransError(f"{index}: unreadable weight index ({exc})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                raise VpgtransError(f"{index}: unreadable weight index ({type(exc).__name__}: {first_line(exc)})") from None
+            bad = [f"{name!r}: {file!r}" for name, file in (weight_map.items() if isinstance(weight_map, dict) else [])
+                   if not isinstance(name, str) or not isinstance(file, str) or Path(file).name != file]
+            if not isinstance(weight_map, dict) or bad:
+                raise VpgtransError(f"{index}: weight_map must map tensor names to file names in this directory"
+                                    + (f" (bad entries: {', '.join(bad[:3])})" if bad else ""))
             return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / WEIGHT_FILE
     if single.is_file():
@@ -50,32 +98,78 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
 
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}.
+
+    Checked without reading tensor data: a header that is not a JSON object of well-formed entries, or
+    tensor data that does not end exactly where the file ends (truncated, or bytes appended), is a
+    ``VpgtransError`` naming the file and the problem."""
+    path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if size <= 0 or size > 100_000_000 or size + 8 > path.stat().st_size:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise VpgtransError(f"{path}: not a readable safetensors file ({exc})") from None
+            length = int.from_bytes(fh.read(8), "little")
+            if size < 8 or length <= 0 or length > 100_000_000 or length + 8 > size:
+                raise ValueError(f"bad header length {length} for a {size}-byte file (truncated or not safetensors)")
+            header = json.loads(fh.read(length))
+    except FileNotFoundError:
+        raise VpgtransError(f"{path}: missing") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise VpgtransError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise VpgtransError(f"{path}: not a readable safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            start, stop = entry["data_offsets"]
+            ok = isinstance(entry["dtype"], str) and all(isinstance(d, int) and d >= 0 for d in entry["shape"]) \
+                and isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise VpgtransError(f"{path}: damaged safetensors header (entry {name!r} is malformed)")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        problem = "truncated" if 8 + length + end > size else "has trailing bytes"
+        raise VpgtransError(f"{path}: {problem}: its header describes {end} bytes of tensor data, the file holds "
+                            f"{size - 8 - length}; re-download or re-save it")
     return header
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """Check an HF model directory without loading it: ``config.json`` is a JSON object, every weight
+    file the index names exists, every safetensors header is sound and matches its file's size.
+    Returns the config. ``pytorch_model.bin`` files are left to be checked when they are read (with
+    ``weights_only``): listing their tensors would mean unpickling them."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if (model_dir / WEIGHT_INDEX).is_file() or (model_dir / WEIGHT_FILE).is_file():
+        files = set(weight_files(model_dir).values()) if (model_dir / WEIGHT_INDEX).is_file() \
+            else {model_dir / WEIGHT_FILE}
+        missing = sorted(file.name for file in files if not file.is_file())
+        if missing:
+            raise VpgtransError(f"{model_dir}: weight file(s) named by the index are missing: {', '.join(missing[:5])}")
+        for file in sorted(files):
+            if file.suffix == ".safetensors":
+                safetensors_header(file)
+    elif not (model_dir / BIN_FILE).is_file() and not (model_dir / BIN_INDEX).is_file():
+        raise VpgtransError(f"{model_dir}: no model.safetensors, sharded index or pytorch_model.bin found")
+    return config
 
 
 _BIN_CACHE: dict[Path, dict] = {}
 
 
 def _load_bin(path: Path) -> dict:
+    """A ``pytorch_model.bin`` state dict, unpickled with ``weights_only=True`` (cached: one file)."""
     if path not in _BIN_CACHE:
         import torch
 
-        try:
-            _BIN_CACHE.clear()
-            _BIN_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user-facing refusal
-            raise VpgtransError(f"{path}: refused or unreadable pickle ({type(exc).__name__}); "
-                                "vpgtrans loads .bin files with weights_only=True only") from None
+        _BIN_CACHE.clear()
+        state = load_weights_only(path)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise VpgtransError(f"{path}: not a state dict of named tensors")
+        _BIN_CACHE[path] = state
     return _BIN_CACHE[path]
 
 
@@ -114,12 +208,13 @@ def read_tensors(model_dir: Path, names=None, prefix: str | None = None, strip_p
         by_file.setdefault(files[name], []).append(name)
     for file, file_names in by_file.items():
         if file.suffix == ".safetensors":
+            safetensors_header(file)  # a truncated or damaged file is named before safe_open reads it
             try:
                 with safe_open(str(file), framework="pt") as fh:
                     for name in file_names:
                         out[name] = fh.get_tensor(name)
             except Exception as exc:  # noqa: BLE001 - corrupt file
-                raise VpgtransError(f"{file}: unreadable safetensors ({exc})") from None
+                raise VpgtransError(f"{file}: unreadable safetensors ({first_line(exc)})") from None
         else:
             state = _load_bin(file)
             out.update({name: state[name] for name in file_names})
@@ -135,12 +230,14 @@ def embedding_param_name(hf_config) -> str:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    # A config class from a model's own code exists only because the user trusted that code already.
+    remote = type(hf_config).__module__.startswith("transformers_modules")
     try:
         with torch.device("meta"):
-            model = auto.from_config(hf_config)
+            model = auto.from_config(hf_config, trust_remote_code=remote)
     except Exception as exc:  # noqa: BLE001
         raise VpgtransError(f"model_type '{hf_config.model_type}' is not a causal or seq2seq LM "
-                            f"transformers can build ({exc})") from None
+                            f"transformers can build ({first_line(exc)})") from None
     embeddings = model.get_input_embeddings()
     if embeddings is None or not hasattr(embeddings, "weight"):
         raise VpgtransError(f"model_type '{hf_config.model_type}' has no input-embedding table")
@@ -159,9 +256,9 @@ def read_input_embeddings(model_dir: Path, hf_config=None, prefix: str = ""):
         from transformers import AutoConfig
 
         try:
-            hf_config = AutoConfig.from_pretrained(model_dir)
+            hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001
-            raise VpgtransError(f"{model_dir}: cannot read the model config ({exc})") from None
+            raise VpgtransError(f"{model_dir}: cannot read the model config ({first_line(exc)})") from None
     name = embedding_param_name(hf_config)
     stored = weight_files(model_dir)
     # Checkpoints are saved with or without the base-model prefix ("model.decoder.embed_tokens" vs

@@ -15,15 +15,14 @@ an error; all unknown keys are reported at once, nothing is dropped silently.
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vpgtrans.errors import VpgtransError
+from vpgtrans.formats.torchfile import load_weights_only
+from vpgtrans.io import atomic_write
 
 PROJECTION_PREFIXES = ("opt_proj", "t5_proj", "llama_proj", "llm_proj")
 LLM_PREFIXES = ("opt_model.", "llama_model.", "t5_model.", "llm_model.")  # LAVIS names of the LLM itself
@@ -262,24 +261,7 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a LAVIS / VPGTrans ``.pth`` (its ``"model"`` entry, or the file itself when
     it is a flat state dict), loaded with ``weights_only=True`` — pickled code is never run."""
     path = Path(path)
-    if not path.is_file():
-        raise VpgtransError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch reports a refused object as "Weights only load failed ... GLOBAL module.name ...".
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if "Weights only load failed" in str(exc) and found:
-            raise VpgtransError(
-                f"{path}: refused to unpickle {found.group(1)} (it holds objects other than tensors and plain "
-                "containers; vpgtrans never executes pickled code). Re-save it with "
-                "torch.save({'model': state_dict}) from a trusted environment") from None
-        raise VpgtransError(f"{path}: unreadable checkpoint — corrupt, truncated or not a PyTorch file "
-                            f"({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - zip/EOF/key errors from a damaged file are the user's to fix
-        raise VpgtransError(f"{path}: unreadable checkpoint — corrupt, truncated or not a PyTorch file "
-                            f"({type(exc).__name__}: {_first_line(exc)})") from None
-
+    obj = load_weights_only(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state = obj["model"]
     elif _is_state_dict(obj):
@@ -296,7 +278,7 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_pth(state: dict[str, torch.Tensor], path: str | Path, config: dict | None = None) -> Path:
-    """Write ``{"model": state, "config": config, "iters": 0}`` atomically (temp file, then rename).
+    """Write ``{"model": state, "config": config, "iters": 0}`` atomically (temp file, fsync, rename).
 
     ``config`` must be plain JSON-like data, so that ``weights_only`` loading reads it back.
     """
@@ -311,22 +293,9 @@ def save_pth(state: dict[str, torch.Tensor], path: str | Path, config: dict | No
         raise VpgtransError(f"{path}: config is not plain JSON-like data ({exc})") from None
     if not path.parent.is_dir():
         raise VpgtransError(f"{path.parent}: no such directory")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"model": state, "config": config, "iters": 0}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"model": state, "config": config, "iters": 0}, tmp))
 
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

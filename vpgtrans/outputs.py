@@ -1,0 +1,158 @@
+"""Where a command may write, and how it replaces what is there.
+
+Every output (a bundle, an HF export, a LAVIS ``.pth``, an eval report) is written next to its final
+path under a hidden temporary name, fsync'ed, and renamed into place. ``--force`` replaces an existing
+output only when all of these hold — otherwise the command refuses before writing anything:
+
+- it is not a symbolic link (a link is never followed to, nor replaced by, an output);
+- it is not the filesystem root, the current directory or one of its parents;
+- it is not an input of the command, does not contain one, and is not inside one
+  (stages never modify their input);
+- a directory output replaces only an empty directory or one vpgtrans wrote: a bundle
+  (``manifest.json`` of format ``vpgtrans-bundle``), an HF export (``vpgtrans_export.json``) or the
+  checkpoints of a training run; a file output replaces only a file.
+
+So ``--force`` deletes nothing but a previous vpgtrans output at exactly the ``--out`` path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from vpgtrans.errors import VpgtransError
+from vpgtrans.io import fsync_path, fsync_tree
+
+BUNDLE_FORMAT = "vpgtrans-bundle"
+EXPORT_INFO = "vpgtrans_export.json"
+RUN_ENTRIES = {"checkpoints", "metrics.jsonl", "logs"}  # what a training run writes under --out before its bundle
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _related(out: Path, other: Path) -> str | None:
+    """How ``out`` relates to an input path, lexically or after resolving links; None if unrelated."""
+    for a, b in ((_absolute(out), _absolute(other)), (out.resolve(), other.resolve())):
+        if a == b:
+            return "is"
+        if a in b.parents:
+            return "contains"
+        if b in a.parents:
+            return "inside"
+    return None
+
+
+def vpgtrans_output_kind(path: Path) -> str | None:
+    """What vpgtrans wrote at a directory ``path`` (``bundle``, ``export``, ``run``, ``empty``), else None."""
+    try:
+        entries = {p.name for p in path.iterdir()}
+    except OSError:
+        return None
+    if not entries:
+        return "empty"
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT:
+                return "bundle"
+        except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+            pass
+    if (path / EXPORT_INFO).is_file():
+        return "export"
+    if entries <= RUN_ENTRIES and entries & {"checkpoints", "metrics.jsonl"}:
+        return "run"
+    return None
+
+
+def check_out_dir(out: str | os.PathLike, force: bool, inputs=(), is_file: bool = False) -> Path:
+    """Refuse an ``--out`` this command must not write (see the module docstring); return it."""
+    out = Path(out)
+    if out.is_symlink():
+        raise VpgtransError(f"{out}: is a symbolic link; vpgtrans neither writes through nor replaces links — "
+                            "give the real path, or remove the link")
+    absolute = _absolute(out)
+    if absolute.parent == absolute:
+        raise VpgtransError(f"{out}: is the filesystem root; choose a new --out")
+    cwd = Path.cwd()
+    if absolute == cwd or absolute in cwd.parents:
+        raise VpgtransError(f"{out}: is the current directory or one of its parents; choose a new --out")
+    for path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        relation = _related(out, Path(path))
+        if relation == "is":
+            raise VpgtransError(f"{out}: is an input of this command ({path}); inputs are never modified — "
+                                "choose a new --out")
+        if relation == "contains":
+            raise VpgtransError(f"{out}: contains an input of this command ({path}); replacing it would delete that "
+                                "input — choose a new --out")
+        if relation == "inside":
+            raise VpgtransError(f"{out}: is inside an input of this command ({path}); inputs are never modified — "
+                                "choose a new --out")
+    if not out.exists():
+        return out
+    if not force:
+        raise VpgtransError(f"{out}: already exists; choose a new --out or pass --force to replace it")
+    if is_file:
+        if not out.is_file():
+            raise VpgtransError(f"{out}: exists and is not a file; --force replaces only a file here")
+        return out
+    if not out.is_dir():
+        raise VpgtransError(f"{out}: exists and is not a directory; --force does not replace it")
+    if vpgtrans_output_kind(out) is None:
+        shown = sorted(p.name for p in out.iterdir())
+        more = f", ... ({len(shown)} entries)" if len(shown) > 3 else ""
+        raise VpgtransError(f"{out}: is not a vpgtrans output (it holds {', '.join(shown[:3])}{more}); --force "
+                            "replaces only vpgtrans bundles, exports and run checkpoints — delete it yourself or "
+                            "choose a new --out")
+    return out
+
+
+def prepare_out_dir(out_dir: Path, force: bool, inputs=()) -> Path:
+    """Check ``out_dir`` (``check_out_dir``); return a new hidden temporary directory beside it to write into."""
+    out_dir = check_out_dir(out_dir, force, inputs)
+    parent = _absolute(out_dir).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def commit_out_dir(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished temporary directory into place. An old ``out_dir`` is swapped out atomically where
+    the OS allows (Linux), so ``out_dir`` always holds a complete old or new output, and deleted after."""
+    out_dir = Path(out_dir)
+    fsync_tree(tmp)
+    if out_dir.exists():
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp)  # now the old output
+        else:
+            old = Path(tempfile.mkdtemp(dir=_absolute(out_dir).parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old)  # replaces the empty placeholder
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    fsync_path(_absolute(out_dir).parent)
+    return out_dir
