@@ -85,6 +85,8 @@ EvalData = Annotated[Optional[Path], typer.Option(help="Data to evaluate on duri
 EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N optimizer steps (needs --eval-data).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad data row or unreadable image "
+                                                      "(default: skip it and count it in the manifest).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N optimizer steps under OUT/checkpoints/.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint under --out.")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
@@ -155,6 +157,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
         from rich.console import Console
 
         Console().print(render(info))
+    if info.get("valid", True) is not True:
+        raise VpgtransError(info["valid"])  # described above; the exit code says it is unusable
 
 
 @command()
@@ -176,12 +180,28 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     from vpgtrans.stages.inherit import inherit as run
 
     config = InheritConfig(converter=converter, ridge=ridge, connector=connector)
+    _check_remote_code(target_llm, trust_remote_code)
     path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
                trust_remote_code=trust_remote_code, force=force)
     stats = json.loads((path / "manifest.json").read_text())["metrics"].get("converter")
     if stats:
         typer.echo(f"converter: {stats['pairs']} token pairs, held-out cosine {stats.get('heldout_cosine', float('nan')):.4f}")
     typer.echo(f"bundle written to {path}")
+
+
+def _data(path: Path | None, strict: bool):
+    """A data path that carries --strict to every loader it reaches."""
+    from vpgtrans.data import DataDir
+
+    return None if path is None else DataDir(path, strict=strict)
+
+
+def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """Refuse a target LLM that needs its own code unless --trust-remote-code (nothing is run here)."""
+    if (model_dir / "config.json").is_file():
+        from vpgtrans.formats.hf import require_trusted_code
+
+        require_trusted_code(model_dir, trust_remote_code)
 
 
 def _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
@@ -211,10 +231,15 @@ def _until_stopped(run, *args, **kwargs):
 
 
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,
-                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose, options):
+                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose, options, strict=False):
     _quiet_libraries()
     _setup_logging(verbose)
+    from vpgtrans.outputs import check_out_dir
     from vpgtrans.stages import train
+
+    # Before any compute: --out must not be an input, hold one, or be a directory vpgtrans did not write.
+    check_out_dir(out, force or options[1], inputs=[bundle, data, eval_data])
+    data, eval_data = _data(data, strict), _data(eval_data, strict)
 
     config = _train_config("warmup" if kind == "warmup" else "finetune", lr, max_steps, max_samples, epochs,
                            batch_size, grad_accum, seed, eval_every, max_text_len)
@@ -238,13 +263,13 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
                      save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
                      dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
-                     gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
+                     gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
                      force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     _train_command("warmup", bundle, data, out, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed,
                    eval_data, eval_every, max_text_len, force, verbose,
                    (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                    report_to))
+                    report_to), strict)
 
 
 @command()
@@ -257,13 +282,13 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise VPG + projector first (baseline).")] = False,
              save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
-             gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
+             gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
              force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, lr, max_steps, max_samples, epochs,
                    batch_size, grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose,
                    (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                    report_to))
+                    report_to), strict)
 
 
 @command()
@@ -290,7 +315,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                    "the running one from its latest checkpoint.")] = False,
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
-             force: Force = False, verbose: Verbose = False):
+             strict: Strict = False, force: Force = False, verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     _quiet_libraries()
     _setup_logging(verbose)
@@ -307,6 +332,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                     grad_accum, seed, eval_every, max_text_len)
     options = _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
                            report_to)
+    _check_remote_code(target_llm, trust_remote_code)
+    data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
     summary = _until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
@@ -325,20 +352,22 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
 @command("eval")
 def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           data: Annotated[Path, typer.Option(help="Evaluation data directory.")],
-          task: Annotated[Optional[str], typer.Option(help="caption or vqa (default: what the data holds).")] = None,
+          task: Annotated[Optional[str], typer.Option(help="caption, vqa or grounding (default: what the data "
+                                                           "holds).")] = None,
           batch_size: int = 16, max_samples: Annotated[Optional[int], typer.Option(help="Score only the first N.")] = None,
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, force: Force = False):
-    """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM)."""
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, strict: Strict = False,
+          force: Force = False):
+    """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
+    grounding: accuracy at IoU >= 0.5, mean IoU)."""
     _quiet_libraries()
     from vpgtrans.evaluate import evaluate
 
-    if task is not None and task not in ("caption", "vqa"):
-        raise VpgtransError(f"--task must be caption or vqa (got {task!r})")
-    if out is not None and out.exists() and not force:
-        raise VpgtransError(f"{out}: already exists; choose a new --out or pass --force")
-    report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out)
+    if task is not None and task not in ("caption", "vqa", "grounding"):
+        raise VpgtransError(f"--task must be caption, vqa or grounding (got {task!r})")
+    report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out, strict=strict,
+                      force=force)
     if as_json:
         _print_json(report)
     else:
