@@ -482,6 +482,7 @@ class Collator:
         self.stats = stats if stats is not None else LoadStats()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._decoded = self._failed = 0
+        self._pending: list[str] = []
 
     def _pad(self, sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
         width = max(len(s) for s in sequences)
@@ -497,10 +498,16 @@ class Collator:
             self.stats._bad_images.add(name)
             self.stats.skip(kind, name, what)
             if self.stats.skipped_unreadable_image + self.stats.skipped_large_image <= 10:
-                log.warning("skipping %s: %s", name, what)
+                # Held back until one image has decoded: when none does, the error below says it all.
+                self._pending.append(f"skipping {name}: {what}")
         if not self._decoded and self._failed >= min(NO_IMAGE_LIMIT, self.stats.rows or NO_IMAGE_LIMIT):
             raise VpgtransError(f"none of the first {self._failed} images could be used (e.g. {name}: {what}); "
                                 "check the image files")
+
+    def _flush_warnings(self) -> None:
+        for message in self._pending:
+            log.warning("%s", message)
+        self._pending.clear()
 
     def __call__(self, rows: list[dict]) -> dict:
         images, kept = [], []
@@ -515,6 +522,8 @@ class Collator:
                 continue
             self._decoded += 1
             kept.append(row)
+        if self._decoded:
+            self._flush_warnings()
         if not kept:
             return {}
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
