@@ -115,75 +115,89 @@ def _batch(root: Path, batch_size: int):
     return collate([dataset[i] for i in range(batch_size)])
 
 
-def _timed(step, steps: int) -> list[float]:
-    step()  # untimed: allocations, first-call overheads
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+def _ours(stage: str, root: Path, batch: dict):
+    """Our stage's step: the bundle's VisionLanguageModel, the stage's trainable parts, modes and loss."""
+    from vpgtrans.bundle import load_model
+    from vpgtrans.config import TrainConfig
+    from vpgtrans.training import count_targets, set_trainable, summed_loss
+
+    config = TrainConfig.warmup() if stage == "warmup" else TrainConfig.finetune()
+    model = load_model(root / "bundle")
+    set_trainable(model, config.trainable)
+    model.train()
+    for part in ("vision", "llm", "vpg", "connector"):
+        if part not in config.trainable:
+            getattr(model, part).eval()
+    targets = count_targets(batch, False)
+    return model, lambda: summed_loss(model, batch, False, keep_logits=True) / targets
 
 
-def measure(kind: str, stage: str, root: Path, batch_size: int, steps: int) -> dict:
+def _hf(stage: str, root: Path, batch: dict):
+    """A plain transformers training step: Blip2ForConditionalGeneration(..., labels=...), ViT and LLM frozen."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "source", dtype=torch.float32)
+    model.requires_grad_(False)
+    parts = [model.language_projection] + ([model.qformer, model.vision_model.post_layernorm]
+                                           if stage == "finetune" else [])
+    for part in parts:
+        part.requires_grad_(True)
+    model.query_tokens.requires_grad_(stage == "finetune")
+    model.train()
+    hf_batch = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["input_ids"] < 0,
+                                                                     model.config.image_token_index)}
+    return model, lambda: model(**hf_batch).loss
+
+
+def _stepper(model, loss_fn, stage: str):
     import torch
 
     from vpgtrans.config import TrainConfig
-    from vpgtrans.training import count_targets, param_groups, set_trainable, summed_loss
+    from vpgtrans.training import param_groups
 
     config = TrainConfig.warmup() if stage == "warmup" else TrainConfig.finetune()
-    if kind == "stage":
-        from vpgtrans.stages.train import run_stage
-
-        stamps = []
-        loaded = _rss_mib()
-        run_stage(root / "bundle", root / "data", root / f"out-{stage}", config.__class__(
-            **{**config.__dict__, "max_steps": steps + 1, "batch_size": batch_size}), stage, force=True,
-            progress=lambda done, total, loss: stamps.append(time.perf_counter()))
-        seconds = [b - a for a, b in zip(stamps, stamps[1:])]
-        return {"seconds": seconds, "peak_mib": _peak_mib(), "train_mib": _peak_mib() - loaded}
-    batch = _batch(root, batch_size)
-    if kind == "ours":
-        from vpgtrans.bundle import load_model
-
-        model = load_model(root / "bundle")
-        set_trainable(model, config.trainable)
-        model.train()
-        for part in ("vision", "llm", "vpg", "connector"):
-            if part not in config.trainable:
-                getattr(model, part).eval()
-        targets = count_targets(batch, False)
-
-        def loss_fn():
-            return summed_loss(model, batch, False, keep_logits=True) / targets
-    else:
-        from transformers import Blip2ForConditionalGeneration
-
-        model = Blip2ForConditionalGeneration.from_pretrained(root / "source", dtype=torch.float32)
-        model.requires_grad_(False)
-        parts = [model.language_projection] + ([model.qformer, model.vision_model.post_layernorm]
-                                               if stage == "finetune" else [])
-        for part in parts:
-            part.requires_grad_(True)
-        model.query_tokens.requires_grad_(stage == "finetune")
-        model.train()
-        image_id = model.config.image_token_index
-        hf_batch = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["input_ids"] < 0, image_id)}
-
-        def loss_fn():
-            return model(**hf_batch).loss
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    loaded = _rss_mib()
 
     def step():
-        loss = loss_fn()
-        loss.backward()
+        loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = _timed(step, steps)
-    return {"seconds": seconds, "peak_mib": _peak_mib(), "train_mib": _peak_mib() - loaded,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return step
+
+
+def measure(kind: str, stage: str, root: Path, batch_size: int, steps: int) -> dict:
+    """``pair``: ours and HF steps alternated in one process (both see the same machine load; the CPU
+    is shared); ``ours`` / ``hf``: one model alone, for its peak memory; ``stage``: a real run_stage."""
+    if kind == "stage":
+        from vpgtrans.config import TrainConfig
+        from vpgtrans.stages.train import run_stage
+
+        make = TrainConfig.warmup if stage == "warmup" else TrainConfig.finetune
+        stamps, loaded = [], _rss_mib()
+        run_stage(root / "bundle", root / "data", root / f"out-{stage}", make(max_steps=steps + 1, batch_size=batch_size),
+                  stage, force=True, progress=lambda done, total, loss: stamps.append(time.perf_counter()))
+        return {"seconds": [b - a for a, b in zip(stamps, stamps[1:])], "peak_mib": _peak_mib(),
+                "train_mib": _peak_mib() - loaded}
+    batch = _batch(root, batch_size)
+    builders = {"ours": _ours, "hf": _hf}
+    kinds = ["ours", "hf"] if kind == "pair" else [kind]
+    models = {k: builders[k](stage, root, batch) for k in kinds}
+    steppers = {k: _stepper(model, loss_fn, stage) for k, (model, loss_fn) in models.items()}
+    loaded = _rss_mib()
+    seconds = {k: [] for k in kinds}
+    for i in range(steps + 1):  # the first round is untimed (allocations, first-call overheads)
+        for k in kinds:
+            start = time.perf_counter()
+            steppers[k]()
+            if i:
+                seconds[k].append(time.perf_counter() - start)
+    result = {k: {"seconds": seconds[k], "trainable": sum(p.numel() for p in models[k][0].parameters() if p.requires_grad)}
+              for k in kinds}
+    if kind != "pair":
+        result = {**result[kind], "peak_mib": _peak_mib(), "train_mib": _peak_mib() - loaded}
+    return result
 
 
 def measure_llm_memory(root: Path, mode: str) -> dict:
@@ -194,10 +208,9 @@ def measure_llm_memory(root: Path, mode: str) -> dict:
     before = _rss_mib()
     quantization = None if mode == "bf16" else mode
     llm, _ = load_llm({"path": str(root / "llm")}, False, dtype=torch.bfloat16, quantization=quantization)
-    linear = sum(m.weight.numel() for m in llm.model.layers.modules() if hasattr(m, "weight") and m.weight.ndim == 2
-                 or type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
-    return {"footprint_mib": llm.get_memory_footprint() / 2**20, "rss_increase_mib": _rss_mib() - before,
-            "linear_params": linear}
+    layers = sum(t.numel() * t.element_size() for t in [*llm.model.layers.parameters(), *llm.model.layers.buffers()])
+    return {"footprint_mib": llm.get_memory_footprint() / 2**20, "layers_mib": layers / 2**20,
+            "rss_increase_mib": _rss_mib() - before}
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -229,8 +242,10 @@ def run(sizes: list[str], work: Path) -> dict:
         spec = SIZES[size]
         entry = {"params": json.loads((root / "params.json").read_text()), "batch": spec["batch"], "stages": {}}
         for stage in STAGES:
-            entry["stages"][stage] = {kind: _subprocess("--one", kind, stage, root, spec["batch"], spec["steps"])
-                                      for kind in ("ours", "hf", "stage")}
+            pair = _subprocess("--one", "pair", stage, root, spec["batch"], spec["steps"])
+            entry["stages"][stage] = {kind: {**pair[kind], **_subprocess("--one", kind, stage, root, spec["batch"], 1),
+                                             "seconds": pair[kind]["seconds"]} for kind in ("ours", "hf")}
+            entry["stages"][stage]["stage"] = _subprocess("--one", "stage", stage, root, spec["batch"], spec["steps"])
             print(f"{size} {stage}: " + _row(entry["stages"][stage], spec["batch"]), file=sys.stderr)
         entry["llm_memory"] = {mode: _subprocess("--llm-memory", mode, root) for mode in ("bf16", "8bit", "4bit")}
         results["sizes"][size] = entry
@@ -273,13 +288,13 @@ def markdown(results: dict) -> str:
                          f"{_sps(m['ours'], b) / _sps(m['hf'], b):.2f}× | {_sps(m['stage'], b):.2f} | "
                          f"{m['ours']['peak_mib']:.0f} / {m['hf']['peak_mib']:.0f} | "
                          f"{m['ours']['train_mib']:.0f} / {m['hf']['train_mib']:.0f} |")
-    lines += ["", "| model | LLM weights bf16 | 8-bit | 4-bit (NF4) |", "|---|---|---|---|"]
+    lines += ["", "| model | weights | bf16 | 8-bit | 4-bit (NF4) |", "|---|---|---|---|---|"]
     for size, entry in results["sizes"].items():
         mem = entry["llm_memory"]
-        bf16 = mem["bf16"]["footprint_mib"]
-        lines.append(f"| {size} | {bf16:.1f} MiB | {mem['8bit']['footprint_mib']:.1f} MiB "
-                     f"({mem['8bit']['footprint_mib'] / bf16:.2f}×) | {mem['4bit']['footprint_mib']:.1f} MiB "
-                     f"({mem['4bit']['footprint_mib'] / bf16:.2f}×) |")
+        for key, what in (("footprint_mib", "whole LLM"), ("layers_mib", "decoder layers")):
+            bf16 = mem["bf16"][key]
+            lines.append(f"| {size} | {what} | {bf16:.1f} MiB | {mem['8bit'][key]:.1f} MiB "
+                         f"({mem['8bit'][key] / bf16:.2f}×) | {mem['4bit'][key]:.1f} MiB ({mem['4bit'][key] / bf16:.2f}×) |")
     return "\n".join(lines)
 
 
@@ -307,6 +322,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--memory-table", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (fast, peaks mix)")
+    parser.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's choice)")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # KIND STAGE ROOT BATCH STEPS (subprocess)
     parser.add_argument("--llm-memory", nargs=2, help=argparse.SUPPRESS)  # MODE ROOT (subprocess)
     args = parser.parse_args(argv)
@@ -322,6 +338,11 @@ def main(argv=None) -> None:
         return
     global IN_PROCESS
     IN_PROCESS = args.in_process
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the subprocesses' torch reads it at import
+        import torch
+
+        torch.set_num_threads(args.threads)
     sizes = args.size.split(",")
     unknown = set(sizes) - set(SIZES)
     if unknown:

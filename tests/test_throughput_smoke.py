@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_smoke_setting_runs_and_reports(tmp_path):
     out = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--size", "smoke", "--in-process",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--size", "smoke", "--in-process", "--threads", "1",
                            "--work", str(tmp_path / "work"), "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
