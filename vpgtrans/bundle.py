@@ -16,6 +16,7 @@ manifest's structure, the file hashes and the references, and names every proble
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -196,6 +197,8 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model
 
     ``check_model``: the sections ``load_model`` builds from (``model_problems``); ``check_references``:
     the referenced vision encoder and LLM exist."""
+    from vpgtrans.formats.hf import safetensors_header
+
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     problems = model_problems(manifest) if check_model else []
@@ -207,6 +210,11 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model
             problems.append(f"missing {file_name}")
         elif file_sha256(path) != expected:
             problems.append(f"{file_name} does not match its manifest hash (changed or corrupt)")
+        elif file_name.endswith(".safetensors"):  # hash and file agree, but is it a sound safetensors file?
+            try:
+                safetensors_header(path)
+            except VpgtransError as exc:
+                problems.append(str(exc).replace(str(path), file_name, 1))
     for required in (VPG_FILE, CONNECTOR_FILE):
         if required not in manifest["files"]:
             problems.append(f"manifest lists no {required}")
@@ -236,24 +244,11 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
     comes back in eval mode. ``llm_options`` (``quantization="8bit"|"4bit"``,
     ``gradient_checkpointing``) go to ``vpgtrans.model.assemble.load_llm``."""
-    import pickle
-
-    from safetensors import SafetensorError
-
-    from vpgtrans.formats.hf import check_model_dir, require_trusted_code
-    from vpgtrans.formats.torchfile import first_line
     from vpgtrans.model.assemble import assemble_model
 
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir)
-    refs = manifest["references"]
-    for role in ("vision", "llm"):  # configs and weight headers, before anything is built
-        check_model_dir(Path(refs[role]["path"]))
-    llm_path, remote = Path(refs["llm"]["path"]), refs["llm"].get("trust_remote_code") is True
-    require_trusted_code(llm_path, remote)
-    if remote:
-        log.warning("%s: the bundle was made with --trust-remote-code: the LLM's own code at %s runs again",
-                    bundle_dir, llm_path)
+    check_references(bundle_dir, manifest)
     if check_fingerprints:
         for role in ("vision", "llm"):
             ref = manifest["references"][role]
@@ -261,10 +256,39 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
                 raise VpgtransError(f"{bundle_dir}: referenced {role} at {ref['path']} changed since the bundle was made")
     vpg_state = load_tensors(bundle_dir, VPG_FILE)
     connector_state = load_tensors(bundle_dir, CONNECTOR_FILE)
-    try:
+    with reference_errors(manifest):
         return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype, **llm_options)
+
+
+def check_references(bundle_dir: Path, manifest: dict) -> None:
+    """Before the frozen parts are loaded: their configs and safetensors headers are sound, and the LLM
+    needs no code of its own unless the bundle was made with --trust-remote-code."""
+    from vpgtrans.formats.hf import check_model_dir, require_trusted_code
+
+    refs = manifest["references"]
+    for role in ("vision", "llm"):
+        check_model_dir(Path(refs[role]["path"]))
+    llm_path, remote = Path(refs["llm"]["path"]), refs["llm"].get("trust_remote_code") is True
+    require_trusted_code(llm_path, remote)
+    if remote:
+        log.warning("%s: the bundle was made with --trust-remote-code: the LLM's own code at %s runs again",
+                    bundle_dir, llm_path)
+
+
+@contextlib.contextmanager
+def reference_errors(manifest: dict):
+    """Turn what transformers raises for a hostile or damaged referenced LLM into one-line errors."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from vpgtrans.formats.torchfile import first_line
+
+    llm_path = manifest["references"]["llm"]["path"]
+    try:
+        yield
     except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
         raise VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({first_line(exc)[:120]}); vpgtrans "
                             "never executes pickled code — convert them to safetensors in a trusted environment") from None
     except SafetensorError as exc:
-        raise VpgtransError(f"{bundle_dir}: a referenced safetensors file is unreadable ({first_line(exc)})") from None
+        raise VpgtransError(f"{llm_path}: a referenced safetensors file is unreadable ({first_line(exc)})") from None

@@ -27,8 +27,8 @@ import shutil
 from pathlib import Path
 
 from vpgtrans import __version__
-from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, commit_out_dir, file_sha256, fingerprint,
-                             load_tensors, prepare_out_dir, validate_bundle)
+from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, check_references, commit_out_dir, file_sha256,
+                             fingerprint, load_tensors, prepare_out_dir, reference_errors, validate_bundle)
 from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate, from_dict
 from vpgtrans.errors import VpgtransError
 from vpgtrans.outputs import EXPORT_INFO, check_out_dir
@@ -248,9 +248,11 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> P
                             "feeds the instruction to the Q-Former through a BERT tokenizer, which this bundle "
                             "does not use); export with --format lavis")
     template = from_dict(PromptTemplate, manifest["template"], "template")
+    check_references(bundle_dir, manifest)
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir, refs["vision"]["path"], refs["llm"]["path"]])
     try:
-        _write_hf(tmp, bundle_dir, manifest, template)
+        with reference_errors(manifest):
+            _write_hf(tmp, bundle_dir, manifest, template)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,7 +34,9 @@ def detect_format(path: str | Path) -> str:
         raise VpgtransError(f"{config_path}: not valid JSON ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise VpgtransError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise VpgtransError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    model_type = config.get("model_type")
     if not model_type or not isinstance(model_type, str):
         raise VpgtransError(f"{config_path}: no model_type — not a Hugging Face model config")
     if model_type in BLIP2_TYPES:
