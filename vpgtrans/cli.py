@@ -332,6 +332,10 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                     grad_accum, seed, eval_every, max_text_len)
     options = _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
                            report_to)
+    from vpgtrans.outputs import check_out_dir
+
+    check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, eval_data, vision, source_llm,
+                                                corpus])
     _check_remote_code(target_llm, trust_remote_code)
     data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
     summary = _until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,

@@ -9,8 +9,9 @@ output only when all of these hold — otherwise the command refuses before writ
 - it is not an input of the command, does not contain one, and is not inside one
   (stages never modify their input);
 - a directory output replaces only an empty directory or one vpgtrans wrote: a bundle
-  (``manifest.json`` of format ``vpgtrans-bundle``), an HF export (``vpgtrans_export.json``) or the
-  checkpoints of a training run; a file output replaces only a file.
+  (``manifest.json`` of format ``vpgtrans-bundle``), an HF export (``vpgtrans_export.json``), the
+  checkpoints of a training run, or a ``transfer`` run directory of those; a file output replaces
+  only a file.
 
 So ``--force`` deletes nothing but a previous vpgtrans output at exactly the ``--out`` path.
 """
@@ -21,6 +22,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +33,9 @@ from vpgtrans.io import fsync_path, fsync_tree
 BUNDLE_FORMAT = "vpgtrans-bundle"
 EXPORT_INFO = "vpgtrans_export.json"
 RUN_ENTRIES = {"checkpoints", "metrics.jsonl", "logs"}  # what a training run writes under --out before its bundle
+# Hidden leftovers of vpgtrans's own interrupted writes (.NAME.tmp-*, .NAME.old-*, .NAME.logs-aside).
+_LEFTOVER = re.compile(r"^\.[^/]+\.(tmp-[^/]*|old-[^/]*|logs-aside)$")
+TRANSFER_ENTRIES = {"inherit", "warmup", "finetune", "scratch", "transfer.json"}  # a transfer run: one dir per stage
 
 
 def _absolute(path: Path) -> Path:
@@ -50,9 +55,10 @@ def _related(out: Path, other: Path) -> str | None:
 
 
 def vpgtrans_output_kind(path: Path) -> str | None:
-    """What vpgtrans wrote at a directory ``path`` (``bundle``, ``export``, ``run``, ``empty``), else None."""
+    """What vpgtrans wrote at a directory ``path`` (``bundle``, ``export``, ``run``, ``transfer``, ``empty``),
+    else None."""
     try:
-        entries = {p.name for p in path.iterdir()}
+        entries = {p.name for p in path.iterdir() if not _LEFTOVER.match(p.name)}
     except OSError:
         return None
     if not entries:
@@ -68,6 +74,8 @@ def vpgtrans_output_kind(path: Path) -> str | None:
         return "export"
     if entries <= RUN_ENTRIES and entries & {"checkpoints", "metrics.jsonl"}:
         return "run"
+    if entries <= TRANSFER_ENTRIES and all(vpgtrans_output_kind(path / name) for name in entries - {"transfer.json"}):
+        return "transfer"
     return None
 
 
