@@ -57,7 +57,9 @@ def cli_command(func):
         try:
             return func(*args, **kwargs)
         except VpgtransError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # One line, always: a newline inside a user's file name or key must not split the message.
+            message = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -228,6 +230,17 @@ def _until_stopped(run, *args, **kwargs):
         if _is_main_process():
             typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(143) from None
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: shut the process group down before exiting (a process that exits with it alive
+    may abort in gloo's destructor while the others still use it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,

@@ -23,7 +23,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise VpgtransError(f"{what}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise VpgtransError(f"{what}: unknown keys {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
