@@ -92,6 +92,11 @@ def test_bf16_loads_the_frozen_parts_in_bf16_and_trains_fp32(inherited, tiny, tm
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.vision.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.connector.parameters()} == {p.dtype for p in model.vpg.parameters()} == {torch.float32}
+    # The next run in this process without --dtype is fp32 again (accelerate keeps one state per process).
+    out = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "again",
+                                        TrainConfig.warmup(max_steps=1, batch_size=4))
+    assert {p.dtype for p in captured["model"].llm.parameters()} == {torch.float32}
+    assert read_manifest(out)["config"]["run"]["precision"] == "no"
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(inherited, tiny):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -80,9 +81,10 @@ def _accelerator(options: RunOptions, out_dir: Path):
         raise VpgtransError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
     if options.report_to == "wandb" and not is_wandb_available():
         raise VpgtransError("--report-to wandb needs the wandb package: pip install wandb")
-    precision = {"fp32": "no", None: None}.get(options.dtype, options.dtype)
+    # None: what the launcher asked for (accelerate launch --mixed_precision / its config set this variable).
+    precision = {"fp32": "no", None: os.environ.get("ACCELERATE_MIXED_PRECISION", "no")}.get(options.dtype, options.dtype)
     state = AcceleratorState._shared_state
-    if precision is not None and state.get("_mixed_precision") not in (None, precision):
+    if state.get("_mixed_precision") not in (None, precision):
         # One Python process running stages at different precisions (a notebook, the tests): accelerate
         # keeps the first one for the process; forget it, keeping the distributed set-up.
         AcceleratorState._reset_state(reset_partial_state=False)
