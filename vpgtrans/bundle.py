@@ -282,13 +282,14 @@ def reference_errors(manifest: dict):
 
     from safetensors import SafetensorError
 
-    from vpgtrans.formats.torchfile import first_line
+    from vpgtrans.formats.torchfile import first_line, refused_global
 
     llm_path = manifest["references"]["llm"]["path"]
     try:
         yield
     except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
-        raise VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({first_line(exc)[:120]}); vpgtrans "
-                            "never executes pickled code — convert them to safetensors in a trusted environment") from None
+        what = f"they name {refused_global(exc)}, not only tensors" if refused_global(exc) else "corrupt pickle"
+        raise VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({what}); vpgtrans never executes "
+                            "pickled code — convert them to safetensors in a trusted environment") from None
     except SafetensorError as exc:
         raise VpgtransError(f"{llm_path}: a referenced safetensors file is unreadable ({first_line(exc)})") from None

@@ -181,7 +181,10 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     from vpgtrans.config import InheritConfig
     from vpgtrans.stages.inherit import inherit as run
 
+    from vpgtrans.outputs import check_out_dir
+
     config = InheritConfig(converter=converter, ridge=ridge, connector=connector)
+    check_out_dir(out, force, inputs=[source, target_llm, vision, source_llm, corpus])
     _check_remote_code(target_llm, trust_remote_code)
     path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
                trust_remote_code=trust_remote_code, force=force)

@@ -26,10 +26,10 @@ def load_weights_only(path: str | Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch reports a refused object as "Weights only load failed ... GLOBAL module.name ...".
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if "Weights only load failed" in str(exc) and found:
+        found = refused_global(exc)
+        if found:
             raise VpgtransError(
-                f"{path}: refused to unpickle {found.group(1)} (it holds objects other than tensors and plain "
+                f"{path}: refused to unpickle {found} (it holds objects other than tensors and plain "
                 "containers; vpgtrans never executes pickled code). Re-save it with "
                 "torch.save({'model': state_dict}) from a trusted environment, or convert it to safetensors") from None
         raise VpgtransError(f"{path}: unreadable checkpoint — corrupt, truncated or not a PyTorch file "
@@ -37,6 +37,13 @@ def load_weights_only(path: str | Path):
     except Exception as exc:  # noqa: BLE001 - zip/EOF/key errors from a damaged file are the user's to fix
         raise VpgtransError(f"{path}: unreadable checkpoint — corrupt, truncated or not a PyTorch file "
                             f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def refused_global(exc: BaseException) -> str | None:
+    """The callable a refused pickle names (``"os.system"``), from torch's weights_only error; else None."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return found.group(1) if "Weights only load failed" in text and found else None
 
 
 def first_line(exc: BaseException) -> str:
