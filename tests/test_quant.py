@@ -166,3 +166,24 @@ def test_report_to_tensorboard_logs_the_metrics_jsonl_points(inherited, tiny, tm
     assert [e.step for e in loss] == [2, 4]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records if r["type"] == "train"], rel=1e-6)
     assert [e.step for e in events.Scalars("eval/cider")] == [0, 2, 4]
+
+
+def test_cli_progress_bar_shows_samples_per_second(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    import vpgtrans.cli as cli
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "_err_console", lambda: Console(file=buffer, force_terminal=True, width=150))
+    update = cli._progress_bar("warmup", batch_size=8)
+    update(3, 5, 2.5)  # a resumed run: its first callback is at the checkpoint's step + 1
+    time.sleep(0.2)
+    update(4, 5, 2.0)
+    shown = buffer.getvalue()
+    rates = [float(r) for r in __import__("re").findall(r"([0-9.]+) samples/s", shown)]
+    assert rates and 8 / 0.2 * 0.5 < max(rates) <= 8 / 0.2 * 1.01  # one step of 8 samples in ~0.2 s
+    assert "4/5" in shown and "loss 2.0000" in shown
+    update(5, 5, 1.5)  # the last step closes the bar

@@ -134,7 +134,7 @@ def _progress_bar(description: str, batch_size: int | None = None):
                          first=(time.time(), done))
         seconds, steps = time.time() - state["first"][0], done - state["first"][1]
         rate = steps * (batch_size or 0) / seconds if seconds > 0 else 0.0
-        progress.update(state["task"], completed=done, loss=loss, rate=rate)
+        progress.update(state["task"], completed=done, loss=loss, rate=rate, refresh=True)
         if done == total:
             progress.stop()
             state["task"] = None
