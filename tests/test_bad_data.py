@@ -333,3 +333,16 @@ def test_eval_strict_and_all_bad_data_on_the_cli(inherited, tmp_path):
     for i in range(3):
         (unreadable / f"x{i}.png").write_bytes(b"not a png")
     _one_line_error(_cli("eval", inherited, "--data", unreadable), "none of the first 3 images could be used")
+
+
+def test_transfer_strict_checks_every_data_directory_before_any_stage(tiny, tmp_path):
+    good = tiny["caption"]
+    bad = _write_jsonl(tmp_path / "bad", [{"image": "a.png", "caption": "ok"}, {"image": "a.png"}])
+    common = ["transfer", "--source", tiny["source"], "--target-llm", tiny["llama"], "--out", tmp_path / "run",
+              "--converter", "none", "--max-steps", "1", "--batch-size", "4", "--strict"]
+    for extra in (["--data", bad], ["--data", good, "--finetune-data", bad], ["--data", good, "--eval-data", bad]):
+        _one_line_error(_cli(*common, *extra), "data.jsonl:2: no 'caption'", "--strict")
+        assert not (tmp_path / "run").exists()
+    result = _cli(*common[:-1], "--data", bad, "--skip-warmup", "--finetune-max-steps", "1")  # not strict: runs
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "run" / "finetune")["data"]["skipped_missing_key"] == 1
