@@ -15,7 +15,7 @@ from vpgtrans.converter import fit_converter, merge_projector, pair_tokens
 from vpgtrans.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
-from vpgtrans.formats.hf import read_input_embeddings
+from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code
 from vpgtrans.sources import SourceVPG, read_source
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def read_target_llm(target_llm: Path, trust_remote_code: bool = False):
     fmt = detect.detect_format(target_llm)
     if fmt != "hf-llm":
         raise VpgtransError(f"{target_llm}: --target-llm must be an HF causal LM or T5 directory (found {fmt})")
+    require_trusted_code(Path(target_llm), trust_remote_code)  # before transformers could import any of it
     try:
         return AutoConfig.from_pretrained(target_llm, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001

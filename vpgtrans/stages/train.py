@@ -23,8 +23,9 @@ from vpgtrans.checkpoint import (clear_checkpoints, latest_checkpoint, load_chec
 from vpgtrans.config import TrainConfig, to_dict
 from vpgtrans.data import Collator, load_rows
 from vpgtrans.errors import VpgtransError
-from vpgtrans.evaluate import evaluate_model, group_caption_rows
+from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
+from vpgtrans.outputs import check_out_dir
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
                                check_world_size, count_targets, lr_lambda, param_groups, set_trainable, split_batch,
                                summed_loss, total_steps)
@@ -40,8 +41,6 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
     every process: the same numbers as a 1-process evaluation, in 1/N of the time."""
     from accelerate.utils import gather_object
 
-    from vpgtrans.metrics import caption_scores, vqa_scores
-
     dataset, task, stats = eval_set
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     rows = rows[:config.eval_max_samples]
@@ -54,7 +53,7 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
     shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
     predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
     references = [r for _, refs in shards for r in refs]
-    scores = (caption_scores if task == "caption" else vqa_scores)(predictions, references)
+    scores = score(task, predictions, references)
     point = {"step": step, "samples": samples, **{k: v for k, v in scores.items() if k != "n"}}
     if accelerator.is_main_process:
         log.info("eval @ step %d: %s", step, point)
@@ -140,6 +139,8 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     if out_dir.exists() and not (force or options.resume):
         raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
                             f"or --force to replace it")
+    # Before anything under out_dir is touched: --force replaces only a vpgtrans output, never an input.
+    check_out_dir(out_dir, force=True, inputs=(bundle_dir, data, eval_data))
     parent = read_manifest(bundle_dir)
     dataset, task, data_stats = load_rows(data)
     eval_set = load_rows(eval_data) if eval_data is not None else None

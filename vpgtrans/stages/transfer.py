@@ -15,6 +15,7 @@ from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace,
 from vpgtrans.data import load_rows
 from vpgtrans.errors import VpgtransError
 from vpgtrans.io import atomic_write_text
+from vpgtrans.outputs import check_out_dir
 from vpgtrans.sources import read_source
 from vpgtrans.stages.inherit import inherit, read_target_llm
 from vpgtrans.stages.train import finetune, train_from_scratch, warmup_projector
@@ -54,6 +55,8 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     if out_dir.exists() and not (force or options.resume):
         raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
                             f"or --force to replace it")
+    check_out_dir(out_dir, force=True, inputs=(source, target_llm, data, finetune_data, eval_data, vision,
+                                               source_llm, corpus))
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
     for path in (source, target_llm, data, finetune_data, eval_data, vision, source_llm, corpus):
         if path is not None and not Path(path).exists():

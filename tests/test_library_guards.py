@@ -1,0 +1,71 @@
+"""The library (not only the CLI) keeps the promises: grounding eval during training, --force limits
+in run_stage / transfer, and the remote-code refusal in read_target_llm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vpgtrans.config import TrainConfig
+from vpgtrans.errors import VpgtransError
+from vpgtrans.grounding import grounding_accuracy
+from vpgtrans.stages.train import warmup_projector
+from vpgtrans.stages.transfer import transfer
+
+from test_grounding import GOOD, _grounding_data
+from test_security import _custom_code_llm
+
+TINY = dict(max_steps=2, batch_size=3, eval_every=1)
+
+
+def test_training_on_grounding_records_a_grounding_curve(inherited, tmp_path):
+    data = _grounding_data(tmp_path / "g", GOOD)
+    out = warmup_projector(inherited, data, tmp_path / "warm", TrainConfig.warmup(**TINY, max_new_tokens=3),
+                           eval_data=data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["step"] for p in manifest["curve"]] == [0, 1, 2]
+    assert set(manifest["curve"][-1]) == {"step", "samples", "accuracy", "mean_iou", "parsed"}
+    assert 0.0 <= manifest["metrics"]["eval"]["mean_iou"] <= 1.0
+
+
+def test_run_stage_force_never_replaces_user_files(inherited, tiny, tmp_path):
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    (user / "metrics.jsonl").write_text("my own measurements\n")  # a name a training run also writes
+    with pytest.raises(VpgtransError, match="is not a vpgtrans output"):
+        warmup_projector(inherited, tiny["caption"], user, TrainConfig.warmup(max_steps=1, batch_size=2), force=True)
+    assert sorted(p.name for p in user.iterdir()) == ["metrics.jsonl", "thesis.tex"]
+    assert (user / "metrics.jsonl").read_text() == "my own measurements\n"
+    with pytest.raises(VpgtransError, match="is inside an input"):
+        warmup_projector(inherited, tiny["caption"], inherited / "nested", TrainConfig.warmup(max_steps=1), force=True)
+    assert not (inherited / "nested").exists()
+
+
+def test_transfer_force_never_replaces_user_files(tiny, tmp_path):
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "notes.md").write_text("keep me")
+    with pytest.raises(VpgtransError, match="is not a vpgtrans output"):
+        transfer(tiny["source"], tiny["llama"], tiny["caption"], user, force=True)
+    assert [p.name for p in user.iterdir()] == ["notes.md"]
+
+
+def test_read_target_llm_refuses_custom_code_naming_the_flag(tiny, tmp_path):
+    from vpgtrans.stages.inherit import read_target_llm
+
+    marker = tmp_path / "PWNED"
+    llm = _custom_code_llm(tmp_path / "custom", marker, "vpgtrans_custom", tiny["llama"])
+    with pytest.raises(VpgtransError, match="trust_remote_code=True"):
+        read_target_llm(llm)
+    assert not marker.exists()
+
+
+def test_grounding_scores_match_the_metric(tmp_path):
+    # the training curve uses the same scorer as `vpgtrans eval`
+    from vpgtrans.evaluate import score
+
+    boxes = [row["box"] for row in GOOD]
+    predictions = ["0,0.125,0.375,0.625", "nonsense", "0.25,0.125,0.625,0.625"]
+    assert score("grounding", predictions, boxes) == grounding_accuracy(predictions, boxes)
