@@ -116,18 +116,29 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = N
               ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted ridge least squares for y ≈ x W^T + b. x (n, D_s), y (n, D_t) -> W (D_t, D_s), b (D_t,).
 
-    The penalty is ``ridge`` times the mean diagonal of the weighted Gram matrix (scale-free); the bias
-    is not penalised. Solved in float64.
+    The penalty is ``ridge`` times the mean of the weighted Gram matrix's diagonal, sum_i w_i x_ij^2
+    (scale-free); the bias is not penalised, which is the same as centring x and y on their weighted
+    means and solving for W alone. Means, the penalty and the (D_s, D_s) solve are float64; the two big
+    products (X^T W X and X^T W Y, ~99% of the time at 32k x 2560 -> 4096) run in the inputs' precision
+    when that is float32 or lower — on centred data they lose nothing that matters (benchmarks/converter_fit).
     """
-    x, y = x.double(), y.double()
     n, d_s = x.shape
-    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
-    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)  # (n, D_s + 1)
-    gram = xa.T @ (xa * w[:, None])  # (D_s + 1, D_s + 1)
-    penalty = ridge * gram[:d_s, :d_s].diagonal().mean()
-    gram[:d_s, :d_s] += penalty * torch.eye(d_s, dtype=torch.float64)
-    solution = torch.linalg.solve(gram, xa.T @ (y * w[:, None]))  # (D_s + 1, D_t)
-    return solution[:d_s].T.contiguous(), solution[d_s].contiguous()
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    x, y = x.to(dtype), y.to(dtype)
+    w = torch.ones(n, dtype=dtype) if weights is None else weights.to(dtype)
+    total = w.double().sum()
+    x_mean = (w @ x).double() / total  # (D_s,)
+    y_mean = (w @ y).double() / total  # (D_t,)
+    penalty = ridge * float((w @ x.square()).double().mean())
+    xc = x - x_mean.to(dtype)  # (n, D_s), centred
+    xw = xc * w[:, None]  # (n, D_s), centred and weighted
+    gram = (xw.T @ xc).double()  # (D_s, D_s)
+    # The weighted centred columns sum to zero, so X_c^T W (Y - 1 y_mean^T) = X_c^T W Y: y needs no centred copy.
+    rhs = (xw.T @ y).double()  # (D_s, D_t)
+    gram += penalty * torch.eye(d_s, dtype=torch.float64)
+    weight = torch.linalg.solve(gram, rhs).T  # (D_t, D_s)
+    bias = y_mean - weight @ x_mean
+    return weight.contiguous(), bias.contiguous()
 
 
 def mean_cosine(predicted: torch.Tensor, target: torch.Tensor) -> float:
