@@ -69,3 +69,20 @@ def test_grounding_scores_match_the_metric(tmp_path):
     boxes = [row["box"] for row in GOOD]
     predictions = ["0,0.125,0.375,0.625", "nonsense", "0.25,0.125,0.625,0.625"]
     assert score("grounding", predictions, boxes) == grounding_accuracy(predictions, boxes)
+
+
+@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_launches_are_refused_before_anything_is_written(inherited, tiny, tmp_path, monkeypatch, variable, engine):
+    # accelerate launch sets these from an FSDP / DeepSpeed config; saving the unwrapped module there
+    # would write one process's shard as if it were the model.
+    from typer.testing import CliRunner
+
+    from vpgtrans.cli import app
+
+    monkeypatch.setenv(variable, "true")
+    out = tmp_path / "warm"
+    result = CliRunner().invoke(app, ["warmup-projector", str(inherited), "--data", str(tiny["caption"]),
+                                      "--out", str(out), "--max-steps", "1", "--batch-size", "2"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {engine} launches are not supported yet") and result.stderr.count("\n") == 1
+    assert not out.exists()

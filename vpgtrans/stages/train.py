@@ -76,6 +76,14 @@ def _accelerator(options: RunOptions, out_dir: Path):
     from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
+    # Under FSDP / DeepSpeed the unwrapped module holds one process's shard: saving it or generating with
+    # it would silently write or score the wrong weights, so refuse until that path is built and tested.
+    for engine, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").strip().lower() in ("1", "true", "yes"):
+            raise VpgtransError(f"{engine} launches are not supported yet (the trained parts would be saved from one "
+                                f"process's shard); launch with DDP (torchrun, or an accelerate config with "
+                                f"distributed_type: MULTI_GPU) and --load-in-8bit/--load-in-4bit for large LLMs "
+                                f"— see docs/cluster.md")
     if options.report_to == "tensorboard" and not is_tensorboard_available():
         raise VpgtransError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
     if options.report_to == "wandb" and not is_wandb_available():
