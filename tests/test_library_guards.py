@@ -86,3 +86,57 @@ def test_sharded_launches_are_refused_before_anything_is_written(inherited, tiny
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {engine} launches are not supported yet") and result.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def _eval(*args):
+    from typer.testing import CliRunner
+
+    from vpgtrans.cli import app
+
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def test_eval_with_a_device_map_or_quantised_llm(inherited, tiny, monkeypatch):
+    # device_map spreads an LLM too large for one device (accelerate's big-model loading); on this CPU
+    # "auto" places everything on the CPU, so the scores must equal a plain load's exactly.
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    common = [inherited, "--data", tiny["vqa"], "--task", "vqa", "--max-samples", "6", "--max-new-tokens", "3", "--json"]
+    plain = _eval(*common)
+    assert plain.exit_code == 0, plain.output
+    mapped = _eval(*common, "--device-map", "auto")
+    assert mapped.exit_code == 0, mapped.output
+    assert json.loads(mapped.stdout)["scores"] == json.loads(plain.stdout)["scores"]
+    assert asked == [None, "auto"]  # the map reached transformers' loader
+    quantised = _eval(*common, "--load-in-8bit")
+    assert quantised.exit_code == 0, quantised.output
+    assert json.loads(quantised.stdout)["scores"]["n"] == 6
+
+
+def test_eval_runs_the_llm_in_the_asked_dtype(inherited, tiny, monkeypatch):
+    import torch
+
+    import vpgtrans.bundle as bundle
+
+    seen = {}
+    real = bundle.load_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["llm"] = next(model.llm.parameters()).dtype
+        return model
+
+    monkeypatch.setattr(bundle, "load_model", spy)
+    result = _eval(inherited, "--data", tiny["caption"], "--max-samples", "2", "--max-new-tokens", "2", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert seen["llm"] == torch.bfloat16
+    bad = _eval(inherited, "--data", tiny["caption"], "--dtype", "int3")
+    assert bad.exit_code == 2 and "--dtype must be bf16, fp16 or fp32" in bad.stderr

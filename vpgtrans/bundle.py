@@ -243,7 +243,7 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
     """Assemble the ``VisionLanguageModel`` of a bundle: trained parts from the bundle, frozen
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
     comes back in eval mode. ``llm_options`` (``quantization="8bit"|"4bit"``,
-    ``gradient_checkpointing``) go to ``vpgtrans.model.assemble.load_llm``."""
+    ``gradient_checkpointing``, ``device_map="auto"``) go to ``vpgtrans.model.assemble.load_llm``."""
     from vpgtrans.model.assemble import assemble_model
 
     bundle_dir = Path(bundle_dir)

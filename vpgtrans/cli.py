@@ -378,7 +378,12 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, strict: Strict = False,
-          force: Force = False):
+          force: Force = False,
+          dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 for the frozen LLM "
+                                                           "(default fp32).")] = None,
+          load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+          device_map: Annotated[Optional[str], typer.Option(help="Spread the LLM over the available devices "
+                                                                "(auto, balanced, sequential).")] = None):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU)."""
     _quiet_libraries()
@@ -386,8 +391,11 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
 
     if task is not None and task not in ("caption", "vqa", "grounding"):
         raise VpgtransError(f"--task must be caption, vqa or grounding (got {task!r})")
+    if load_in_8bit and load_in_4bit:
+        raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
+    quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
     report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out, strict=strict,
-                      force=force)
+                      force=force, dtype=dtype, quantization=quantization, device_map=device_map)
     if as_json:
         _print_json(report)
     else:

@@ -72,16 +72,21 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
-             out: Path | None = None, device: str = "cpu", strict: bool | None = None, force: bool = False) -> dict:
+             out: Path | None = None, device: str = "cpu", strict: bool | None = None, force: bool = False,
+             dtype: str | None = None, quantization: str | None = None, device_map=None) -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
-    an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip."""
+    an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
+    ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
+    ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated."""
     from vpgtrans.bundle import load_model
     from vpgtrans.outputs import check_out_dir
 
+    torch_dtype = _torch_dtype(dtype)
     if out is not None:
         check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
     dataset, found_task, stats = load_rows(data, task, strict=strict)
-    model = load_model(bundle_dir, device=device)
+    llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
+    model = load_model(bundle_dir, device=device, dtype=torch_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
@@ -91,3 +96,10 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
         atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
     return report
+
+
+def _torch_dtype(dtype: str | None):
+    dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise VpgtransError(f"--dtype must be bf16, fp16 or fp32 (got {dtype!r})")
+    return dtypes[dtype]

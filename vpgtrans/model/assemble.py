@@ -38,11 +38,13 @@ def load_vision_encoder(ref: dict, vision_config: dict):
 
 
 def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu", quantization: str | None = None,
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, device_map=None):
     """The frozen LLM and its tokenizer. ``trust_remote_code`` only when the user asked for it.
 
     ``quantization`` "8bit" / "4bit" loads the LLM's linear layers with bitsandbytes (LLM.int8 / NF4;
-    they run on CPU too); the other weights, and 4-bit compute, use ``dtype`` (default fp32)."""
+    they run on CPU too); the other weights, and 4-bit compute, use ``dtype`` (default fp32).
+    ``device_map`` ("auto", "balanced", a dict, ...) spreads an LLM larger than one device over the
+    available ones through accelerate's big-model loading (inference and eval; ``device`` is ignored)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
@@ -50,6 +52,8 @@ def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu
     kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": remote}
     if quantization is not None:
         kwargs.update(quantization_config=quantization_config(quantization, dtype), device_map={"": str(device)})
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         llm = auto.from_pretrained(ref["path"], **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(ref["path"], trust_remote_code=remote)
@@ -57,7 +61,8 @@ def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu
         raise VpgtransError(f"{ref['path']}: cannot load the LLM ({str(exc).splitlines()[0]})") from None
     if gradient_checkpointing:
         checkpoint_layers(llm)
-    return (llm if quantization is not None else llm.to(device)), tokenizer
+    placed = quantization is not None or device_map is not None  # from_pretrained already put it in place
+    return (llm if placed else llm.to(device)), tokenizer
 
 
 def quantization_config(quantization: str, dtype=None):
@@ -128,7 +133,7 @@ def load_strict(module, state: dict, what: str) -> None:
 
 def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, device: str = "cpu", dtype=None,
                    **llm_options):
-    """``llm_options`` (``quantization``, ``gradient_checkpointing``) go to ``load_llm``."""
+    """``llm_options`` (``quantization``, ``gradient_checkpointing``, ``device_map``) go to ``load_llm``."""
     from vpgtrans.config import PromptTemplate, from_dict
     from vpgtrans.data import build_image_processor
     from vpgtrans.model.vlm import VisionLanguageModel
@@ -143,6 +148,8 @@ def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, devic
     processor_info = info["image_processor"]
     image_processor = build_image_processor(processor_info["image_size"], processor_info["image_mean"],
                                             processor_info["image_std"])
+    if llm_options.get("device_map") is not None:
+        device = llm.get_input_embeddings().weight.device  # the vision side feeds the LLM's first device
     model = VisionLanguageModel(vision.to(device), vpg.to(device), connector.to(device), llm,
                                 tokenizer=tokenizer, template=from_dict(PromptTemplate, manifest["template"], "template"),
                                 image_processor=image_processor)

@@ -66,7 +66,7 @@ class VisionLanguageModel(nn.Module):
             return inputs_embeds
         if pixel_values is None:
             raise ValueError("input_ids hold image slots but no pixel_values were given")
-        soft_prompts = self.encode_images(pixel_values).to(inputs_embeds.dtype)  # (B, K, D_llm)
+        soft_prompts = self.encode_images(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)  # (B, K, D_llm)
         if int(image_mask.sum()) != soft_prompts.shape[0] * soft_prompts.shape[1]:
             raise ValueError(f"each sample needs exactly {soft_prompts.shape[1]} image slots")
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), soft_prompts)
