@@ -107,7 +107,8 @@ def _peak_mib() -> float:
 def _batch(root: Path, batch_size: int):
     """One collated training batch (our Collator: image slots are -200)."""
     from vpgtrans.bundle import load_model
-    from vpgtrans.data import Collator, load_rows
+    from vpgtrans.data import load_rows
+    from vpgtrans.collate import Collator
 
     model = load_model(root / "bundle")
     dataset, task, _ = load_rows(root / "data")

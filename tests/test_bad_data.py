@@ -15,8 +15,9 @@ from vpgtrans import data as data_module
 from vpgtrans.bundle import read_manifest
 from vpgtrans.cli import app
 from vpgtrans.config import PromptTemplate
-from vpgtrans.data import (MAX_TEXT_CHARS, Collator, DataDir, ImageTooLarge, LoadStats, build_image_processor,
-                           load_rows, open_image)
+from vpgtrans.data import MAX_TEXT_CHARS, DataDir, LoadStats, load_rows
+from vpgtrans.images import MAX_IMAGE_PIXELS, ImageTooLarge, build_image_processor, open_image
+from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 
 # --- image files made byte by byte ---------------------------------------------------------------
@@ -95,7 +96,7 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     would decode: both refused before any pixel is decoded."""
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_bytes(100_000, 100_000, 8, 0))
-    side = int(data_module.MAX_IMAGE_PIXELS ** 0.5) + 1
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
     big = tmp_path / "big.png"
     big.write_bytes(png_bytes(side, side, 8, 0))
     assert bomb.stat().st_size < 200 and big.stat().st_size < 200

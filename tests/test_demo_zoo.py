@@ -46,7 +46,7 @@ def test_caption_split_rows_are_well_formed(tmp_path):
 
 
 def test_vqa_split_rows_are_well_formed(tmp_path):
-    from vpgtrans.data import most_common_answer
+    from vpgtrans.collate import most_common_answer
 
     rows = _rows(world.make_split(tmp_path / "vqa", "vqa", n=40, seed=1))
     values = {"color": set(world.COLORS), "shape": set(world.SHAPES), "size": set(world.SIZES),

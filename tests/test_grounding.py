@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from vpgtrans.cli import app
 from vpgtrans.config import PromptTemplate
-from vpgtrans.data import Collator, build_image_processor, load_rows
+from vpgtrans.data import load_rows
+from vpgtrans.images import build_image_processor
+from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.grounding import box_iou, format_box, grounding_accuracy, parse_box
 from vpgtrans.model.vlm import IMAGE_TOKEN_ID

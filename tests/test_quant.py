@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, load_model, read_manifest
 from vpgtrans.cli import app
 from vpgtrans.config import TrainConfig
-from vpgtrans.data import Collator, load_rows
+from vpgtrans.data import load_rows
+from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.stages import train as train_module
 from vpgtrans.training import RunOptions, count_targets, summed_loss

@@ -26,35 +26,22 @@ manifest (``data``); rows kept + rows skipped at load time = rows read (``lines`
 
 from __future__ import annotations
 
-import io
 import json
-import hashlib
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from vpgtrans.config import PromptTemplate
 from vpgtrans.errors import VpgtransError
-from vpgtrans.prompting import IGNORE_INDEX, prompt_ids, training_example
 
 log = logging.getLogger(__name__)
-
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 TASK_KEYS = {"caption": ("caption",), "vqa": ("question", "answers"), "grounding": ("question", "box")}
 TASKS = tuple(TASK_KEYS)
 MAX_TEXT_CHARS = 1000  # per caption / question / answer; longer text is cut (targets are cut again in tokens)
 MAX_LINE_BYTES = 1 << 20  # a jsonl line longer than this is a bad row, never parsed
-MAX_IMAGE_PIXELS = 8192 * 8192  # checked from the header, before decoding (decompression bombs)
 MAX_PROBLEMS = 20  # problems kept verbatim in the stats (all are counted)
 NO_IMAGE_LIMIT = 16  # a batch builder that has read none of its first N images stops the run
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class DataDir(os.PathLike):
@@ -150,7 +137,7 @@ def _parse_line(line: bytes | None, first: bool) -> tuple[object, str | None]:
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-        return None, f"not valid JSON ({_first_line(exc)})"
+        return None, f"not valid JSON ({first_line(exc)})"
     if not isinstance(value, dict):
         return None, f"not a JSON object (a {type(value).__name__})"
     return value, None
@@ -289,7 +276,7 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
     try:
         dataset = datasets.load_from_disk(str(data_dir))
     except Exception as exc:  # noqa: BLE001 - whatever datasets raises for a damaged directory
-        raise VpgtransError(f"{data_dir}: not a readable datasets directory ({_first_line(exc)})") from None
+        raise VpgtransError(f"{data_dir}: not a readable datasets directory ({first_line(exc)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     columns = set(dataset.column_names)
@@ -362,194 +349,6 @@ def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool
     return dataset, found, stats
 
 
-# ---------------------------------------------------------------------------------------- images
-
-def build_image_processor(image_size: int, mean=None, std=None):
-    """BLIP-2's preprocessing: RGB, bicubic resize to a square, rescale, normalise (CLIP stats)."""
-    try:  # the PIL backend, without torchvision (same preprocessing, no warning)
-        from transformers import BlipImageProcessorPil as BlipImageProcessor
-    except ImportError:
-        from transformers import BlipImageProcessor
-
-    return BlipImageProcessor(size={"height": image_size, "width": image_size},
-                              image_mean=list(mean or OPENAI_CLIP_MEAN), image_std=list(std or OPENAI_CLIP_STD),
-                              do_convert_rgb=True)
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header announces more than ``MAX_IMAGE_PIXELS`` pixels."""
-
-
-def to_rgb(img):
-    """Any PIL image -> 8-bit RGB: 16-bit grayscale scaled (not clipped) to 8 bits, transparency
-    composited over white (as transformers' ``convert_to_rgb`` does for RGBA), CMYK / palette /
-    grayscale / 1-bit converted by PIL."""
-    import numpy as np
-    from PIL import Image
-
-    if img.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(img, dtype=np.float64)  # 0..65535 from a 16-bit file
-        img = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def open_image(image):
-    """A row's image (a path, a PIL image, or a ``datasets`` ``{"bytes", "path"}`` dict) as 8-bit RGB.
-
-    The size is checked from the header before anything is decoded; raises ``ImageTooLarge`` over
-    ``MAX_IMAGE_PIXELS``, and whatever PIL raises for a file it cannot decode."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageTooLarge(f"{image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
-        return to_rgb(image)
-    if isinstance(image, dict):
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image.get("path")
-    else:
-        source = image
-    if source is None:
-        raise ValueError("no image data")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-        try:
-            img = Image.open(source)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(str(exc)) from None
-    with img:
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
-        img.load()
-        return to_rgb(img)
-
-
-def _image_name(image) -> str:
-    """A path, or for an image stored in the dataset a name from its content."""
-    if isinstance(image, str):
-        return image
-    if isinstance(image, dict) and image.get("path"):
-        return str(image["path"])
-    if isinstance(image, dict) and isinstance(image.get("bytes"), bytes):
-        return f"<embedded image sha1:{hashlib.sha1(image['bytes']).hexdigest()[:12]}>"
-    return f"<embedded image {id(image):x}>"
-
-
-# --------------------------------------------------------------------------------------- batches
-
-def _first(value):
-    return value[0] if isinstance(value, list) else value
-
-
-def most_common_answer(answers: list[str]) -> str:
-    """The VQA training target: the answer most annotators gave (first one on ties)."""
-    counts: dict[str, int] = {}
-    for answer in answers:
-        counts[answer] = counts.get(answer, 0) + 1
-    return max(counts, key=counts.get)
-
-
-def _target(row: dict, task: str) -> str:
-    if task == "caption":
-        return _first(row["caption"])
-    if task == "vqa":
-        return most_common_answer(row["answers"])
-    from vpgtrans.grounding import format_box
-
-    return format_box(row["box"])
-
-
-class Collator:
-    """Rows -> a batch. ``mode="train"``: right-padded ids with labels. ``mode="generate"``: the prompt
-    only, left-padded for decoder-only LLMs, plus the references for scoring (grounding: the box).
-
-    Rows whose image cannot be used are left out of the batch and counted in ``stats`` (an error
-    when ``stats.strict``); a batch with no usable row is ``{}``."""
-
-    def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
-                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None):
-        self.tokenizer = tokenizer
-        self.template = template
-        self.task = task
-        self.num_query_tokens = num_query_tokens
-        self.image_processor = image_processor
-        self.is_encoder_decoder = is_encoder_decoder
-        self.mode = mode
-        self.max_target_len = max_target_len
-        self.stats = stats if stats is not None else LoadStats()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self._decoded = self._failed = 0
-        self._pending: list[str] = []
-
-    def _pad(self, sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
-        width = max(len(s) for s in sequences)
-        padded = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in sequences]
-        return torch.tensor(padded, dtype=torch.long)
-
-    def _skip_image(self, row: dict, kind: str, exc: Exception) -> None:
-        name = _image_name(row["image"])
-        what = f"{'image too large' if kind == 'large_image' else 'unreadable image'} ({type(exc).__name__}: " \
-               f"{_first_line(exc)})"
-        self._failed += 1
-        if name not in self.stats._bad_images or self.stats.strict:
-            self.stats._bad_images.add(name)
-            self.stats.skip(kind, name, what)
-            if self.stats.skipped_unreadable_image + self.stats.skipped_large_image <= 10:
-                # Held back until one image has decoded: when none does, the error below says it all.
-                self._pending.append(f"skipping {name}: {what}")
-        if not self._decoded and self._failed >= min(NO_IMAGE_LIMIT, self.stats.rows or NO_IMAGE_LIMIT):
-            raise VpgtransError(f"none of the first {self._failed} images could be used (e.g. {name}: {what}); "
-                                "check the image files")
-
-    def _flush_warnings(self) -> None:
-        for message in self._pending:
-            log.warning("%s", message)
-        self._pending.clear()
-
-    def __call__(self, rows: list[dict]) -> dict:
-        images, kept = [], []
-        for row in rows:
-            try:
-                images.append(open_image(row["image"]))
-            except ImageTooLarge as exc:
-                self._skip_image(row, "large_image", exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a corrupt image is skipped and counted, never fatal
-                self._skip_image(row, "unreadable_image", exc)
-                continue
-            self._decoded += 1
-            kept.append(row)
-        if self._decoded:
-            self._flush_warnings()
-        if not kept:
-            return {}
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        # Grounding prompts through the template's VQA slot: the referring expression is the question.
-        prompt_task = "caption" if self.task == "caption" else "vqa"
-        question = (lambda r: None) if self.task == "caption" else (lambda r: r["question"])
-        if self.mode == "generate":
-            ids = [prompt_ids(self.tokenizer, self.template, prompt_task, self.num_query_tokens, question(r),
-                              self.is_encoder_decoder) for r in kept]
-            left = not self.is_encoder_decoder
-            input_ids = self._pad(ids, self.pad_id, left=left)
-            attention_mask = self._pad([[1] * len(s) for s in ids], 0, left=left)
-            references = [r["answers"] if self.task == "vqa" else list(r["box"]) if self.task == "grounding" else
-                          (r["caption"] if isinstance(r["caption"], list) else [r["caption"]]) for r in kept]
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                    "references": references}
-        examples = [training_example(self.tokenizer, self.template, prompt_task, self.num_query_tokens,
-                                     _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len)
-                    for r in kept]
-        input_ids = self._pad([e["input_ids"] for e in examples], self.pad_id, left=False)
-        attention_mask = self._pad([[1] * len(e["input_ids"]) for e in examples], 0, left=False)
-        labels = self._pad([e["labels"] for e in examples], IGNORE_INDEX, left=False)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

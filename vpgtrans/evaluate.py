@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.data import Collator, LoadStats, load_rows
+from vpgtrans.data import LoadStats, load_rows
+
+from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.prompting import clean_generation, stop_token_ids
 

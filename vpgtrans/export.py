@@ -264,7 +264,7 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from vpgtrans.data import build_image_processor
+    from vpgtrans.images import build_image_processor
     from vpgtrans.model.assemble import load_llm, load_vision_state
     from vpgtrans.prompting import prompt_ids
 

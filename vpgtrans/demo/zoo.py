@@ -139,7 +139,7 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     from transformers import (AutoModelForCausalLM, Blip2ForConditionalGeneration, Blip2Processor,
                               Blip2VisionConfig, Blip2VisionModel)
 
-    from vpgtrans.data import build_image_processor
+    from vpgtrans.images import build_image_processor
     from vpgtrans.demo import pretrain, vocab
 
     paths = zoo_paths(root)
@@ -227,7 +227,7 @@ def _source_data(source, tokenizer, image_processor, splits: dict[str, Path]):
     from PIL import Image
 
     from vpgtrans.config import PromptTemplate
-    from vpgtrans.data import most_common_answer
+    from vpgtrans.collate import most_common_answer
     from vpgtrans.demo import pretrain
     from vpgtrans.model.vlm import IMAGE_TOKEN_ID
     from vpgtrans.prompting import training_example
@@ -263,7 +263,7 @@ def evaluate_blip2(model_dir: str | Path, split_dir: str | Path, batch_size: int
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from vpgtrans.data import most_common_answer
+    from vpgtrans.collate import most_common_answer
 
     processor = Blip2Processor.from_pretrained(model_dir)
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()

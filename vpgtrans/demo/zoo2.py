@@ -86,7 +86,7 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     from transformers import (AutoModelForCausalLM, Blip2ForConditionalGeneration, Blip2Processor,
                               Blip2VisionConfig, Blip2VisionModel)
 
-    from vpgtrans.data import build_image_processor
+    from vpgtrans.images import build_image_processor
     from vpgtrans.demo import pretrain, vocab
 
     paths = zoo_paths(root)

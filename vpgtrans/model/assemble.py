@@ -135,7 +135,7 @@ def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, devic
                    **llm_options):
     """``llm_options`` (``quantization``, ``gradient_checkpointing``, ``device_map``) go to ``load_llm``."""
     from vpgtrans.config import PromptTemplate, from_dict
-    from vpgtrans.data import build_image_processor
+    from vpgtrans.images import build_image_processor
     from vpgtrans.model.vlm import VisionLanguageModel
 
     info, refs = manifest["model"], manifest["references"]

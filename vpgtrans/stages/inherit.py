@@ -12,7 +12,7 @@ import torch
 from vpgtrans.bundle import CONNECTOR_FILE, CONVERTER_FILE, VPG_FILE, fingerprint, write_bundle
 from vpgtrans.config import InheritConfig, PromptTemplate, to_dict
 from vpgtrans.converter import fit_converter, merge_projector, pair_tokens
-from vpgtrans.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vpgtrans.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
 from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code

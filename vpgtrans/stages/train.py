@@ -21,7 +21,8 @@ from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, load_model, read
 from vpgtrans.checkpoint import (clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from vpgtrans.config import TrainConfig, to_dict
-from vpgtrans.data import Collator, load_rows
+from vpgtrans.data import load_rows
+from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text

@@ -1,0 +1,125 @@
+"""Rows -> batches: image slots, labels and padding for training; prompts and references for generation."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vpgtrans.config import PromptTemplate
+from vpgtrans.data import NO_IMAGE_LIMIT, LoadStats, first_line
+from vpgtrans.errors import VpgtransError
+from vpgtrans.images import ImageTooLarge, image_name, open_image
+from vpgtrans.prompting import IGNORE_INDEX, prompt_ids, training_example
+
+log = logging.getLogger(__name__)
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def most_common_answer(answers: list[str]) -> str:
+    """The VQA training target: the answer most annotators gave (first one on ties)."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        counts[answer] = counts.get(answer, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def _target(row: dict, task: str) -> str:
+    if task == "caption":
+        return _first(row["caption"])
+    if task == "vqa":
+        return most_common_answer(row["answers"])
+    from vpgtrans.grounding import format_box
+
+    return format_box(row["box"])
+
+
+class Collator:
+    """Rows -> a batch. ``mode="train"``: right-padded ids with labels. ``mode="generate"``: the prompt
+    only, left-padded for decoder-only LLMs, plus the references for scoring (grounding: the box).
+
+    Rows whose image cannot be used are left out of the batch and counted in ``stats`` (an error
+    when ``stats.strict``); a batch with no usable row is ``{}``."""
+
+    def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
+                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.task = task
+        self.num_query_tokens = num_query_tokens
+        self.image_processor = image_processor
+        self.is_encoder_decoder = is_encoder_decoder
+        self.mode = mode
+        self.max_target_len = max_target_len
+        self.stats = stats if stats is not None else LoadStats()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self._decoded = self._failed = 0
+        self._pending: list[str] = []
+
+    def _pad(self, sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
+        width = max(len(s) for s in sequences)
+        padded = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in sequences]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def _skip_image(self, row: dict, kind: str, exc: Exception) -> None:
+        name = image_name(row["image"])
+        what = f"{'image too large' if kind == 'large_image' else 'unreadable image'} ({type(exc).__name__}: " \
+               f"{first_line(exc)})"
+        self._failed += 1
+        if name not in self.stats._bad_images or self.stats.strict:
+            self.stats._bad_images.add(name)
+            self.stats.skip(kind, name, what)
+            if self.stats.skipped_unreadable_image + self.stats.skipped_large_image <= 10:
+                # Held back until one image has decoded: when none does, the error below says it all.
+                self._pending.append(f"skipping {name}: {what}")
+        if not self._decoded and self._failed >= min(NO_IMAGE_LIMIT, self.stats.rows or NO_IMAGE_LIMIT):
+            raise VpgtransError(f"none of the first {self._failed} images could be used (e.g. {name}: {what}); "
+                                "check the image files")
+
+    def _flush_warnings(self) -> None:
+        for message in self._pending:
+            log.warning("%s", message)
+        self._pending.clear()
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images, kept = [], []
+        for row in rows:
+            try:
+                images.append(open_image(row["image"]))
+            except ImageTooLarge as exc:
+                self._skip_image(row, "large_image", exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a corrupt image is skipped and counted, never fatal
+                self._skip_image(row, "unreadable_image", exc)
+                continue
+            self._decoded += 1
+            kept.append(row)
+        if self._decoded:
+            self._flush_warnings()
+        if not kept:
+            return {}
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        # Grounding prompts through the template's VQA slot: the referring expression is the question.
+        prompt_task = "caption" if self.task == "caption" else "vqa"
+        question = (lambda r: None) if self.task == "caption" else (lambda r: r["question"])
+        if self.mode == "generate":
+            ids = [prompt_ids(self.tokenizer, self.template, prompt_task, self.num_query_tokens, question(r),
+                              self.is_encoder_decoder) for r in kept]
+            left = not self.is_encoder_decoder
+            input_ids = self._pad(ids, self.pad_id, left=left)
+            attention_mask = self._pad([[1] * len(s) for s in ids], 0, left=left)
+            references = [r["answers"] if self.task == "vqa" else list(r["box"]) if self.task == "grounding" else
+                          (r["caption"] if isinstance(r["caption"], list) else [r["caption"]]) for r in kept]
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                    "references": references}
+        examples = [training_example(self.tokenizer, self.template, prompt_task, self.num_query_tokens,
+                                     _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len)
+                    for r in kept]
+        input_ids = self._pad([e["input_ids"] for e in examples], self.pad_id, left=False)
+        attention_mask = self._pad([[1] * len(e["input_ids"]) for e in examples], 0, left=False)
+        labels = self._pad([e["labels"] for e in examples], IGNORE_INDEX, left=False)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": pixel_values}
