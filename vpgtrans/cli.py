@@ -227,22 +227,30 @@ def _until_stopped(run, *args, **kwargs):
     """Run a training function; a SIGTERM stop (checkpoint saved) exits with 143 = 128 + SIGTERM."""
     from vpgtrans.training import TrainingInterrupted
 
+    finished = False
     try:
-        return run(*args, **kwargs)
+        result = run(*args, **kwargs)
+        finished = True
+        return result
     except TrainingInterrupted as exc:
         if _is_main_process():
             typer.echo(f"stopped: {exc}", err=True)
+        finished = True  # every process stops at the same step (the stop is agreed on), so all get here
         raise typer.Exit(143) from None
     finally:
-        _leave_process_group()
+        _leave_process_group(synchronise=finished)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: shut the process group down before exiting (a process that exits with it alive
-    may abort in gloo's destructor while the others still use it)."""
+def _leave_process_group(synchronise: bool) -> None:
+    """Under torchrun: shut the process group down before exiting. A process that exits while another
+    still talks to it can abort in gloo's destructor ("terminate called without an active exception"),
+    so when every process is known to get here, they first meet at a barrier. (On an error in one
+    process a barrier could hang: then just leave.)"""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 
