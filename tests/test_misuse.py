@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from vpgtrans.bundle import MANIFEST, file_sha256, read_manifest
 from vpgtrans.cli import app
+from test_cli import _user_error  # exit 2, one "error: ..." line, no traceback
 
 BUDGET = ["--max-steps", "1", "--batch-size", "4"]
 
@@ -24,16 +25,6 @@ def _cli(*args):
 def _ok(result):
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return result
-
-
-def _user_error(result, *fragments) -> str:
-    assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ from vpgtrans.bundle import MANIFEST, VPG_FILE, file_sha256
 from vpgtrans.cli import app
 from vpgtrans.config import InheritConfig
 from vpgtrans.stages.inherit import inherit
+from test_cli import _user_error  # exit 2, one "error: ..." line, no traceback
 
 BUDGET = ["--max-steps", "1", "--batch-size", "4"]
 
@@ -33,17 +34,6 @@ class Touch:
 
 def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _user_error(result, *fragments) -> str:
-    """Exit code 2, exactly one line "error: ..." on stderr, no traceback."""
-    assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # --- pickled code ------------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ of the path."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
+from vpgtrans.formats.hf import read_config, weight_files
 
 BLIP2_TYPES = {"blip-2": "hf-blip2", "instructblip": "hf-instructblip"}
 VISION_TYPES = {"blip_2_vision_model", "instructblip_vision_model"}
@@ -28,14 +28,7 @@ def detect_format(path: str | Path) -> str:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise VpgtransError(f"{path}: directory holds no config.json or manifest.json — not a model or bundle")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise VpgtransError(f"{config_path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    except OSError as exc:
-        raise VpgtransError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(config, dict):
-        raise VpgtransError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    config = read_config(path)
     model_type = config.get("model_type")
     if not model_type or not isinstance(model_type, str):
         raise VpgtransError(f"{config_path}: no model_type — not a Hugging Face model config")
@@ -47,6 +40,4 @@ def detect_format(path: str | Path) -> str:
 
 
 def weight_names(path: Path) -> list[str]:
-    from vpgtrans.formats.hf import weight_files
-
     return list(weight_files(path))
