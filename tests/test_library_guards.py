@@ -71,20 +71,27 @@ def test_grounding_scores_match_the_metric(tmp_path):
     assert score("grounding", predictions, boxes) == grounding_accuracy(predictions, boxes)
 
 
-@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_launches_are_refused_before_anything_is_written(inherited, tiny, tmp_path, monkeypatch, variable, engine):
-    # accelerate launch sets these from an FSDP / DeepSpeed config; saving the unwrapped module there
-    # would write one process's shard as if it were the model.
+@pytest.mark.parametrize("env, flags, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed launches are not supported"),
+    ({"ACCELERATE_USE_FSDP": "true"}, [], "FSDP needs fsdp_version: 2"),  # accelerate's default is version 1
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "FSDP needs fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--load-in-8bit"], "--load-in-8bit cannot be combined with FSDP"),
+])
+def test_unsupported_engines_are_refused_before_anything_is_written(inherited, tiny, tmp_path, monkeypatch, env, flags,
+                                                                     message):
+    # accelerate launch sets these from its config. FSDP version 1 flattens frozen and trained weights into
+    # one tensor; ZeRO-3 would save one process's shard; bitsandbytes weights are not sharded by FSDP.
     from typer.testing import CliRunner
 
     from vpgtrans.cli import app
 
-    monkeypatch.setenv(variable, "true")
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
     out = tmp_path / "warm"
     result = CliRunner().invoke(app, ["warmup-projector", str(inherited), "--data", str(tiny["caption"]),
-                                      "--out", str(out), "--max-steps", "1", "--batch-size", "2"])
+                                      "--out", str(out), "--max-steps", "1", "--batch-size", "2", *flags])
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {engine} launches are not supported yet") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
     assert not out.exists()
 
 

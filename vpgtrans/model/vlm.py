@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 IMAGE_TOKEN_ID = -200
+VISION_SIDE_LAYERS = ("Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer")
 
 
 def build_vision_encoder(vision_config: dict):
@@ -41,6 +42,14 @@ class VisionLanguageModel(nn.Module):
     @property
     def is_encoder_decoder(self) -> bool:
         return bool(getattr(self.llm.config, "is_encoder_decoder", False))
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Layer classes that FSDP's transformer auto-wrap policy shards as one unit each (accelerate reads
+        this name, as on an HF model): the LLM's decoder layers, the ViT's and the Q-Former's layers.
+        Only classes present in this model (accelerate refuses a name it cannot find)."""
+        wanted = {*(getattr(self.llm, "_no_split_modules", None) or ()), *VISION_SIDE_LAYERS}
+        return sorted(wanted & {type(module).__name__ for module in self.modules()})
 
     @property
     def num_query_tokens(self) -> int:

@@ -27,6 +27,8 @@ from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
 from vpgtrans.outputs import check_out_dir
+from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_engine, shard_optimizer_state,
+                               sharding_summary, whole_parameters)
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
                                check_world_size, count_targets, lr_lambda, param_groups, set_trainable, split_batch,
                                summed_loss, total_steps)
@@ -49,8 +51,9 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
     share = -(-len(rows) // world)  # contiguous shares: gathered in rank order they are the 1-process order
     mine, result = rows[rank * share:(rank + 1) * share], {"predictions": [], "references": []}
     if mine:  # (a process may have no eval rows when there are fewer rows than processes)
-        result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
-                                max_new_tokens=config.max_new_tokens, stats=stats)
+        with whole_parameters(core):  # under FSDP: each process generates alone, with whole weights
+            result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
+                                    max_new_tokens=config.max_new_tokens, stats=stats)
     shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
     predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
     references = [r for _, refs in shards for r in refs]
@@ -71,20 +74,12 @@ def _train_mode(model, core, config: TrainConfig) -> None:
 
 
 def _accelerator(options: RunOptions, out_dir: Path):
-    """accelerate's Accelerator: the launch config (torchrun / accelerate launch, DDP, FSDP, DeepSpeed)
-    decides the processes; ``options.dtype`` the mixed precision (None: the launch config's)."""
+    """accelerate's Accelerator: the launch config (torchrun / accelerate launch, DDP or FSDP) decides
+    the processes and the engine; ``options.dtype`` the mixed precision (None: the launch config's)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
-    # Under FSDP / DeepSpeed the unwrapped module holds one process's shard: saving it or generating with
-    # it would silently write or score the wrong weights, so refuse until that path is built and tested.
-    for engine, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(variable, "false").strip().lower() in ("1", "true", "yes"):
-            raise VpgtransError(f"{engine} launches are not supported yet (the trained parts would be saved from one "
-                                f"process's shard); launch with DDP (torchrun, or an accelerate config with "
-                                f"distributed_type: MULTI_GPU) and --load-in-8bit/--load-in-4bit for large LLMs "
-                                f"— see docs/cluster.md")
     if options.report_to == "tensorboard" and not is_tensorboard_available():
         raise VpgtransError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
     if options.report_to == "wandb" and not is_wandb_available():
@@ -150,6 +145,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
                             f"or --force to replace it")
     # Before anything under out_dir is touched: --force replaces only a vpgtrans output, never an input.
     check_out_dir(out_dir, force=True, inputs=(bundle_dir, data, eval_data))
+    engine = launch_engine(options.quantization)  # "ddp" (or one process) / "fsdp"; refuses what it cannot run
     parent = read_manifest(bundle_dir)
     dataset, task, data_stats = load_rows(data)
     eval_set = load_rows(eval_data) if eval_data is not None else None
@@ -169,8 +165,9 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
         return out_dir
     accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
     frozen_dtype = TORCH_DTYPES.get(precision)
-    model = load_model(bundle_dir, device=accelerator.device, dtype=frozen_dtype, quantization=options.quantization,
-                       gradient_checkpointing=options.gradient_checkpointing)
+    # FSDP: load on the CPU and let prepare() move each process's shard to its device, one unit at a time.
+    model = load_model(bundle_dir, device="cpu" if engine == "fsdp" else accelerator.device, dtype=frozen_dtype,
+                       quantization=options.quantization, gradient_checkpointing=options.gradient_checkpointing)
     if frozen_dtype is not None:
         model.vision.to(frozen_dtype)  # frozen: 16-bit weights; the trained parts keep fp32 master weights
     if fresh_init:  # train-from-scratch: the architecture of the bundle, none of its VPG weights
@@ -190,10 +187,17 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             getattr(model, part).load_state_dict(resumed["tensors"][file_name], strict=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
+    if engine == "fsdp" and main:
+        if accelerator.distributed_type != "FSDP":  # accelerate enables FSDP on GPU-like devices only
+            log.warning("FSDP was asked for, but accelerate runs it on GPUs only: this %s run is not sharded",
+                        accelerator.distributed_type)
+        else:
+            log.info(sharding_summary(core, world))
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
     collate = Collator(core.tokenizer, core.template, task, core.num_query_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
-    run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world}}
+    run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world,
+                                                     "engine": engine}}
     if options.report_to != "none":
         accelerator.init_trackers(f"vpgtrans-{stage}", {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                          for k, v in {**run_config["train"], **run_config["run"]}.items()})
@@ -203,7 +207,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     step, cursor, losses, curve, records, skipped, seconds = 0, DataCursor(len(dataset), config.seed), [], [], [], [], 0.0
     if resumed is not None:
         saved = resumed["state"]
-        optimizer.load_state_dict(resumed["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, resumed["optimizer"]))
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"][rank % len(saved["rng"])])
         step, losses, curve, records, skipped = saved["step"], saved["losses"], saved["curve"], saved["records"], saved["skipped"]
@@ -230,10 +234,11 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
                  "curve": curve, "records": records, "skipped": skipped, "seconds": seconds + time.time() - started,
                  "data_stats": data_stats.to_dict(), "num_processes": world}
         rngs = gather_object([rng_state()])  # every process's RNG, in rank order
-        path = None
+        # Whole tensors (gathered under FSDP, by every process): resumable on any number of processes.
+        tensors = {name: full_state_dict(getattr(core, part)) for name, part in files.items()}
+        optimizer_state, path = full_optimizer_state(optimizer), None
         if main:
-            tensors = {name: getattr(core, part).state_dict() for name, part in files.items()}
-            path = save_checkpoint(out_dir, done, tensors, optimizer.state_dict(), {**state, "rng": rngs},
+            path = save_checkpoint(out_dir, done, tensors, optimizer_state, {**state, "rng": rngs},
                                    keep=options.keep_checkpoints)
             log.info("checkpoint saved: %s", path)
         accelerator.wait_for_everyone()
@@ -331,8 +336,8 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
         if options.report_to != "none":
             accelerator.end_training()
         result = out_dir
+        tensors = {VPG_FILE: full_state_dict(core.vpg), CONNECTOR_FILE: full_state_dict(core.connector)}
         if main:
-            tensors = {VPG_FILE: core.vpg.state_dict(), CONNECTOR_FILE: core.connector.state_dict()}
             config_record = {**run_config, "stage_input": str(bundle_dir.resolve()), "task": task,
                              "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
                              "fresh_init": fresh_init, "num_processes": world, "parent_config": parent["config"]}

@@ -1,0 +1,110 @@
+"""Real 2-process FSDP2 runs (``fully_shard`` through accelerate, gloo on CPU): every parameter,
+the frozen LLM's included, is sharded over the processes, and the stage still writes the same
+bundle as a 1-process run — whole tensors gathered for the bundle and the checkpoints, whole
+parameters for generation during evaluation, and checkpoints that resume on any number of processes,
+sharded or not.
+
+accelerate enables FSDP only on GPU-like devices; ``tests/fsdp_on_cpu.py`` lifts that one gate so the
+same accelerate code path runs on CPU processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, read_manifest
+from vpgtrans.checkpoint import list_checkpoints
+
+LAUNCHER = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_RESHARD_AFTER_FORWARD": "true"}
+STEPS, BATCH = 6, 4
+
+
+def _launch(args, env_extra=None, processes=2):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), LAUNCHER, *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "400", **FSDP_ENV, **(env_extra or {})}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _finetune_args(inherited, data, out, *extra):
+    return ["finetune", inherited, "--data", data, "--out", out, "--max-steps", STEPS, "--batch-size", BATCH,
+            "--eval-data", data, "--eval-every", 3, *extra]
+
+
+def _assert_same_weights(a: Path, b: Path, atol=1e-5):
+    for name in (VPG_FILE, CONNECTOR_FILE):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].shape == y[key].shape, key  # whole tensors, not one process's shard
+            torch.testing.assert_close(x[key], y[key], atol=atol, rtol=0, msg=f"{name}:{key}")
+
+
+@pytest.fixture(scope="module")
+def runs(inherited, tiny, tmp_path_factory):
+    """The same 2-process fine-tune under FSDP and under DDP (the reference: same processes, same
+    dropout streams; DDP itself equals a 1-process run, tests/test_distributed.py)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    sharded = _launch(_finetune_args(inherited, tiny["caption"], root / "fsdp", "--verbose"))
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    plain = _launch(_finetune_args(inherited, tiny["caption"], root / "ddp"), env_extra={"ACCELERATE_USE_FSDP": "false"})
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "log": sharded.stderr, "stdout": sharded.stdout}
+
+
+def test_fsdp_shards_the_llm_and_saves_what_ddp_trains(runs):
+    # It really ran sharded: rank 0 reports each process holding half of the frozen LLM's parameters.
+    (line,) = [line for line in runs["log"].splitlines() if "FSDP over" in line]
+    match = re.search(r"FSDP over 2 processes, (\d+) units: this process holds ([\d,]+) of the LLM's ([\d,]+)", line)
+    assert match, line
+    units, held, total = (int(g.replace(",", "")) for g in match.groups())
+    assert units >= 4 and held == pytest.approx(total / 2, rel=0.05) and held < total, line
+    sharded, plain = read_manifest(runs["fsdp"]), read_manifest(runs["ddp"])
+    assert sharded["config"]["run"]["engine"] == "fsdp" and plain["config"]["run"]["engine"] == "ddp"
+    assert sharded["config"]["num_processes"] == 2
+    _assert_same_weights(runs["ddp"], runs["fsdp"])  # whole tensors, the same values
+    # Evaluation with whole parameters on each process scores every row as DDP does.
+    assert [p["step"] for p in sharded["curve"]] == [0, 3, 6]
+    assert sharded["curve"] == pytest.approx(plain["curve"], abs=1e-6)
+    assert runs["stdout"].count("bundle written to") == 1
+
+
+def test_fsdp_trains_the_vpg(runs, inherited):
+    before, after = load_file(str(inherited / VPG_FILE)), load_file(str(runs["fsdp"] / VPG_FILE))
+    moved = [key for key in before if not torch.allclose(before[key], after[key], atol=1e-6)]
+    assert any(".layer." in key for key in moved), moved  # the sharded Q-Former layers were updated
+
+
+def test_fsdp_stop_saves_whole_tensors_that_resume_under_either_engine(runs, inherited, tiny, tmp_path):
+    """A SIGTERM during step 3 of the FSDP run (simulated at a known step on every process): the
+    checkpoint holds whole tensors gathered from the shards; resumed under FSDP, or under DDP, the run
+    ends with the weights of the uninterrupted one."""
+    stopped = tmp_path / "stopped"
+    done = _launch(_finetune_args(inherited, tiny["caption"], stopped), env_extra={"VPGTRANS_TEST_STOP_AT_STEP": "3"})
+    assert done.returncode != 0 and "stopped by SIGTERM after step 3/6" in done.stderr, done.stderr[-4000:]
+    (checkpoint,) = list_checkpoints(stopped)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["step"] == 3 and state["num_processes"] == 2 and len(state["rng"]) == 2
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # plain tensors: weights_only loads them
+    trained = {**load_file(str(checkpoint / VPG_FILE)), **load_file(str(checkpoint / CONNECTOR_FILE))}
+    assert sorted(e["exp_avg"].numel() for e in optimizer["state"].values()) == sorted(v.numel() for v in trained.values())
+    inherited_vpg = load_file(str(inherited / VPG_FILE))
+    assert trained.keys() >= inherited_vpg.keys() and all(trained[k].shape == v.shape for k, v in inherited_vpg.items())
+
+    shutil.copytree(stopped, tmp_path / "stopped-copy")
+    for out, env in ((stopped, {}), (tmp_path / "stopped-copy", {"ACCELERATE_USE_FSDP": "false"})):
+        done = _launch(_finetune_args(inherited, tiny["caption"], out, "--resume"), env_extra=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "resuming finetune from" in done.stderr
+        _assert_same_weights(runs["ddp"], out)
