@@ -5,7 +5,7 @@ parameters for generation during evaluation, and checkpoints that resume on any 
 sharded or not.
 
 accelerate enables FSDP only on GPU-like devices; ``tests/fsdp_on_cpu.py`` lifts that one gate so the
-same accelerate code path runs on CPU processes.
+same accelerate code path runs on CPU processes. The FSDP runs use docs/cluster.md's accelerate config.
 """
 
 from __future__ import annotations
@@ -26,15 +26,29 @@ from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, read_manifest
 from vpgtrans.checkpoint import list_checkpoints
 
 LAUNCHER = str(Path(__file__).with_name("fsdp_on_cpu.py"))
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_RESHARD_AFTER_FORWARD": "true"}
+DOC = Path(__file__).resolve().parent.parent / "docs" / "cluster.md"
 STEPS, BATCH = 6, 4
 
 
-def _launch(args, env_extra=None, processes=2):
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), LAUNCHER, *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "400", **FSDP_ENV, **(env_extra or {})}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+def _doc_fsdp_config(tmp: Path) -> Path:
+    """docs/cluster.md's FSDP accelerate config, on 2 processes and in fp32 (as the DDP reference)."""
+    text = DOC.read_text().split("### FSDP", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "distributed_type: FSDP" in block and "fsdp_version: 2" in block
+    block = block.replace("num_processes: 8", "num_processes: 2").replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    path = tmp / "fsdp.yaml"
+    path.write_text(block)
+    return path
+
+
+def _launch(args, fsdp_config: Path | None, env_extra=None):
+    """``accelerate launch --config_file FSDP_CONFIG`` (FSDP), or ``torchrun`` on 2 processes (DDP)."""
+    launcher = (["-m", "accelerate.commands.launch", "--config_file", str(fsdp_config)] if fsdp_config
+                else ["-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "400", **(env_extra or {})}
+    env = {k: v for k, v in env.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    return subprocess.run([sys.executable, *launcher, LAUNCHER, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def _finetune_args(inherited, data, out, *extra):
@@ -56,11 +70,13 @@ def runs(inherited, tiny, tmp_path_factory):
     """The same 2-process fine-tune under FSDP and under DDP (the reference: same processes, same
     dropout streams; DDP itself equals a 1-process run, tests/test_distributed.py)."""
     root = tmp_path_factory.mktemp("fsdp")
-    sharded = _launch(_finetune_args(inherited, tiny["caption"], root / "fsdp", "--verbose"))
+    config = _doc_fsdp_config(root)
+    sharded = _launch(_finetune_args(inherited, tiny["caption"], root / "fsdp", "--verbose"), config)
     assert sharded.returncode == 0, sharded.stderr[-4000:]
-    plain = _launch(_finetune_args(inherited, tiny["caption"], root / "ddp"), env_extra={"ACCELERATE_USE_FSDP": "false"})
+    plain = _launch(_finetune_args(inherited, tiny["caption"], root / "ddp"), None)
     assert plain.returncode == 0, plain.stderr[-4000:]
-    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "log": sharded.stderr, "stdout": sharded.stdout}
+    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "log": sharded.stderr, "stdout": sharded.stdout,
+            "config": config}
 
 
 def test_fsdp_shards_the_llm_and_saves_what_ddp_trains(runs):
@@ -91,7 +107,8 @@ def test_fsdp_stop_saves_whole_tensors_that_resume_under_either_engine(runs, inh
     checkpoint holds whole tensors gathered from the shards; resumed under FSDP, or under DDP, the run
     ends with the weights of the uninterrupted one."""
     stopped = tmp_path / "stopped"
-    done = _launch(_finetune_args(inherited, tiny["caption"], stopped), env_extra={"VPGTRANS_TEST_STOP_AT_STEP": "3"})
+    done = _launch(_finetune_args(inherited, tiny["caption"], stopped), runs["config"],
+                   env_extra={"VPGTRANS_TEST_STOP_AT_STEP": "3"})
     assert done.returncode != 0 and "stopped by SIGTERM after step 3/6" in done.stderr, done.stderr[-4000:]
     (checkpoint,) = list_checkpoints(stopped)
     state = json.loads((checkpoint / "state.json").read_text())
@@ -103,8 +120,8 @@ def test_fsdp_stop_saves_whole_tensors_that_resume_under_either_engine(runs, inh
     assert trained.keys() >= inherited_vpg.keys() and all(trained[k].shape == v.shape for k, v in inherited_vpg.items())
 
     shutil.copytree(stopped, tmp_path / "stopped-copy")
-    for out, env in ((stopped, {}), (tmp_path / "stopped-copy", {"ACCELERATE_USE_FSDP": "false"})):
-        done = _launch(_finetune_args(inherited, tiny["caption"], out, "--resume"), env_extra=env)
+    for out, config in ((stopped, runs["config"]), (tmp_path / "stopped-copy", None)):
+        done = _launch(_finetune_args(inherited, tiny["caption"], out, "--resume"), config)
         assert done.returncode == 0, done.stderr[-4000:]
         assert "resuming finetune from" in done.stderr
         _assert_same_weights(runs["ddp"], out)

@@ -95,6 +95,17 @@ def test_unsupported_engines_are_refused_before_anything_is_written(inherited, t
     assert not out.exists()
 
 
+def test_fsdp_asked_where_accelerate_does_not_shard_runs_unsharded_and_says_so(inherited, tiny, tmp_path, monkeypatch,
+                                                                                  caplog):
+    # accelerate sets FSDP up only for several GPU-like processes; on one CPU process it is a plain run,
+    # and the bundle must not claim otherwise.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = warmup_projector(inherited, tiny["caption"], tmp_path / "warm", TrainConfig.warmup(max_steps=1, batch_size=2))
+    assert "FSDP was asked for" in caplog.text and "1-process run is not sharded" in caplog.text
+    assert json.loads((out / "manifest.json").read_text())["config"]["run"]["engine"] == "ddp"
+
+
 def _eval(*args):
     from typer.testing import CliRunner
 

@@ -40,7 +40,9 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(show_path=False, console=_err_console())], force=True)
-    logging.getLogger("vpgtrans").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Under torchrun every process logs the same progress: only rank 0 does, the others report errors.
+    level = (logging.INFO if verbose else logging.WARNING) if _is_main_process() else logging.ERROR
+    logging.getLogger("vpgtrans").setLevel(level)
 
 
 def _err_console():

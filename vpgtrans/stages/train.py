@@ -156,6 +156,11 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     accelerator = _accelerator(options, out_dir)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     check_world_size(config, world)
+    if engine == "fsdp" and accelerator.distributed_type != "FSDP":  # accelerate shards several GPU-like processes only
+        if main:
+            log.warning("FSDP was asked for, but accelerate set it up only for several GPU processes: this %s run is "
+                        "not sharded", "1-process" if world == 1 else "CPU")
+        engine = "ddp"
     precision = accelerator.mixed_precision
     record = _run_record(bundle_dir, data, config, stage, fresh_init, precision, options)
     how, checkpoint = _start(out_dir, options, force, record, main)
@@ -188,11 +193,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     if engine == "fsdp" and main:
-        if accelerator.distributed_type != "FSDP":  # accelerate enables FSDP on GPU-like devices only
-            log.warning("FSDP was asked for, but accelerate runs it on GPUs only: this %s run is not sharded",
-                        accelerator.distributed_type)
-        else:
-            log.info(sharding_summary(core, world))
+        log.info(sharding_summary(core, world))
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
     collate = Collator(core.tokenizer, core.template, task, core.num_query_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
