@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, read_manifest
+from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest
 from vpgtrans.checkpoint import list_checkpoints
 
 LAUNCHER = str(Path(__file__).with_name("fsdp_on_cpu.py"))

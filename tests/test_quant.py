@@ -175,11 +175,11 @@ def test_cli_progress_bar_shows_samples_per_second(monkeypatch):
 
     from rich.console import Console
 
-    import vpgtrans.cli as cli
+    import vpgtrans.cli_runtime as cli_runtime
 
     buffer = io.StringIO()
-    monkeypatch.setattr(cli, "_err_console", lambda: Console(file=buffer, force_terminal=True, width=150))
-    update = cli._progress_bar("warmup", batch_size=8)
+    monkeypatch.setattr(cli_runtime, "err_console", lambda: Console(file=buffer, force_terminal=True, width=150))
+    update = cli_runtime.progress_bar("warmup", batch_size=8)
     update(3, 5, 2.5)  # a resumed run: its first callback is at the checkpoint's step + 1
     time.sleep(0.2)
     update(4, 5, 2.0)

@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, quiet_libraries, setup_logging,
+                                  until_stopped)
 from vpgtrans.errors import VpgtransError
 
 app = typer.Typer(help="Move a visual prompt generator (VPG) from one multimodal LLM to another LLM (VPGTrans).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, console=_err_console())], force=True)
-    # Under torchrun every process logs the same progress: only rank 0 does, the others report errors.
-    level = (logging.INFO if verbose else logging.WARNING) if _is_main_process() else logging.ERROR
-    logging.getLogger("vpgtrans").setLevel(level)
-
-
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def cli_command(func):
@@ -116,34 +88,6 @@ def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, gra
     return TrainConfig.warmup(**overrides) if kind == "warmup" else TrainConfig.finetune(**overrides)
 
 
-def _progress_bar(description: str, batch_size: int | None = None):
-    """A rich progress bar (samples/s, ETA) as a callback for the training loop."""
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.4f}")]
-    if batch_size:
-        columns.append(TextColumn("{task.fields[rate]:.1f} samples/s"))
-    progress = Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=_err_console(), transient=True)
-    state = {"task": None}
-
-    def update(done: int, total: int, loss: float) -> None:
-        if state["task"] is None:  # (a resumed run starts at its checkpoint's step)
-            progress.start()
-            state.update(task=progress.add_task(description, total=total, loss=loss, rate=0.0, completed=done - 1),
-                         first=(time.time(), done))
-        seconds, steps = time.time() - state["first"][0], done - state["first"][1]
-        rate = steps * (batch_size or 0) / seconds if seconds > 0 else 0.0
-        progress.update(state["task"], completed=done, loss=loss, rate=rate, refresh=True)
-        if done == total:
-            progress.stop()
-            state["task"] = None
-
-    return update
-
-
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -178,8 +122,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             force: Force = False, verbose: Verbose = False):
     """Inherit the source VPG and initialise the projector through the word converter."""
-    _quiet_libraries()
-    _setup_logging(verbose)
+    quiet_libraries()
+    setup_logging(verbose)
     from vpgtrans.config import InheritConfig
     from vpgtrans.stages.inherit import inherit as run
 
@@ -220,46 +164,10 @@ def _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_i
                       gradient_checkpointing=gradient_checkpointing, report_to=report_to)
 
 
-def _is_main_process() -> bool:
-    """Under torchrun / accelerate launch every process runs the command; only rank 0 prints."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _until_stopped(run, *args, **kwargs):
-    """Run a training function; a SIGTERM stop (checkpoint saved) exits with 143 = 128 + SIGTERM."""
-    from vpgtrans.training import TrainingInterrupted
-
-    finished = False
-    try:
-        result = run(*args, **kwargs)
-        finished = True
-        return result
-    except TrainingInterrupted as exc:
-        if _is_main_process():
-            typer.echo(f"stopped: {exc}", err=True)
-        finished = True  # every process stops at the same step (the stop is agreed on), so all get here
-        raise typer.Exit(143) from None
-    finally:
-        _leave_process_group(synchronise=finished)
-
-
-def _leave_process_group(synchronise: bool) -> None:
-    """Under torchrun: shut the process group down before exiting. A process that exits while another
-    still talks to it can abort in gloo's destructor ("terminate called without an active exception"),
-    so when every process is known to get here, they first meet at a barrier. (On an error in one
-    process a barrier could hang: then just leave.)"""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if synchronise:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,
                    grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose, options, strict=False):
-    _quiet_libraries()
-    _setup_logging(verbose)
+    quiet_libraries()
+    setup_logging(verbose)
     from vpgtrans.outputs import check_out_dir
     from vpgtrans.stages import train
 
@@ -270,9 +178,9 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps
     config = _train_config("warmup" if kind == "warmup" else "finetune", lr, max_steps, max_samples, epochs,
                            batch_size, grad_accum, seed, eval_every, max_text_len)
     run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
-    path = _until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
-                          progress=_progress_bar(kind, batch_size), options=_run_options(*options))
-    if not _is_main_process():
+    path = until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
+                          progress=progress_bar(kind, batch_size), options=_run_options(*options))
+    if not is_main_process():
         return
     metrics = json.loads((path / "manifest.json").read_text())["metrics"]
     typer.echo(f"{kind}: {metrics['train']['steps']} steps, final loss {metrics['train']['final_loss']:.4f}"
@@ -343,8 +251,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              strict: Strict = False, force: Force = False, verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
-    _quiet_libraries()
-    _setup_logging(verbose)
+    quiet_libraries()
+    setup_logging(verbose)
     from vpgtrans.config import InheritConfig
     from vpgtrans.stages.transfer import transfer as run
 
@@ -364,12 +272,12 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                 corpus])
     _check_remote_code(target_llm, trust_remote_code)
     data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
-    summary = _until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
+    summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
-                             progress=_progress_bar("train", batch_size), options=options)
-    if not _is_main_process():
+                             progress=progress_bar("train", batch_size), options=options)
+    if not is_main_process():
         return
     for name, path in summary["stages"].items():
         typer.echo(f"{name}: {path}")
@@ -396,7 +304,7 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
                                                                 "(auto, balanced, sequential).")] = None):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU)."""
-    _quiet_libraries()
+    quiet_libraries()
     from vpgtrans.evaluate import evaluate
 
     if task is not None and task not in ("caption", "vqa", "grounding"):
@@ -420,7 +328,7 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            out: Annotated[Path, typer.Option(help="Output directory (hf) or .pth file (lavis).")],
            format: Annotated[str, typer.Option("--format", help="hf or lavis.")] = "hf", force: Force = False):
     """Write a standalone HF BLIP-2 directory (with processor) or a LAVIS .pth."""
-    _quiet_libraries()
+    quiet_libraries()
     from vpgtrans.export import export_bundle
 
     if format not in ("hf", "lavis"):
@@ -433,13 +341,13 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
 def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundles here (default: a temp dir).")] = None,
          force: Force = False, verbose: Verbose = False):
     """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU)."""
-    _quiet_libraries()
-    _setup_logging(verbose)
+    quiet_libraries()
+    setup_logging(verbose)
     from rich.console import Console
 
     from vpgtrans.demo.run import render_summary, run_demo
 
-    summary = run_demo(out_dir=out, force=force, progress=_progress_bar("demo"), log=lambda m: _err_console().print(m))
+    summary = run_demo(out_dir=out, force=force, progress=progress_bar("demo"), log=lambda m: err_console().print(m))
     Console().print(render_summary(summary))
 
 
