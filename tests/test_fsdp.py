@@ -27,7 +27,7 @@ from vpgtrans.checkpoint import list_checkpoints
 
 LAUNCHER = str(Path(__file__).with_name("fsdp_on_cpu.py"))
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cluster.md"
-STEPS, BATCH = 6, 4
+STEPS, BATCH, GRAD_ACCUM = 6, 9, 3  # 5 + 4 samples: 3 micro-batches on one process, 2 on the other
 
 
 def _doc_fsdp_config(tmp: Path) -> Path:
@@ -53,7 +53,7 @@ def _launch(args, fsdp_config: Path | None, env_extra=None):
 
 def _finetune_args(inherited, data, out, *extra):
     return ["finetune", inherited, "--data", data, "--out", out, "--max-steps", STEPS, "--batch-size", BATCH,
-            "--eval-data", data, "--eval-every", 3, *extra]
+            "--grad-accum", GRAD_ACCUM, "--eval-data", data, "--eval-every", 3, *extra]
 
 
 def _assert_same_weights(a: Path, b: Path, atol=1e-5):
@@ -68,7 +68,9 @@ def _assert_same_weights(a: Path, b: Path, atol=1e-5):
 @pytest.fixture(scope="module")
 def runs(inherited, tiny, tmp_path_factory):
     """The same 2-process fine-tune under FSDP and under DDP (the reference: same processes, same
-    dropout streams; DDP itself equals a 1-process run, tests/test_distributed.py)."""
+    dropout streams; DDP itself equals a 1-process run, tests/test_distributed.py). The global batch
+    splits unevenly: under FSDP every forward is collective, so the process with fewer micro-batches
+    runs a zero-weight pass to stay in step (without it the run hangs), which must change nothing."""
     root = tmp_path_factory.mktemp("fsdp")
     config = _doc_fsdp_config(root)
     sharded = _launch(_finetune_args(inherited, tiny["caption"], root / "fsdp", "--verbose"), config)

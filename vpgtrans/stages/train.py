@@ -195,6 +195,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     if engine == "fsdp" and main:
         log.info(sharding_summary(core, world))
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
+    cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []  # RNGs a padding pass leaves alone
     collate = Collator(core.tokenizer, core.template, task, core.num_query_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
     run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world,
@@ -260,26 +261,34 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
                 batch = collate([dataset[i] for i in chunk])
                 if batch:  # empty: every image of this micro-batch was unreadable (counted in the stats)
                     batches.append((chunk, {k: v.to(accelerator.device) for k, v in batch.items()}))
-            if not batches:  # keep this process in step with the others: a zero-weight pass
-                if last_good is None:
-                    raise VpgtransError(f"step {step + 1}: no readable image in this process's share of the batch")
-                batches, weight = [last_good], 0.0
-            else:
-                last_good, weight = batches[-1], 1.0
-            # Loss = sum over target tokens / target tokens of the *global* batch: the same update for any
-            # split into processes and micro-batches (DDP averages gradients, hence the x world).
-            targets = accelerator.reduce(torch.tensor(float(sum(count_targets(b, core.is_encoder_decoder)
-                                                                for _, b in batches) * weight)), "sum")
-            scale = world / max(float(targets), 1.0)
-            local_sum, bad = 0.0, []
-            for i, (chunk, batch) in enumerate(batches):
-                with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            if batches:
+                last_good = batches[-1]
+            elif last_good is None:
+                raise VpgtransError(f"step {step + 1}: no readable image in this process's share of the batch")
+            # One collective for the step's bookkeeping: the global batch's target tokens and the most
+            # micro-batches any process has. Loss = sum over target tokens / target tokens of the *global*
+            # batch: the same update for any split into processes and micro-batches (DDP and FSDP average
+            # gradients over processes, hence the x world).
+            mine = torch.tensor([[float(sum(count_targets(b, core.is_encoder_decoder) for _, b in batches)),
+                                  float(len(batches))]])
+            every = accelerator.gather(mine)  # (world, 2)
+            targets, most = float(every[:, 0].sum()), int(every[:, 1].max())
+            scale = world / max(targets, 1.0)
+            # Zero-weight passes keep this process in step with the others: under FSDP every forward and
+            # backward is collective, so all run `most` passes; under DDP only the last one is, so a process
+            # needs one only when none of its images was readable. They draw no dropout randomness.
+            passes = [(chunk, batch, 1.0) for chunk, batch in batches]
+            passes += [([], last_good[1], 0.0)] * ((most if engine == "fsdp" else 1) - len(passes))
+            local_sum, bad, bad_passes = 0.0, [], 0
+            for i, (chunk, batch, weight) in enumerate(passes):
+                apart = torch.random.fork_rng(devices=cuda_devices) if weight == 0.0 else nullcontext()
+                with apart, nullcontext() if i == len(passes) - 1 else accelerator.no_sync(model):
                     loss_sum = summed_loss(model, batch, core.is_encoder_decoder, keep_logits) * weight
                     if not torch.isfinite(loss_sum):
-                        bad += chunk
+                        bad, bad_passes = bad + chunk, bad_passes + 1
                     accelerator.backward(loss_sum * scale)
                 local_sum += float(loss_sum.detach())
-            totals = accelerator.reduce(torch.tensor([local_sum, float(len(bad))]), "sum")
+            totals = accelerator.reduce(torch.tensor([local_sum, float(bad_passes)]), "sum")
             if totals[1] > 0:  # a non-finite loss somewhere: no update from this batch
                 optimizer.zero_grad(set_to_none=True)
                 bad_samples = sorted(i for shard in gather_object([bad]) for i in shard)
@@ -296,7 +305,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = float(totals[0]) / max(float(targets), 1.0)
+            step_loss = float(totals[0]) / max(targets, 1.0)
             losses.append(step_loss)
             step += 1
             if progress is not None and main:
