@@ -21,36 +21,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from vpgtrans.demo import world
+from vpgtrans.demo import world, zoo_parts
+from vpgtrans.demo.zoo_parts import LLMSpec
 from vpgtrans.errors import VpgtransError
 
 logger = logging.getLogger(__name__)
 ZOO_VERSION = "zoo-v1"
 IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 8
-IMAGE_TOKEN = "<image>"
 SOURCE_NAME = "source-blip2-opt-s"
 WORLD_SIZES = {"full": (2000, 200), "tiny": (16, 8)}  # (n_train, n_eval) per task
 MIN_SOURCE_ACCURACY = 0.8  # a trained zoo whose source captions worse than this is not cached
-
-
-@dataclass(frozen=True)
-class LLMSpec:
-    family: str  # opt | llama
-    hidden_size: int
-    num_layers: int
-    ffn_dim: int
-    num_heads: int
-    steps: int  # pre-training budget, optimizer steps of 64 sequences
-    lr: float
-
-
 LLMS = {
     "opt-s": LLMSpec("opt", 64, 2, 256, 4, steps=600, lr=5e-3),
     "opt-l": LLMSpec("opt", 128, 3, 512, 4, steps=250, lr=3e-3),
@@ -81,124 +65,45 @@ def _is_complete(root: Path) -> bool:
                 ("caption_train", "caption_eval", "vqa_train", "vqa_eval"))
 
 
-# --------------------------------------------------------------------------------------------- configs
-
-def _padded(n: int, multiple: int = 64) -> int:
-    return -(-n // multiple) * multiple
-
-
-def llm_config(spec: LLMSpec, tokenizer, max_positions: int = 64):
-    """An OPT or LLaMA config sized by ``spec``, its vocabulary fitted to ``tokenizer``."""
-    from transformers import LlamaConfig, OPTConfig
-
-    if spec.family == "opt":  # one spare row at least, for a source model's <image> token
-        return OPTConfig(vocab_size=_padded(len(tokenizer) + 1), hidden_size=spec.hidden_size,
-                         word_embed_proj_dim=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                         ffn_dim=spec.ffn_dim, num_attention_heads=spec.num_heads, max_position_embeddings=max_positions,
-                         dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                       intermediate_size=spec.ffn_dim, num_attention_heads=spec.num_heads,
-                       num_key_value_heads=spec.num_heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
-def source_config(vision_config, text_config, image_token_id: int, newline_id: int,
-                  num_query_tokens: int = NUM_QUERY_TOKENS, qformer: dict | None = None):
-    """BLIP-2 = tiny ViT + 2-layer Q-Former (cross-attention in every layer) + 8 queries + opt-s.
-    Like the HF BLIP-2 OPT checkpoints, the text config's EOS is "\\n", where generation stops."""
-    from transformers import Blip2Config
-
-    text = text_config.to_dict()
-    text["eos_token_id"] = newline_id
-    qformer = dict(qformer or QFORMER, encoder_hidden_size=vision_config.hidden_size)
-    return Blip2Config(vision_config=vision_config.to_dict(), qformer_config=qformer, text_config=text,
-                       num_query_tokens=num_query_tokens, image_token_index=image_token_id)
-
-
-def source_tokenizer(opt_tokenizer):
-    """The OPT tokenizer plus the ``<image>`` placeholder HF BLIP-2 expects K times in ``input_ids``;
-    left padding, for batched generation."""
-    import copy
-
-    tokenizer = copy.deepcopy(opt_tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: saved with it
-    return tokenizer
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------- build
 
 def _build(root: Path, seed: int, trained: bool, log) -> dict:
     """Write every zoo directory under ``root``; returns the zoo.json record (without paths)."""
-    import torch
-    from transformers import (AutoModelForCausalLM, Blip2ForConditionalGeneration, Blip2Processor,
-                              Blip2VisionConfig, Blip2VisionModel)
-
     from vpgtrans.images import build_image_processor
-    from vpgtrans.demo import pretrain, vocab
+    from vpgtrans.demo import pretrain
 
     paths = zoo_paths(root)
     record: dict = {"zoo_version": ZOO_VERSION, "seed": seed, "trained": trained, "params": {}, "metrics": {},
                     "seconds": {}}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        record["seconds"][name] = round(time.perf_counter() - clock, 2)
-        log(f"zoo: {name} done in {record['seconds'][name]:.1f}s")
-        clock = time.perf_counter()
+    lap = zoo_parts.stopwatch(record["seconds"], log, "zoo")
 
     n_train, n_eval = WORLD_SIZES["full" if trained else "tiny"]
     splits = world.make_world(paths["world"], n_train=n_train, n_eval=n_eval, seed=seed, image_size=IMAGE_SIZE)
-    corpus = world.world_text_corpus(5000, seed)
-    tokenizers = {"opt": vocab.train_opt_tokenizer(corpus), "llama": vocab.train_llama_tokenizer(corpus)}
+    tokenizers = zoo_parts.train_tokenizers(world.world_text_corpus(5000, seed))
     image_processor = build_image_processor(IMAGE_SIZE)
     lap("world+tokenizers")
 
-    pairs = world.world_text_pairs(20000, seed) if trained else []
+    pairs = world.world_text_pairs(20000, seed) if trained else None
+    eval_pairs = world.world_text_pairs(200, 10_000 + seed) if trained else None
     llms = {}
     for i, (name, spec) in enumerate(LLMS.items()):
-        tokenizer = tokenizers[spec.family]
-        torch.manual_seed(seed * 1000 + i)
-        model = AutoModelForCausalLM.from_config(llm_config(spec, tokenizer))
-        if trained:
-            loss = pretrain.pretrain_lm(model, tokenizer, pairs, spec.steps, lr=spec.lr, seed=seed * 1000 + i)
-            copy = pretrain.lm_copy_accuracy(model, tokenizer, world.world_text_pairs(200, 10_000 + seed))
-            record["metrics"].update({f"{name}/final_loss": round(loss, 4), f"{name}/copy_accuracy": round(copy, 4)})
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-        record["params"][name] = _count(model)
-        llms[name] = model
+        llms[name], metrics = zoo_parts.build_llm(paths[name], spec, tokenizers[spec.family], seed * 1000 + i,
+                                                  pairs=pairs, eval_pairs=eval_pairs)
+        record["metrics"].update({f"{name}/{k}": v for k, v in metrics.items()})
+        record["params"][name] = zoo_parts.count_params(llms[name])
         lap(name)
 
-    torch.manual_seed(seed * 1000 + 10)
-    vision_config = Blip2VisionConfig(**VISION)
-    vision = Blip2VisionModel(vision_config)
+    vision = zoo_parts.new_vision(VISION, seed * 1000 + 10)
     if trained:
         pixel_values, labels = pretrain.vision_dataset(6200, seed, IMAGE_SIZE, image_processor)
         accuracy = pretrain.pretrain_vision(vision, pixel_values, labels, VISION_STEPS, seed=seed)
         record["metrics"].update({f"vision/{a}_accuracy": round(v, 4) for a, v in accuracy.items()})
-    vision.eval()
-    vision.save_pretrained(paths["vision"])
-    image_processor.save_pretrained(paths["vision"])
-    record["params"]["vision"] = _count(vision)
+    zoo_parts.save_vision(paths["vision"], vision, image_processor)
+    record["params"]["vision"] = zoo_parts.count_params(vision)
     lap("vision")
 
-    tokenizer = source_tokenizer(tokenizers["opt"])
-    newline_id = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = source_config(vision_config, llms["opt-s"].config, image_token_id, newline_id)
-    torch.manual_seed(seed * 1000 + 20)
-    source = Blip2ForConditionalGeneration(config)
-    source.vision_model.load_state_dict(vision.state_dict())
-    source.language_model.load_state_dict(llms["opt-s"].state_dict())
-    with torch.no_grad():  # HF initialises the queries to zeros: a dead VPG
-        source.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed * 1000 + 21))
+    tokenizer = zoo_parts.source_tokenizer(tokenizers["opt"])
+    source = zoo_parts.new_source(vision, llms["opt-s"], tokenizer, seed * 1000 + 20, NUM_QUERY_TOKENS, QFORMER)
     trainable, frozen = pretrain.set_vpg_trainable(source)
     log(f"zoo: source BLIP-2 trains {trainable:,} parameters (VPG + projector); {frozen:,} frozen (ViT, LLM)")
     record["params"]["source_vpg"] = trainable
@@ -206,11 +111,8 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
         features, examples = _source_data(source, tokenizer, image_processor, splits)
         loss = pretrain.train_source(source, features, examples, tokenizer.pad_token_id, SOURCE_STEPS, seed=seed)
         record["metrics"]["source/final_loss"] = round(loss, 4)
-    source.eval()
-    source.save_pretrained(paths["source"])
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                   num_query_tokens=NUM_QUERY_TOKENS).save_pretrained(paths["source"])
-    record["params"]["source"] = _count(source)
+    zoo_parts.save_source(paths["source"], source, image_processor, tokenizer)
+    record["params"]["source"] = zoo_parts.count_params(source)
     lap("source")
 
     if trained:
@@ -300,35 +202,10 @@ def evaluate_blip2(model_dir: str | Path, split_dir: str | Path, batch_size: int
 
 # ------------------------------------------------------------------------------------------ public API
 
-def _write_record(root: Path, record: dict, started: float) -> None:
-    import tokenizers
-    import torch
-    import transformers
-
-    record["build_seconds"] = round(time.perf_counter() - started, 1)
-    record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "tokenizers": tokenizers.__version__}
-    record["paths"] = {k: str(p.relative_to(root)) for k, p in zoo_paths(root).items() if k != "root"}
-    (root / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
 def _quiet_build(root: Path, seed: int, trained: bool, log) -> dict:
     """``_build`` on 2 threads, with transformers' per-model warnings silenced, settings restored."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    progress_bars = hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with zoo_parts.quiet(threads=2):
         return _build(root, seed, trained, log)
-    finally:
-        torch.set_num_threads(threads)
-        hf_logging.set_verbosity(verbosity)
-        if progress_bars:
-            hf_logging.enable_progress_bar()
 
 
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -338,7 +215,7 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     record = _quiet_build(root, seed, trained=False, log=lambda message: None)
-    _write_record(root, record, started)
+    zoo_parts.write_record(root, record, started, zoo_paths(root))
     return zoo_paths(root)
 
 
@@ -354,36 +231,13 @@ def build_zoo(cache_dir: Path | None = None, seed: int = 0, force: bool = False,
         return zoo_paths(root)
     log = log or logger.info  # progress lines: one per part built
     started = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-building-", dir=root.parent))
-    try:
+    with zoo_parts.staging_dir(root) as tmp:
         record = _quiet_build(tmp, seed, trained=True, log=log)
         accuracy = record["metrics"]["source/caption_eval/attribute_accuracy"]
         if accuracy < MIN_SOURCE_ACCURACY:
             raise VpgtransError(f"zoo build (seed {seed}): the source BLIP-2 reaches only {accuracy:.2f} caption "
                                 f"attribute accuracy (< {MIN_SOURCE_ACCURACY}); not caching it — try another seed")
-        _write_record(tmp, record, started)
-        _install(tmp, root, replace=force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        zoo_parts.write_record(tmp, record, started, zoo_paths(tmp))
+        zoo_parts.install(tmp, root, replace=force, is_complete=_is_complete)
     log(f"zoo: built {root} in {time.perf_counter() - started:.1f}s")
     return zoo_paths(root)
-
-
-def _install(tmp: Path, root: Path, replace: bool) -> None:
-    """Atomically move the finished build ``tmp`` to ``root``."""
-    if root.exists():
-        if _is_complete(root) and not replace:
-            return  # a concurrent build finished first; keep it
-        old = root.with_name(f".{root.name}-old-{os.getpid()}")
-        os.rename(root, old)
-        try:
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if not _is_complete(root):
-            raise

@@ -16,17 +16,14 @@ writes the same layout with random weights and a tiny world in seconds, for smok
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from vpgtrans.demo import world, world2
-from vpgtrans.demo.zoo import (IMAGE_TOKEN, SOURCE_NAME, LLMSpec, _install, default_cache_dir, evaluate_blip2,
-                               llm_config, source_config, source_tokenizer)
+from vpgtrans.demo import world, world2, zoo_parts
+from vpgtrans.demo.zoo import SOURCE_NAME, default_cache_dir, evaluate_blip2
+from vpgtrans.demo.zoo_parts import LLMSpec
 from vpgtrans.errors import VpgtransError
 
 logger = logging.getLogger(__name__)
@@ -63,10 +60,6 @@ def _is_complete(root: Path) -> bool:
         and all((paths["world"] / split / "data.jsonl").is_file() for split in SPLITS)
 
 
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _source_examples(tokenizer, image_token_id: int, captions: list[str]) -> list[tuple[int, list[int], list[int]]]:
     """(feature row, input_ids with <image> x K, labels) in BLIP-2 OPT's caption format."""
     from vpgtrans.config import PromptTemplate
@@ -82,71 +75,41 @@ def _source_examples(tokenizer, image_token_id: int, captions: list[str]) -> lis
 
 def _build(root: Path, seed: int, trained: bool, log) -> dict:
     """Write every zoo directory under ``root``; returns the zoo.json record (without paths)."""
-    import torch
-    from transformers import (AutoModelForCausalLM, Blip2ForConditionalGeneration, Blip2Processor,
-                              Blip2VisionConfig, Blip2VisionModel)
-
     from vpgtrans.images import build_image_processor
-    from vpgtrans.demo import pretrain, vocab
+    from vpgtrans.demo import pretrain
 
     paths = zoo_paths(root)
     record: dict = {"zoo_version": ZOO_VERSION, "seed": seed, "trained": trained, "params": {}, "metrics": {},
                     "seconds": {}}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        record["seconds"][name] = round(time.perf_counter() - clock, 2)
-        log(f"zoo-v2: {name} done in {record['seconds'][name]:.1f}s")
-        clock = time.perf_counter()
+    lap = zoo_parts.stopwatch(record["seconds"], log, "zoo-v2")
 
     n_train, n_eval = WORLD_SIZES["full" if trained else "tiny"]
     splits = world2.make_world(paths["world"], n_train=n_train, n_eval=n_eval, seed=seed)
-    corpus = world2.text_corpus(5000, seed)
-    tokenizers = {"opt": vocab.train_opt_tokenizer(corpus), "llama": vocab.train_llama_tokenizer(corpus)}
+    tokenizers = zoo_parts.train_tokenizers(world2.text_corpus(5000, seed))
     image_processor = build_image_processor(world2.IMAGE_SIZE)
     lap("world+tokenizers")
 
-    pairs = world2.text_pairs(LM_PAIRS, seed) if trained else []
+    pairs = world2.text_pairs(LM_PAIRS, seed) if trained else None
+    eval_pairs = world2.text_pairs(200, 10_000 + seed) if trained else None
     llms = {}
     for i, (name, spec) in enumerate(LLMS.items()):
-        tokenizer = tokenizers[spec.family]
-        torch.manual_seed(seed * 1000 + i)
-        model = AutoModelForCausalLM.from_config(llm_config(spec, tokenizer, MAX_POSITIONS))
-        if trained:
-            loss = pretrain.pretrain_lm(model, tokenizer, pairs, spec.steps, lr=spec.lr, seed=seed * 1000 + i)
-            copy = pretrain.lm_copy_accuracy(model, tokenizer, world2.text_pairs(200, 10_000 + seed))
-            record["metrics"].update({f"{name}/final_loss": round(loss, 4), f"{name}/copy_accuracy": round(copy, 4)})
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-        record["params"][name] = _count(model)
-        llms[name] = model
+        llms[name], metrics = zoo_parts.build_llm(paths[name], spec, tokenizers[spec.family], seed * 1000 + i,
+                                                  MAX_POSITIONS, pairs=pairs, eval_pairs=eval_pairs)
+        record["metrics"].update({f"{name}/{k}": v for k, v in metrics.items()})
+        record["params"][name] = zoo_parts.count_params(llms[name])
         lap(name)
 
-    torch.manual_seed(seed * 1000 + 10)
-    vision_config = Blip2VisionConfig(**VISION)
-    vision = Blip2VisionModel(vision_config)
+    vision = zoo_parts.new_vision(VISION, seed * 1000 + 10)
     if trained:
         pixel_values = pretrain.generic_vision_dataset(VISION_IMAGES, seed, world2.IMAGE_SIZE, image_processor)
         scores = pretrain.pretrain_vision_generic(vision, pixel_values, VISION_STEPS, seed=seed)
         record["metrics"].update({f"vision/{k}": round(v, 4) for k, v in scores.items()})
-    vision.eval()
-    vision.save_pretrained(paths["vision"])
-    image_processor.save_pretrained(paths["vision"])
-    record["params"]["vision"] = _count(vision)
+    zoo_parts.save_vision(paths["vision"], vision, image_processor)
+    record["params"]["vision"] = zoo_parts.count_params(vision)
     lap("vision")
 
-    tokenizer = source_tokenizer(tokenizers["opt"])
-    newline_id = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = source_config(vision_config, llms["opt-s"].config, image_token_id, newline_id,
-                           num_query_tokens=NUM_QUERY_TOKENS, qformer=QFORMER)
-    torch.manual_seed(seed * 1000 + 20)
-    source = Blip2ForConditionalGeneration(config)
-    source.vision_model.load_state_dict(vision.state_dict())
-    source.language_model.load_state_dict(llms["opt-s"].state_dict())
-    with torch.no_grad():  # HF initialises the queries to zeros: a dead VPG
-        source.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed * 1000 + 21))
+    tokenizer = zoo_parts.source_tokenizer(tokenizers["opt"])
+    source = zoo_parts.new_source(vision, llms["opt-s"], tokenizer, seed * 1000 + 20, NUM_QUERY_TOKENS, QFORMER)
     trainable, frozen = pretrain.set_vpg_trainable(source)
     log(f"zoo-v2: source BLIP-2 trains {trainable:,} parameters (VPG + projector); {frozen:,} frozen (ViT, LLM)")
     record["params"]["source_vpg"] = trainable
@@ -157,17 +120,14 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
         pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
                                        return_tensors="pt")["pixel_values"]
         features = pretrain.vision_features(source.vision_model, pixel_values)
-        examples = _source_examples(tokenizer, image_token_id, [world2.caption_for(s) for s in scenes])
+        examples = _source_examples(tokenizer, source.config.image_token_id, [world2.caption_for(s) for s in scenes])
         loss = pretrain.train_source(source, features, examples, tokenizer.pad_token_id, SOURCE_STEPS,
                                      lr=SOURCE_LR, seed=seed)
         record["metrics"]["source/final_loss"] = round(loss, 4)
         record["metrics"]["source/steps"] = SOURCE_STEPS
         record["metrics"]["source/samples"] = SOURCE_STEPS * 64
-    source.eval()
-    source.save_pretrained(paths["source"])
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                   num_query_tokens=NUM_QUERY_TOKENS).save_pretrained(paths["source"])
-    record["params"]["source"] = _count(source)
+    zoo_parts.save_source(paths["source"], source, image_processor, tokenizer)
+    record["params"]["source"] = zoo_parts.count_params(source)
     lap("source")
 
     if trained:
@@ -179,36 +139,11 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     return record
 
 
-def _write_record(root: Path, record: dict, started: float) -> None:
-    import tokenizers
-    import torch
-    import transformers
-
-    record["build_seconds"] = round(time.perf_counter() - started, 1)
-    record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "tokenizers": tokenizers.__version__}
-    record["paths"] = {k: str(p.relative_to(root)) for k, p in zoo_paths(root).items() if k != "root"}
-    (root / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
 def _quiet_build(root: Path, seed: int, trained: bool, log) -> dict:
     """``_build`` on one thread (on a shared 2-core machine, two threads make these small matmuls several
     times slower), with transformers' per-model warnings silenced, settings restored."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    progress_bars = hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with zoo_parts.quiet(threads=1):
         return _build(root, seed, trained, log)
-    finally:
-        torch.set_num_threads(threads)
-        hf_logging.set_verbosity(verbosity)
-        if progress_bars:
-            hf_logging.enable_progress_bar()
 
 
 def build_tiny_zoo_v2(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -217,7 +152,7 @@ def build_tiny_zoo_v2(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     record = _quiet_build(root, seed, trained=False, log=lambda message: None)
-    _write_record(root, record, started)
+    zoo_parts.write_record(root, record, started, zoo_paths(root))
     return zoo_paths(root)
 
 
@@ -230,17 +165,13 @@ def build_zoo_v2(cache_dir: Path | None = None, seed: int = 0, force: bool = Fal
         return zoo_paths(root)
     log = log or logger.info
     started = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-building-", dir=root.parent))
-    try:
+    with zoo_parts.staging_dir(root) as tmp:
         record = _quiet_build(tmp, seed, trained=True, log=log)
         accuracy = record["metrics"]["source/caption_eval/attribute_accuracy"]
         if accuracy < MIN_SOURCE_ACCURACY:
             raise VpgtransError(f"zoo-v2 build (seed {seed}): the source BLIP-2 reaches only {accuracy:.2f} caption "
                                 f"attribute accuracy (< {MIN_SOURCE_ACCURACY}); not caching it")
-        _write_record(tmp, record, started)
-        _install(tmp, root, replace=force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        zoo_parts.write_record(tmp, record, started, zoo_paths(tmp))
+        zoo_parts.install(tmp, root, replace=force, is_complete=_is_complete)
     log(f"zoo-v2: built {root} in {time.perf_counter() - started:.1f}s")
     return zoo_paths(root)
