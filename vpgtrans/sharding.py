@@ -34,6 +34,8 @@ def launch_engine(quantization: str | None = None) -> str:
     if os.environ.get("FSDP_VERSION", "1").strip() != "2":
         raise VpgtransError("FSDP needs fsdp_version: 2 in the accelerate config (FSDP_VERSION=2): version 1 "
                             "flattens frozen and trained weights together — see docs/cluster.md")
+    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        raise VpgtransError(f"FSDP needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}")
     if quantization is not None:
         raise VpgtransError(f"--load-in-{quantization} cannot be combined with FSDP (bitsandbytes weights are not "
                             f"sharded); use one or the other — see docs/cluster.md")
@@ -107,12 +109,16 @@ def whole_parameters(model: torch.nn.Module):
     if not units:
         yield
         return
-    # FSDP sets itself up on the root's first forward; an evaluation before the first step comes earlier.
-    units[0]._get_fsdp_state()._lazy_init()
-    # set_reshard_after_forward is the documented switch "for running evals"; it has no getter, so the
-    # per-group setting it changes is kept here and put back after.
-    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
-    before = [group.post_forward_mesh_info for group in groups]
+    try:
+        # FSDP sets itself up on the root's first forward; an evaluation before the first step comes earlier.
+        units[0]._get_fsdp_state()._lazy_init()
+        # set_reshard_after_forward is the documented switch "for running evals"; it has no getter, so the
+        # per-group setting it changes is kept here and put back after.
+        groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+        before = [group.post_forward_mesh_info for group in groups]
+    except AttributeError:  # these are FSDP internals (tested with torch 2.13)
+        raise VpgtransError(f"evaluation during FSDP training is not supported with torch {torch.__version__}; "
+                            f"train without --eval-data and evaluate the bundle with vpgtrans eval") from None
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
