@@ -34,7 +34,9 @@ def launch_engine(quantization: str | None = None) -> str:
     if os.environ.get("FSDP_VERSION", "1").strip() != "2":
         raise VpgtransError("FSDP needs fsdp_version: 2 in the accelerate config (FSDP_VERSION=2): version 1 "
                             "flattens frozen and trained weights together — see docs/cluster.md")
-    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+    from accelerate.utils import is_torch_version
+
+    if not is_torch_version(">=", "2.6"):
         raise VpgtransError(f"FSDP needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}")
     if quantization is not None:
         raise VpgtransError(f"--load-in-{quantization} cannot be combined with FSDP (bitsandbytes weights are not "
@@ -103,8 +105,10 @@ def whole_parameters(model: torch.nn.Module):
     each forward: generation then runs no collective, so processes may generate different numbers of
     tokens for different numbers of rows. Costs the whole model's memory on each process for the
     block (as HF / TRL generation under FSDP does). Outside FSDP: does nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 (DDP runs evaluate here too): no FSDP2, so nothing to unshard
+        FSDPModule = ()
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
     if not units:
         yield
