@@ -128,13 +128,9 @@ def _source_data(source, tokenizer, image_processor, splits: dict[str, Path]):
     at them: (feature row, input_ids with <image> x K, labels), in BLIP-2 OPT's text format."""
     from PIL import Image
 
-    from vpgtrans.config import PromptTemplate
     from vpgtrans.collate import most_common_answer
     from vpgtrans.demo import pretrain
-    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
-    from vpgtrans.prompting import training_example
 
-    template = PromptTemplate()
     image_id = source.config.image_token_id
     images, examples = [], []
     for task in ("caption", "vqa"):
@@ -143,9 +139,9 @@ def _source_data(source, tokenizer, image_processor, splits: dict[str, Path]):
             with Image.open(split_dir / row["image"]) as image:
                 images.append(image.convert("RGB"))
             target = row["caption"] if task == "caption" else most_common_answer(row["answers"])
-            ex = training_example(tokenizer, template, task, NUM_QUERY_TOKENS, target, row.get("question"))
-            ids = [image_id if t == IMAGE_TOKEN_ID else t for t in ex["input_ids"]]
-            examples.append((len(images) - 1, ids, ex["labels"]))
+            ids, labels = zoo_parts.source_example(tokenizer, task, target, row.get("question"), NUM_QUERY_TOKENS,
+                                                   image_id)
+            examples.append((len(images) - 1, ids, labels))
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     return pretrain.vision_features(source.vision_model, pixel_values), examples
 

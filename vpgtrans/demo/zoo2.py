@@ -62,15 +62,8 @@ def _is_complete(root: Path) -> bool:
 
 def _source_examples(tokenizer, image_token_id: int, captions: list[str]) -> list[tuple[int, list[int], list[int]]]:
     """(feature row, input_ids with <image> x K, labels) in BLIP-2 OPT's caption format."""
-    from vpgtrans.config import PromptTemplate
-    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
-    from vpgtrans.prompting import training_example
-
-    template, examples = PromptTemplate(), []
-    for i, caption in enumerate(captions):
-        ex = training_example(tokenizer, template, "caption", NUM_QUERY_TOKENS, caption, None)
-        examples.append((i, [image_token_id if t == IMAGE_TOKEN_ID else t for t in ex["input_ids"]], ex["labels"]))
-    return examples
+    return [(i, *zoo_parts.source_example(tokenizer, "caption", caption, None, NUM_QUERY_TOKENS, image_token_id))
+            for i, caption in enumerate(captions)]
 
 
 def _build(root: Path, seed: int, trained: bool, log) -> dict:

@@ -152,6 +152,18 @@ def save_source(out_dir: Path, source, image_processor, tokenizer) -> None:
                    num_query_tokens=source.config.num_query_tokens).save_pretrained(out_dir)
 
 
+def source_example(tokenizer, task: str, target: str, question: str | None, num_query_tokens: int,
+                   image_token_id: int) -> tuple[list[int], list[int]]:
+    """One source-model training example in HF BLIP-2's text format: (input_ids with the model's own
+    ``<image>`` token x K where vpgtrans puts its image slots, labels)."""
+    from vpgtrans.config import PromptTemplate
+    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
+    from vpgtrans.prompting import training_example
+
+    ex = training_example(tokenizer, PromptTemplate(), task, num_query_tokens, target, question)
+    return [image_token_id if t == IMAGE_TOKEN_ID else t for t in ex["input_ids"]], ex["labels"]
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 def stopwatch(seconds: dict, log, prefix: str):
