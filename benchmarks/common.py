@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmarks: the machine record, JSON output, the optional plotting dependency."""
+"""Helpers shared by the benchmarks: the machine record, JSON output, the optional plotting dependency,
+and the command line of the benchmarks that write a result JSON and a plot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -47,3 +50,37 @@ def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def result_parser(name: str, doc: str, smoke_help: str, config_cls) -> argparse.ArgumentParser:
+    """``python -m benchmarks.NAME``'s options: --smoke, --out, --plot, --no-plot, and one flag per field
+    of its config dataclass (list fields take several values)."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default benchmarks/results/{name}[.smoke].json)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
+    parser.add_argument("--no-plot", action="store_true")
+    for field, default in asdict(config_cls()).items():
+        flag = f"--{field.replace('_', '-')}"
+        if isinstance(default, list):
+            parser.add_argument(flag, nargs="+", type=type(default[0]), default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=None)
+    return parser
+
+
+def result_config(args: argparse.Namespace, config_cls, smoke: dict):
+    """The run's config: the smoke values under --smoke, then the flags given. Checks for matplotlib
+    first when a plot is wanted (fail before the work, not after it)."""
+    if not args.no_plot:
+        require_matplotlib()
+    overrides = {k: v for k, v in vars(args).items() if k in config_cls.__dataclass_fields__ and v is not None}
+    return config_cls(**{**(smoke if args.smoke else {}), **overrides})
+
+
+def save_result(name: str, args: argparse.Namespace, result: dict, plot) -> Path:
+    """Write the plot (unless --no-plot; its path goes into the result) and the result JSON; return the JSON path."""
+    out = args.out or RESULTS_DIR / (f"{name}.smoke.json" if args.smoke else f"{name}.json")
+    if not args.no_plot:
+        result["plot"] = str(plot(result, args.plot or out.with_suffix(".png")))
+    return write_json(out, result)

@@ -22,14 +22,13 @@ Timings are wall-clock of the fit only (tables already in memory), ``torch.set_n
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, require_matplotlib, write_json
+from benchmarks.common import machine_info, require_matplotlib, result_config, result_parser, save_result
 
 
 @dataclass
@@ -209,23 +208,11 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.converter_fit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny tables (seconds); for tests")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/converter_fit[.smoke].json)")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
-    parser.add_argument("--no-plot", action="store_true")
-    for name, default in asdict(ConverterBenchConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=None)
+    parser = result_parser("converter_fit", __doc__, "tiny tables (seconds); for tests", ConverterBenchConfig)
     args = parser.parse_args(argv)
-    if not args.no_plot:
-        require_matplotlib()  # fail before the work, not after it
-    overrides = {k: v for k, v in vars(args).items() if k in ConverterBenchConfig.__dataclass_fields__ and v is not None}
-    cfg = ConverterBenchConfig(**{**(SMOKE if args.smoke else {}), **overrides})
+    cfg = result_config(args, ConverterBenchConfig, SMOKE)
     result = run(cfg)
-    out = args.out or RESULTS_DIR / ("converter_fit.smoke.json" if args.smoke else "converter_fit.json")
-    if not args.no_plot:
-        result["plot"] = str(plot(result, args.plot or out.with_suffix(".png")))
-    write_json(out, result)
+    out = save_result("converter_fit", args, result, plot)
     from rich.console import Console
 
     console = Console(width=150)

@@ -24,7 +24,6 @@ eval split: the budgets and learning rates are fixed in ``SpeedupConfig`` before
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import curves
-from benchmarks.common import RESULTS_DIR, machine_info, require_matplotlib, write_json
+from benchmarks.common import machine_info, require_matplotlib, result_config, result_parser, save_result
 
 ARMS = ("scratch", "vpgtrans")
 ABLATIONS = ("no-converter", "no-warmup", "warmup-1x")
@@ -283,23 +282,12 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer_speedup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="random-weight tiny zoo and a few steps (plumbing only)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/transfer_speedup[.smoke].json)")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
-    parser.add_argument("--no-plot", action="store_true")
+    parser = result_parser("transfer_speedup", __doc__, "random-weight tiny zoo and a few steps (plumbing only)",
+                           SpeedupConfig)
     parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
-    for name, default in asdict(SpeedupConfig()).items():
-        if isinstance(default, list):
-            parser.add_argument(f"--{name.replace('_', '-')}", nargs="+", type=type(default[0]), default=None)
-        else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=None)
     args = parser.parse_args(argv)
-    if not args.no_plot:
-        require_matplotlib()  # fail before the work, not after it
-    overrides = {k: v for k, v in vars(args).items() if k in SpeedupConfig.__dataclass_fields__ and v is not None}
-    cfg = SpeedupConfig(**{**(SMOKE if args.smoke else {}), **overrides})
+    cfg = result_config(args, SpeedupConfig, SMOKE)
     unknown = sorted(set(cfg.ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown ablations {unknown}; known: {list(ABLATIONS)}")
@@ -320,10 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
             print(f"zoo-v2 ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
         result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs")
-    out = args.out or RESULTS_DIR / ("transfer_speedup.smoke.json" if args.smoke else "transfer_speedup.json")
-    if not args.no_plot:
-        result["plot"] = str(plot(result, args.plot or out.with_suffix(".png")))
-    write_json(out, result)
+    out = save_result("transfer_speedup", args, result, plot)
     from rich.console import Console
 
     Console(width=170).print(render(result))
