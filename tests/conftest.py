@@ -166,3 +166,13 @@ def inherited(tiny, tmp_path_factory):
     from vpgtrans.stages.inherit import inherit
 
     return inherit(tiny["source"], tiny["llama"], tmp_path_factory.mktemp("bundles") / "inherit")
+
+
+def assert_curves_close(ours: list[dict], theirs: list[dict], abs: float = 1e-6) -> None:
+    """Evaluation curves agree point by point: the same steps and keys, every number within `abs`.
+
+    (pytest >= 9.2 refuses `pytest.approx` on nested data, so each point is compared on its own.)
+    """
+    assert [sorted(point) for point in ours] == [sorted(point) for point in theirs]
+    for mine, other in zip(ours, theirs):
+        assert mine == pytest.approx(other, abs=abs), (mine, other)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_curves_close
 from safetensors.torch import load_file
 
 from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest
@@ -97,7 +98,7 @@ def test_torchrun_two_processes_equal_one_process(paths):
     assert [(r["type"], r["step"]) for r in ours] == [("eval", 0), ("eval", 2), ("train", 4), ("eval", 4)]
     assert ours[2]["loss"] == pytest.approx(theirs[2]["loss"], abs=1e-6)
     # Evaluation scores every eval row (gathered from both processes), as 1 process does.
-    assert manifest["curve"] == pytest.approx(read_manifest(one)["curve"], abs=1e-6)
+    assert_curves_close(manifest["curve"], read_manifest(one)["curve"])
     assert {p.name for p in two.parent.iterdir()} == {"torchrun", "one"}  # no stray temporary directories
 
 
