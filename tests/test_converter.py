@@ -117,7 +117,7 @@ def test_pair_tokens_pairs_same_words_and_specials_by_role(tokenizers):
     assert mapping[metaspace.eos_token_id] == byte_level.eos_token_id
     assert mapping[metaspace.unk_token_id] == byte_level.unk_token_id
     assert pairs.special == 3  # bos, eos, unk (the target's pad is its eos, already paired)
-    assert pairs.exact + pairs.lowercase + pairs.special == len(pairs.target_ids)
+    assert pairs.exact + pairs.lowercase + pairs.special + pairs.byte == len(pairs.target_ids)
     assert len(set(pairs.target_ids.tolist())) == len(pairs.target_ids)
     torch.testing.assert_close(pairs.weights, torch.ones(len(pairs.target_ids), dtype=torch.float64))
 

@@ -3,9 +3,10 @@ target's, fitted in closed form on tokens both vocabularies share, and merged in
 
 The reference fits it by SGD on caption text, pairing tokens by position only when both tokenisations
 of a caption have the same length. Here tokens are paired by their surface string (space markers
-``Ġ``/``▁`` and byte-level encoding undone, exact case first, lower case as a fallback), special tokens
-by role, and the map is a ridge least-squares solution; its quality is reported as the mean cosine
-between converted and true target embeddings on held-out pairs.
+``Ġ``/``▁`` and byte-level encoding undone, exact case first, lower case as a fallback; real pieces before
+SentencePiece byte tokens), tokens that are not text (a lone byte >= 0x80, a partial UTF-8 sequence) by
+their bytes, special tokens by role; the map is a ridge least-squares solution; its quality is reported as
+the mean cosine between converted and true target embeddings on held-out pairs.
 """
 
 from __future__ import annotations
@@ -42,27 +43,72 @@ def _is_byte_level(tokenizer) -> bool:
     return "ByteLevel" in json.dumps(decoder)
 
 
-def surface_forms(tokenizer) -> dict[str, int]:
-    """Map each token's surface text (leading space kept, so "▁the" == "Ġthe" == " the") to its id."""
+def _byte_fallback_value(token: str) -> int | None:
+    """The byte of a SentencePiece byte-fallback token ``<0xNN>``, else None."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return int(token[3:5], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _forms_and_bytes(tokenizer) -> tuple[dict[str, int], dict[bytes, int]]:
+    """(surface text -> id, raw bytes -> id of a token that is bytes but not text).
+
+    Real pieces win over byte tokens for the same text, whatever the id order: LLaMA-style vocabularies put
+    ``<0x00>``..``<0xFF>`` at low ids, and ``<0x2C>`` must not take "," from the piece "," (the tokenizer
+    never emits a byte token for a character it has a piece for, so that row is untrained). A byte token
+    < 0x80 stands for its ASCII character only where no real piece has that text (LLaMA writes "\\n" only
+    as ``<0x0A>``). A lone byte >= 0x80 is not a character (not Latin-1 ``chr(b)``: a fragment of a UTF-8
+    sequence), and neither is a byte-level token holding part of one ("âĢ" = e2 80, the start of "—"):
+    they get no text and are returned by their bytes, to pair only with a token of the same bytes.
+    Vocabulary entries are visited by token string, not id, so ties never depend on the id order.
+    """
     byte_level = _is_byte_level(tokenizer)
     byte_decoder = _byte_decoder() if byte_level else {}
     special = set(tokenizer.all_special_ids)
-    forms: dict[str, int] = {}
-    for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+    pieces: dict[str, int] = {}  # text -> id of a real piece
+    ascii_bytes: dict[str, int] = {}  # text -> id of a byte-fallback token < 0x80
+    raw_bytes: dict[bytes, int] = {}  # bytes that are not text -> id
+    for token, token_id in sorted(tokenizer.get_vocab().items()):
         if token_id in special:
             continue
         if byte_level:
             try:
-                text = bytes(byte_decoder[ch] for ch in token).decode("utf-8")
-            except (KeyError, UnicodeDecodeError):
-                continue  # a partial UTF-8 sequence: no standalone surface form
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            text = chr(int(token[3:5], 16))  # sentencepiece byte fallback
-        else:
-            text = token.replace("▁", " ")
-        if text and text not in forms:
-            forms[text] = token_id
-    return forms
+                raw = bytes(byte_decoder[ch] for ch in token)
+            except KeyError:
+                continue  # not written in the byte alphabet (an added token)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raw_bytes[raw] = token_id  # a lone byte >= 0x80 or a partial UTF-8 sequence
+                continue
+            if text:
+                pieces.setdefault(text, token_id)
+        elif (byte := _byte_fallback_value(token)) is not None:
+            if byte < 0x80:
+                ascii_bytes[chr(byte)] = token_id
+            else:
+                raw_bytes[bytes([byte])] = token_id
+        elif text := token.replace("▁", " "):
+            pieces.setdefault(text, token_id)
+    forms = dict(pieces)
+    for text, token_id in ascii_bytes.items():
+        forms.setdefault(text, token_id)
+    return forms, raw_bytes
+
+
+def surface_forms(tokenizer) -> dict[str, int]:
+    """Map each token's surface text (leading space kept, so "▁the" == "Ġthe" == " the") to its id; real
+    pieces before byte tokens, no text for a lone byte >= 0x80 or a partial UTF-8 sequence (see
+    ``_forms_and_bytes``)."""
+    return _forms_and_bytes(tokenizer)[0]
+
+
+def _case_distance(a: str, b: str) -> int:
+    """Positions where two strings that are equal in lower case differ (in case)."""
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
 
 
 @dataclass
@@ -73,25 +119,38 @@ class TokenPairs:
     exact: int
     lowercase: int
     special: int
+    byte: int = 0  # tokens that are bytes but not text (a lone byte >= 0x80, ...), paired by their bytes
 
 
 def pair_tokens(source_tokenizer, target_tokenizer, lowercase_fallback: bool = True,
                 corpus: list[str] | None = None) -> TokenPairs:
     """Pairs (source id, target id) of tokens with the same surface text; weights from corpus counts."""
-    source_forms, target_forms = surface_forms(source_tokenizer), surface_forms(target_tokenizer)
+    source_forms, source_bytes = _forms_and_bytes(source_tokenizer)
+    target_forms, target_bytes = _forms_and_bytes(target_tokenizer)
     pairs: dict[int, int] = {}  # target id -> source id
     for text, target_id in target_forms.items():
         if text in source_forms:
             pairs[target_id] = source_forms[text]
     exact = len(pairs)
     if lowercase_fallback:
-        lowered: dict[str, int] = {}
-        for text, source_id in source_forms.items():
-            lowered.setdefault(text.lower(), source_id)
+        by_lower: dict[str, list[str]] = {}
+        for text in source_forms:
+            by_lower.setdefault(text.lower(), []).append(text)
         for text, target_id in target_forms.items():
-            if target_id not in pairs and text.lower() in lowered:
-                pairs[target_id] = lowered[text.lower()]
+            candidates = by_lower.get(text.lower())
+            if target_id not in pairs and candidates:
+                # The closest case wins ("The" over "THE" for "the"), then the smaller string: not the id order.
+                closest = min(candidates, key=lambda candidate: (_case_distance(candidate, text), candidate))
+                pairs[target_id] = source_forms[closest]
     lowercase = len(pairs) - exact
+    # A lone byte >= 0x80 pairs with the same byte only (SentencePiece's <0xE9>, byte-level BPE's lone 0xE9,
+    # "é" in GPT-2's alphabet): both are the one input unit "byte 0xE9 of a character the vocabulary has no
+    # piece for", so the pair is as legitimate as "the" with "the"; with anything else it would be noise.
+    # Likewise a partial UTF-8 sequence, which only another byte-level vocabulary can hold.
+    for raw, target_id in target_bytes.items():
+        if raw in source_bytes:
+            pairs[target_id] = source_bytes[raw]
+    n_bytes = len(pairs) - exact - lowercase
     special = 0
     for role in SPECIAL_ROLES:
         s, t = getattr(source_tokenizer, role, None), getattr(target_tokenizer, role, None)
@@ -109,7 +168,7 @@ def pair_tokens(source_tokenizer, target_tokenizer, lowercase_fallback: bool = T
             ids = target_tokenizer(line, add_special_tokens=False)["input_ids"]
             counts.index_add_(0, torch.tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.float64))
         weights = 1.0 + torch.log1p(counts[target_ids])  # frequent tokens count more, rare ones still count
-    return TokenPairs(source_ids, target_ids, weights, exact, lowercase, special)
+    return TokenPairs(source_ids, target_ids, weights, exact, lowercase, special, n_bytes)
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None,
@@ -154,7 +213,8 @@ def fit_converter(source_embeddings: torch.Tensor, target_embeddings: torch.Tens
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_heldout = max(1, int(round(n * heldout_fraction))) if n >= 10 else 0
     stats = {"pairs": n, "exact_pairs": pairs.exact, "lowercase_pairs": pairs.lowercase,
-             "special_pairs": pairs.special, "ridge": ridge, "source_dim": x.shape[1], "target_dim": y.shape[1]}
+             "special_pairs": pairs.special, "byte_pairs": pairs.byte, "ridge": ridge, "source_dim": x.shape[1],
+             "target_dim": y.shape[1]}
     if n_heldout:
         held, train = order[:n_heldout], order[n_heldout:]
         weight, bias = fit_ridge(x[train], y[train], pairs.weights[train], ridge)
