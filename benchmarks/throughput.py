@@ -112,7 +112,7 @@ def _batch(root: Path, batch_size: int):
 
     model = load_model(root / "bundle")
     dataset, task, _ = load_rows(root / "data")
-    collate = Collator(model.tokenizer, model.template, task, model.num_query_tokens, model.image_processor, False)
+    collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor, False)
     return collate([dataset[i] for i in range(batch_size)])
 
 
@@ -120,15 +120,13 @@ def _ours(stage: str, root: Path, batch: dict):
     """Our stage's step: the bundle's VisionLanguageModel, the stage's trainable parts, modes and loss."""
     from vpgtrans.bundle import load_model
     from vpgtrans.config import TrainConfig
-    from vpgtrans.training import count_targets, set_trainable, summed_loss
+    from vpgtrans.training import count_targets, set_trainable, summed_loss, train_mode, trained_parts
 
     config = TrainConfig.warmup() if stage == "warmup" else TrainConfig.finetune()
     model = load_model(root / "bundle")
+    parts = trained_parts(model, config.trainable)
     set_trainable(model, config.trainable)
-    model.train()
-    for part in ("vision", "llm", "vpg", "connector"):
-        if part not in config.trainable:
-            getattr(model, part).eval()
+    train_mode(model, model, parts)
     targets = count_targets(batch, False)
     return model, lambda: summed_loss(model, batch, False, keep_logits=True) / targets
 

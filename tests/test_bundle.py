@@ -38,7 +38,9 @@ def test_inherit_writes_exactly_the_bundle_files(inherited):
     for name, digest in manifest["files"].items():
         assert file_sha256(inherited / name) == digest
     assert manifest["model"]["llm"]["model_type"] == "llama"
-    assert manifest["model"]["connector"] == {"type": "linear", "in_dim": 64, "out_dim": 40}
+    assert manifest["format_version"] == 2 and manifest["model"]["adapters"] == []
+    assert manifest["model"]["visual"]["type"] == "qformer"
+    assert manifest["model"]["visual"]["connector"] == {"type": "linear", "in_dim": 64, "out_dim": 40}
     assert manifest["template"] == to_dict(PromptTemplate())
     assert manifest["config"]["inherit"] == to_dict(InheritConfig())
     stats = manifest["metrics"]["converter"]
@@ -58,7 +60,7 @@ def test_inherit_without_converter_writes_no_converter(tiny, tmp_path, source_st
 
 def test_load_model_round_trip(inherited, tiny, source_state):
     model = load_model(inherited)
-    vpg = model.vpg.state_dict()
+    vpg = model.visual.vpg.state_dict()
     expected = {k: v for k, v in source_state.items() if k == "query_tokens" or k.startswith("qformer.")}
     expected["ln_vision.weight"] = source_state["vision_model.post_layernorm.weight"]
     expected["ln_vision.bias"] = source_state["vision_model.post_layernorm.bias"]
@@ -73,8 +75,8 @@ def test_load_model_round_trip(inherited, tiny, source_state):
     assert converter["weight"].shape == (40, 48) and converter["bias"].shape == (40,)
     proj_w, proj_b = merge_projector(converter["weight"], converter["bias"], source_state["language_projection.weight"],
                                      source_state["language_projection.bias"])
-    assert torch.equal(model.connector.proj.weight, proj_w)
-    assert torch.equal(model.connector.proj.bias, proj_b)
+    assert torch.equal(model.visual.connector.proj.weight, proj_w)
+    assert torch.equal(model.visual.connector.proj.bias, proj_b)
     llama = load_file(str(tiny["llama"] / "model.safetensors"))
     llm = model.llm.state_dict()
     for name, tensor in llama.items():

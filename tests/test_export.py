@@ -44,7 +44,7 @@ def _compare(ours, export_dir, task: str, text: str, question: str | None, decod
 
     processor = AutoProcessor.from_pretrained(export_dir)
     theirs = Blip2ForConditionalGeneration.from_pretrained(export_dir).eval()
-    ids = prompt_ids(ours.tokenizer, ours.template, task, ours.num_query_tokens, question, ours.is_encoder_decoder)
+    ids = prompt_ids(ours.tokenizer, ours.template, task, ours.num_image_tokens, question, ours.is_encoder_decoder)
     pixel_values = ours.image_processor(images=[_image()], return_tensors="pt")["pixel_values"]
     inputs = processor(images=_image(), text=text, return_tensors="pt")
     image_token_id = theirs.config.image_token_index
@@ -158,7 +158,7 @@ def test_bad_requests_are_refused(inherited, tmp_path):
     instruct = tmp_path / "instruct"
     shutil.copytree(inherited, instruct)
     manifest = json.loads((instruct / MANIFEST).read_text())
-    manifest["model"]["vpg"]["kind"] = "instructblip"
+    manifest["model"]["visual"]["vpg"]["kind"] = "instructblip"
     (instruct / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(VpgtransError, match="--format lavis"):
         export_bundle(instruct, tmp_path / "out")

@@ -67,7 +67,7 @@ def test_pth_source_inherits_the_same_bundle_as_the_hf_source(tiny, lavis_source
             assert torch.equal(from_hf[key], from_pth[key]), f"{name}:{key}"
     manifest = read_manifest(tmp_path / "from-pth")
     assert manifest["references"]["vision"]["path"] == str(lavis_source["vision"].resolve())
-    assert manifest["model"]["vpg"]["qformer_config"]["num_hidden_layers"] == 2
+    assert manifest["model"]["visual"]["vpg"]["qformer_config"]["num_hidden_layers"] == 2
 
 
 def test_pth_without_source_llm_needs_converter_none(tiny, lavis_source, tmp_path):

@@ -157,4 +157,4 @@ def test_eval_runs_the_llm_in_the_asked_dtype(inherited, tiny, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["llm"] == torch.bfloat16
     bad = _eval(inherited, "--data", tiny["caption"], "--dtype", "int3")
-    assert bad.exit_code == 2 and "--dtype must be bf16, fp16 or fp32" in bad.stderr
+    assert bad.exit_code == 2 and "--dtype must be one of fp32, bf16, fp16" in bad.stderr

@@ -114,11 +114,11 @@ def test_gradient_reaches_vpg_and_connector_only(inherited):
     fresh = load_model(inherited)
     counts = set_trainable(fresh, ["vpg", "connector"])
     assert counts["llm_trainable"] == 0
-    assert counts["trainable"] == sum(p.numel() for p in [*fresh.vpg.parameters(), *fresh.connector.parameters()])
+    assert counts["trainable"] == sum(p.numel() for p in [*fresh.visual.vpg.parameters(), *fresh.visual.connector.parameters()])
     input_ids, mask, labels, pixel_values = _batch(fresh.tokenizer, PromptTemplate(), ["a red circle"])
     fresh(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask, labels=labels).loss.backward()
-    assert fresh.connector.proj.weight.grad.abs().sum() > 0
-    assert fresh.vpg.query_tokens.grad.abs().sum() > 0
+    assert fresh.visual.connector.proj.weight.grad.abs().sum() > 0
+    assert fresh.visual.vpg.query_tokens.grad.abs().sum() > 0
     assert all(p.grad is None for p in [*fresh.llm.parameters(), *fresh.vision.parameters()])
 
 

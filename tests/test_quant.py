@@ -23,7 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def _batch(model, data, n=4):
     dataset, task, _ = load_rows(data)
-    collate = Collator(model.tokenizer, model.template, task, model.num_query_tokens, model.image_processor,
+    collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
                        model.is_encoder_decoder)
     return collate([dataset[i] for i in range(n)])
 
@@ -37,12 +37,12 @@ def test_soft_prompt_gradients_flow_through_a_quantised_llm(inherited, tiny, qua
     model = load_model(inherited, quantization=quantization)
     assert layer in _linear_types(model)  # the LLM's linear layers really are bitsandbytes layers
     model.requires_grad_(False)
-    model.connector.requires_grad_(True)
+    model.visual.connector.requires_grad_(True)
     batch = _batch(model, tiny["caption"])
     loss = summed_loss(model, batch, False, keep_logits=True) / count_targets(batch, False)
     assert torch.isfinite(loss)
     loss.backward()
-    grad = model.connector.proj.weight.grad
+    grad = model.visual.connector.proj.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert not any(p.requires_grad for p in model.llm.parameters())
 
@@ -75,7 +75,7 @@ def test_warmup_trains_the_projector_and_load_model_needs_no_options(inherited, 
     model = load_model(out)  # plain load: full-precision LLM, no bitsandbytes layers, no checkpointing
     assert _linear_types(model) == {"Linear"}
     assert next(model.llm.parameters()).dtype == torch.float32
-    assert torch.equal(model.connector.proj.weight, after["proj.weight"])
+    assert torch.equal(model.visual.connector.proj.weight, after["proj.weight"])
 
 
 def test_bf16_loads_the_frozen_parts_in_bf16_and_trains_fp32(inherited, tiny, tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_bf16_loads_the_frozen_parts_in_bf16_and_trains_fp32(inherited, tiny, tm
     model = captured["model"]
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.vision.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in model.connector.parameters()} == {p.dtype for p in model.vpg.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.visual.connector.parameters()} == {p.dtype for p in model.visual.vpg.parameters()} == {torch.float32}
     # The next run in this process without --dtype is fp32 again (accelerate keeps one state per process).
     out = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "again",
                                         TrainConfig.warmup(max_steps=1, batch_size=4))
@@ -105,7 +105,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(inherite
     for checkpointing in (False, True):
         model = load_model(inherited, gradient_checkpointing=checkpointing)
         model.requires_grad_(False)
-        model.connector.requires_grad_(True)
+        model.visual.connector.requires_grad_(True)
         calls[checkpointing] = 0
 
         def count(*_, flag=checkpointing):  # runs inside the block: counts recomputations too
@@ -114,7 +114,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(inherite
         model.llm.model.layers[0].input_layernorm.register_forward_hook(count)  # (recompute stops early)
         batch = _batch(model, tiny["caption"])
         summed_loss(model, batch, False, True).backward()
-        grads[checkpointing] = model.connector.proj.weight.grad.clone()
+        grads[checkpointing] = model.visual.connector.proj.weight.grad.clone()
         with torch.no_grad():
             model(**batch)  # no recomputation without a graph
     assert calls == {False: 2, True: 3}  # forward + forward (no grad); + recompute in backward

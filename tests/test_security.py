@@ -178,6 +178,24 @@ def _flip_last_byte(path: pathlib.Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    """A safetensors file as its format defines it: the header's length (8 bytes, little-endian), the JSON
+    header, then the tensor bytes."""
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _grow_first_shape(path: pathlib.Path) -> None:
+    """Double the first dimension of the first tensor in the file's header; bytes and offsets unchanged, so
+    the header still describes exactly the file's size but that tensor's shape needs twice its bytes."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    name = next(name for name, entry in header.items() if name != "__metadata__" and entry["shape"])
+    header[name]["shape"][0] *= 2
+    path.write_bytes(_safetensors_bytes(header, data[8 + length:]))
+
+
 def _edit_manifest(bundle: pathlib.Path, edit) -> None:
     manifest = json.loads((bundle / MANIFEST).read_text())
     edit(manifest)
@@ -186,6 +204,11 @@ def _edit_manifest(bundle: pathlib.Path, edit) -> None:
 
 def _truncate_and_rehash(bundle: pathlib.Path) -> None:
     _truncate(bundle / VPG_FILE)
+    _edit_manifest(bundle, lambda m: m["files"].update({VPG_FILE: file_sha256(bundle / VPG_FILE)}))
+
+
+def _grow_first_shape_and_rehash(bundle: pathlib.Path) -> None:
+    _grow_first_shape(bundle / VPG_FILE)
     _edit_manifest(bundle, lambda m: m["files"].update({VPG_FILE: file_sha256(bundle / VPG_FILE)}))
 
 
@@ -202,12 +225,14 @@ BUNDLE_DAMAGE = {
     "truncated-vpg": (lambda b: _truncate(b / VPG_FILE), [f"{VPG_FILE} does not match its manifest hash"]),
     "flipped-byte": (lambda b: _flip_last_byte(b / VPG_FILE), [f"{VPG_FILE} does not match its manifest hash"]),
     "truncated-and-rehashed": (_truncate_and_rehash, [f"{VPG_FILE}: truncated: its header describes"]),
+    "shape-disagrees-with-bytes-and-rehashed": (_grow_first_shape_and_rehash,
+                                                [f"{VPG_FILE}: damaged safetensors header"]),
     "manifest-not-json": (lambda b: (b / MANIFEST).write_text('{"format": "vpgtrans-bundle", '),
                           [f"{MANIFEST}: not valid JSON"]),
-    "manifest-section-nonsense": (lambda b: _edit_manifest(b, _set("model", "vpg", value="nonsense")),
-                                  ["model.vpg should be an object"]),
-    "manifest-value-nonsense": (lambda b: _edit_manifest(b, _set("model", "vpg", "num_query_tokens", value="four")),
-                                ["model.vpg.num_query_tokens should be a positive int"]),
+    "manifest-section-nonsense": (lambda b: _edit_manifest(b, _set("model", "visual", "vpg", value="nonsense")),
+                                  ["model.visual.vpg should be an object"]),
+    "manifest-value-nonsense": (lambda b: _edit_manifest(b, _set("model", "visual", "vpg", "num_query_tokens", value="four")),
+                                ["model.visual.vpg.num_query_tokens should be a positive int"]),
     "manifest-template-nonsense": (lambda b: _edit_manifest(b, _set("template", "vqa", value="no slots")),
                                    ["prompt template 'vqa' must contain {image}"]),
 }
@@ -238,6 +263,8 @@ def test_damaged_bundle_on_every_command(damage, inherited, tiny, tmp_path):
 
 LLM_DAMAGE = {
     "truncated-safetensors": (lambda llm: _truncate(llm / "model.safetensors"), ["model.safetensors", "truncated"]),
+    "shape-disagrees-with-bytes": (lambda llm: _grow_first_shape(llm / "model.safetensors"),
+                                   ["model.safetensors: damaged safetensors header"]),
     "config-not-json": (lambda llm: (llm / "config.json").write_text("{'model_type': 'llama',"),
                         ["config.json: not valid JSON"]),
     "config-not-an-object": (lambda llm: (llm / "config.json").write_text('["llama"]'),
@@ -292,3 +319,25 @@ def test_safetensors_with_trailing_bytes_or_a_bad_header(tmp_path):
         with pytest.raises(VpgtransError) as err:
             safetensors_header(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+F32_PAIR = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}  # two float32: bytes 0..8
+
+
+@pytest.mark.parametrize("header, data, named", [
+    ({"first": {**F32_PAIR, "shape": [3]}}, bytes(8), None),  # 3 float32 need 12 bytes, the range holds 8
+    ({"first": F32_PAIR, "second": {**F32_PAIR, "data_offsets": [4, 12]}}, bytes(12), "second"),  # overlap
+    ({"first": {**F32_PAIR, "dtype": "F99"}}, bytes(8), "F99"),  # no such dtype
+], ids=["shape-disagrees-with-bytes", "overlapping-ranges", "unknown-dtype"])
+def test_safetensors_header_that_contradicts_itself(tmp_path, header, data, named):
+    """Headers that describe exactly the file's size, so only safetensors' own parser can refuse them."""
+    from vpgtrans.errors import VpgtransError
+    from vpgtrans.formats.hf import safetensors_header
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_safetensors_bytes(header, data))
+    with pytest.raises(VpgtransError) as err:
+        safetensors_header(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: damaged safetensors header (") and "\n" not in message, message
+    assert named is None or named in message, message

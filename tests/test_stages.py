@@ -99,8 +99,8 @@ def test_vit_and_llm_stay_frozen_and_unchanged(run_name, request, tiny):
         if name.startswith("vision_model.") and "post_layernorm" not in name:
             assert torch.equal(vision[name[len("vision_model."):]], tensor), name
     train = read_manifest(run["out"])["metrics"]["train"]
-    connector = sum(p.numel() for p in model.connector.parameters())
-    vpg = sum(p.numel() for p in model.vpg.parameters())
+    connector = sum(p.numel() for p in model.visual.connector.parameters())
+    vpg = sum(p.numel() for p in model.visual.vpg.parameters())
     assert train["llm_trainable"] == 0
     assert train["trainable"] == (connector if run_name == "warmed" else connector + vpg)
     assert train["trainable"] + train["frozen"] == sum(p.numel() for p in model.parameters())
@@ -112,11 +112,11 @@ def test_set_trainable_counts(inherited):
     model = load_model(inherited)
     llm = sum(p.numel() for p in model.llm.parameters())
     vision = sum(p.numel() for p in model.vision.parameters())
-    vpg = sum(p.numel() for p in model.vpg.parameters())
-    connector = sum(p.numel() for p in model.connector.parameters())
+    vpg = sum(p.numel() for p in model.visual.vpg.parameters())
+    connector = sum(p.numel() for p in model.visual.connector.parameters())
     assert set_trainable(model, ["connector"]) == {"trainable": connector, "frozen": llm + vision + vpg,
                                                     "llm_trainable": 0}
-    assert not any(p.requires_grad for p in model.vpg.parameters())
+    assert not any(p.requires_grad for p in model.visual.vpg.parameters())
     assert set_trainable(model, ["vpg", "connector"]) == {"trainable": vpg + connector, "frozen": llm + vision,
                                                            "llm_trainable": 0}
 

@@ -2,11 +2,16 @@
 
 A bundle stores only what was trained, as safetensors, plus ``manifest.json``::
 
-    manifest.json          format, toolkit version, stage, config, parent, references, model dims,
-                           template, file hashes, metrics, eval curve, data stats
-    vpg.safetensors        ln_vision.*, query_tokens, qformer.*
-    connector.safetensors  the connector's weights (linear: proj.weight, proj.bias)
+    manifest.json          format, toolkit version, stage, config, parent, references, the model spec
+                           (``vpgtrans.model.spec``), template, file hashes, metrics, eval curve, data stats
+    <part>.safetensors     one file per trainable part of the parts table (``vpgtrans.model.parts``); the
+                           qformer visual kind: vpg.safetensors (ln_vision.*, query_tokens, qformer.*) and
+                           connector.safetensors (proj.weight, proj.bias); an adapter: its weights under
+                           their wrapper's path in the LLM
     converter.safetensors  (inherit only, when fitted) weight (D_t, D_s), bias (D_t,)
+
+Format 2 describes the model as ``model.visual`` + ``model.adapters``; format-1 bundles (``model.vpg`` +
+``model.connector``) still load, as the qformer kind without adapters.
 
 The frozen vision encoder and LLM are referenced by path plus a content fingerprint. Bundles are
 written to a temporary sibling directory, fsync'ed and renamed into place: a reader never sees half a
@@ -31,26 +36,15 @@ from vpgtrans.outputs import commit_out_dir, prepare_out_dir
 log = logging.getLogger(__name__)
 
 FORMAT = "vpgtrans-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VPG_FILE = "vpg.safetensors"
 CONNECTOR_FILE = "connector.safetensors"
 CONVERTER_FILE = "converter.safetensors"
-STAGES = ("inherit", "warmup", "finetune", "scratch")
 REQUIRED_KEYS = ("format", "format_version", "vpgtrans_version", "stage", "model", "references", "template", "files")
 _KEY_TYPES = {"format_version": int, "stage": str, "model": dict, "references": dict, "template": dict, "files": dict}
 
-# What load_model needs from the manifest's model / references sections: key -> type, per part.
-_MODEL_SCHEMA = {
-    "vision": {"config": dict},
-    "vpg": {"kind": str, "qformer_config": dict, "num_query_tokens": int},
-    "connector": {"type": str, "in_dim": int, "out_dim": int},
-    "llm": {"model_type": str, "hidden_size": int, "vocab_size": int, "is_encoder_decoder": bool},
-    "image_processor": {"image_size": int, "image_mean": list, "image_std": list},
-}
 _REFERENCE_SCHEMA = {"vision": {"path": str, "kind": str}, "llm": {"path": str}}
-VPG_KINDS = ("blip2", "instructblip")
-VISION_KINDS = ("hf-blip2", "hf-vision")
 
 _FULL_HASH_LIMIT = 256 * 2**20
 _CHUNK = 2**20
@@ -95,8 +89,8 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
     """Write a complete bundle. ``tensors`` maps file name -> {tensor name: tensor}."""
     from safetensors.torch import save_file
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage}")
+    if not stage.replace("-", "_").isidentifier():
+        raise ValueError(f"a stage name is a plain word (got {stage!r})")
     inputs = [parent] + [ref.get("path") for ref in references.values() if isinstance(ref, dict)]
     tmp = prepare_out_dir(out_dir, force, inputs=inputs)
     try:
@@ -157,32 +151,16 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
-def _section_problems(section: dict, schema: dict, where: str) -> list[str]:
-    problems = []
-    for part, keys in schema.items():
-        value = section.get(part)
-        if not isinstance(value, dict):
-            problems.append(f"{where}.{part} should be an object")
-            continue
-        for key, kind in keys.items():
-            item = value.get(key)
-            wrong_bool = isinstance(item, bool) and kind is not bool
-            if not isinstance(item, kind) or wrong_bool or (kind is int and item < 1) or (kind is str and not item):
-                problems.append(f"{where}.{part}.{key} should be a {'positive ' if kind is int else ''}{kind.__name__}"
-                                f" (is {item!r:.40})")
-    return problems
-
-
 def model_problems(manifest: dict) -> list[str]:
     """What in the manifest's ``model`` / ``references`` / ``template`` sections ``load_model`` could
     not build from (wrong or missing keys, an invalid prompt template); [] when nothing."""
     from vpgtrans.config import PromptTemplate, from_dict
+    from vpgtrans.model.assemble import VISION_KINDS
+    from vpgtrans.model.spec import model_problems as spec_problems, schema_problems, upgrade
 
-    problems = _section_problems(manifest["model"], _MODEL_SCHEMA, "model")
-    problems += _section_problems(manifest["references"], _REFERENCE_SCHEMA, "references")
-    vpg, vision = manifest["model"].get("vpg"), manifest["references"].get("vision")
-    if isinstance(vpg, dict) and isinstance(vpg.get("kind"), str) and vpg["kind"] not in VPG_KINDS:
-        problems.append(f"model.vpg.kind should be one of {', '.join(VPG_KINDS)} (is {vpg['kind']!r:.40})")
+    problems = spec_problems(upgrade(manifest["model"]))
+    problems += schema_problems(manifest["references"], _REFERENCE_SCHEMA, "references")
+    vision = manifest["references"].get("vision")
     if isinstance(vision, dict) and isinstance(vision.get("kind"), str) and vision["kind"] not in VISION_KINDS:
         problems.append(f"references.vision.kind should be one of {', '.join(VISION_KINDS)} (is {vision['kind']!r:.40})")
     try:
@@ -190,6 +168,13 @@ def model_problems(manifest: dict) -> list[str]:
     except VpgtransError as exc:
         problems.append(str(exc))
     return problems
+
+
+def part_files(manifest: dict) -> dict[str, str]:
+    """``{part name: file}`` of the trainable parts the manifest's model has (``model_problems`` first)."""
+    from vpgtrans.model.spec import part_names, upgrade
+
+    return {name: f"{name}.safetensors" for name in part_names(upgrade(manifest["model"]))}
 
 
 def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model: bool = True) -> dict:
@@ -215,7 +200,7 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model
                 safetensors_header(path)
             except VpgtransError as exc:
                 problems.append(str(exc).replace(str(path), file_name, 1))
-    for required in (VPG_FILE, CONNECTOR_FILE):
+    for required in part_files(manifest).values():
         if required not in manifest["files"]:
             problems.append(f"manifest lists no {required}")
     if check_references:
@@ -239,10 +224,11 @@ def load_tensors(bundle_dir: Path, file_name: str) -> dict:
         raise VpgtransError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
 
 
-def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: bool = False, **llm_options):
+def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = False, **llm_options):
     """Assemble the ``VisionLanguageModel`` of a bundle: trained parts from the bundle, frozen
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
-    comes back in eval mode. ``llm_options`` (``quantization="8bit"|"4bit"``,
+    comes back in eval mode, on ``device`` (None: accelerate's device for this process, a GPU where
+    there is one). ``llm_options`` (``quantization="8bit"|"4bit"``,
     ``gradient_checkpointing``, ``device_map="auto"``) go to ``vpgtrans.model.assemble.load_llm``."""
     from vpgtrans.model.assemble import assemble_model
 
@@ -254,10 +240,9 @@ def load_model(bundle_dir, device: str = "cpu", dtype=None, check_fingerprints: 
             ref = manifest["references"][role]
             if ref.get("fingerprint") and fingerprint(Path(ref["path"])) != ref["fingerprint"]:
                 raise VpgtransError(f"{bundle_dir}: referenced {role} at {ref['path']} changed since the bundle was made")
-    vpg_state = load_tensors(bundle_dir, VPG_FILE)
-    connector_state = load_tensors(bundle_dir, CONNECTOR_FILE)
+    states = {name: load_tensors(bundle_dir, file) for name, file in part_files(manifest).items()}
     with reference_errors(manifest):
-        return assemble_model(manifest, vpg_state, connector_state, device=device, dtype=dtype, **llm_options)
+        return assemble_model(manifest, states, device=device, dtype=dtype, **llm_options)
 
 
 def check_references(bundle_dir: Path, manifest: dict) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vpgtrans.io import fsync_path, fsync_tree
 from vpgtrans.errors import VpgtransError
 
 CHECKPOINTS = "checkpoints"
@@ -52,14 +53,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimizer_state: dict, state: dict,
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically; drop all but the newest ``keep``. Returns its path."""
@@ -78,13 +71,11 @@ def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimize
                       metadata={"format": "pt", "vpgtrans_checkpoint_step": str(step)})
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}) + "\n")
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a re-run of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -118,7 +118,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
-            connector: Annotated[str, typer.Option(help="Connector type.")] = "linear",
+            connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
+                                                        "projector).")] = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             force: Force = False, verbose: Verbose = False):
     """Inherit the source VPG and initialise the projector through the word converter."""
@@ -155,31 +156,26 @@ def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
         require_trusted_code(model_dir, trust_remote_code)
 
 
-def _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                 report_to):
+def _run_options(**options):
     from vpgtrans.training import RunOptions
 
-    return RunOptions(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
-                      load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                      gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+    return RunOptions(**options)
 
 
-def _train_command(kind: str, bundle: Path, data: Path, out: Path, lr, max_steps, max_samples, epochs, batch_size,
-                   grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose, options, strict=False):
+def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, options, *, eval_data: Path | None,
+                   strict: bool, force: bool, verbose: bool):
+    """Run one training stage (``kind``: warmup / finetune / scratch) from a config and run options."""
     quiet_libraries()
     setup_logging(verbose)
     from vpgtrans.outputs import check_out_dir
     from vpgtrans.stages import train
 
     # Before any compute: --out must not be an input, hold one, or be a directory vpgtrans did not write.
-    check_out_dir(out, force or options[1], inputs=[bundle, data, eval_data])
+    check_out_dir(out, force or options.resume, inputs=[bundle, data, eval_data])
     data, eval_data = _data(data, strict), _data(eval_data, strict)
-
-    config = _train_config("warmup" if kind == "warmup" else "finetune", lr, max_steps, max_samples, epochs,
-                           batch_size, grad_accum, seed, eval_every, max_text_len)
     run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
     path = until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
-                          progress=progress_bar(kind, batch_size), options=_run_options(*options))
+                          progress=progress_bar(kind, config.batch_size), options=options)
     if not is_main_process():
         return
     metrics = json.loads((path / "manifest.json").read_text())["metrics"]
@@ -200,10 +196,13 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
                      force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
-    _train_command("warmup", bundle, data, out, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed,
-                   eval_data, eval_every, max_text_len, force, verbose,
-                   (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                    report_to), strict)
+    config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
+                           max_text_len)
+    options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
+                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+    _train_command("warmup", bundle, data, out, config, options, eval_data=eval_data, strict=strict, force=force,
+                   verbose=verbose)
 
 
 @command()
@@ -219,10 +218,13 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
              force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
-    _train_command("scratch" if from_scratch else "finetune", bundle, data, out, lr, max_steps, max_samples, epochs,
-                   batch_size, grad_accum, seed, eval_data, eval_every, max_text_len, force, verbose,
-                   (save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                    report_to), strict)
+    config = _train_config("finetune", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
+                           max_text_len)
+    options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
+                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+    _train_command("scratch" if from_scratch else "finetune", bundle, data, out, config, options, eval_data=eval_data,
+                   strict=strict, force=force, verbose=verbose)
 
 
 @command()
@@ -235,6 +237,11 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
              converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
+             ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
+             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
+                                                         "projector).")] = "linear",
+             recipe: Annotated[Optional[str], typer.Option(help="Stages to run after inherit (default: the "
+                                                                "connector's; vpgtrans: warm-up -> fine-tune).")] = None,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Run the train-from-scratch baseline.")] = False,
              skip_warmup: Annotated[bool, typer.Option("--skip-warmup", help="Ablation: no projector warm-up.")] = False,
              max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
@@ -264,8 +271,9 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
                                     grad_accum, seed, eval_every, max_text_len)
-    options = _run_options(save_every, resume, skip_nonfinite, dtype, load_in_8bit, load_in_4bit, gradient_checkpointing,
-                           report_to)
+    options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
+                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     from vpgtrans.outputs import check_out_dir
 
     check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, eval_data, vision, source_llm,
@@ -273,7 +281,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     _check_remote_code(target_llm, trust_remote_code)
     data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
-                             finetune_config=finetune_config, inherit_config=InheritConfig(converter=converter),
+                             finetune_config=finetune_config, recipe=recipe,
+                             inherit_config=InheritConfig(converter=converter, ridge=ridge, connector=connector),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
                              progress=progress_bar("train", batch_size), options=options)
@@ -307,8 +316,10 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     quiet_libraries()
     from vpgtrans.evaluate import evaluate
 
-    if task is not None and task not in ("caption", "vqa", "grounding"):
-        raise VpgtransError(f"--task must be caption, vqa or grounding (got {task!r})")
+    from vpgtrans.data import TASKS
+
+    if task is not None and task not in TASKS:
+        raise VpgtransError(f"--task must be one of {', '.join(TASKS)} (got {task!r})")
     if load_in_8bit and load_in_4bit:
         raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
@@ -326,13 +337,14 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
 @command()
 def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            out: Annotated[Path, typer.Option(help="Output directory (hf) or .pth file (lavis).")],
-           format: Annotated[str, typer.Option("--format", help="hf or lavis.")] = "hf", force: Force = False):
-    """Write a standalone HF BLIP-2 directory (with processor) or a LAVIS .pth."""
+           format: Annotated[str, typer.Option("--format", help="hf, lavis or adapter.")] = "hf", force: Force = False):
+    """Write a standalone HF BLIP-2 directory (with processor), a LAVIS .pth, or the trained parts alone
+    (adapter: loads with vpgtrans.load_model, for any connector)."""
     quiet_libraries()
     from vpgtrans.export import export_bundle
 
-    if format not in ("hf", "lavis"):
-        raise VpgtransError(f"--format must be hf or lavis (got {format!r})")
+    if format not in ("hf", "lavis", "adapter"):
+        raise VpgtransError(f"--format must be hf, lavis or adapter (got {format!r})")
     path = export_bundle(bundle, out, format=format, force=force)
     typer.echo(f"{format} export written to {path}")
 

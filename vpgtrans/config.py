@@ -24,13 +24,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise VpgtransError(f"{what}: unknown keys {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        sub = _NESTED.get((cls.__name__, f.name))
-        kwargs[f.name] = _from_dict(sub, value, f"{what}.{f.name}") if sub and isinstance(value, dict) else value
+    kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -112,24 +106,29 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 (got {value})")
         if not self.epochs > 0:
             problems.append(f"epochs must be > 0 (got {self.epochs})")
-        unknown = sorted(set(self.trainable) - TRAINABLE_PARTS)
-        if unknown or not self.trainable:
-            problems.append(f"trainable parts must be a non-empty subset of {sorted(TRAINABLE_PARTS)} (got {self.trainable})")
+        if (not isinstance(self.trainable, list) or not self.trainable
+                or not all(isinstance(name, str) and name for name in self.trainable)):
+            # Which names exist is the model's business (its parts table); the stage checks them.
+            problems.append(f"trainable parts must be a non-empty list of part names (got {self.trainable!r})")
+        elif {"vision", "llm"} & set(self.trainable):
+            problems.append(f"trainable parts cannot include the frozen base models (got {self.trainable}); the LLM "
+                            "trains only through adapters")
         if problems:
             raise VpgtransError("training config: " + "; ".join(problems))
 
     @classmethod
     def warmup(cls, **overrides) -> "TrainConfig":
         """Stage 1 (VPGTrans): projector only, 5x BLIP-2's lr, constant, one epoch."""
-        return cls(**{"lr": 5e-4, "min_lr": None, "trainable": ["connector"], **overrides})
+        from vpgtrans.recipes import stage
+
+        return stage("vpgtrans", "warmup").config(**overrides)
 
     @classmethod
     def finetune(cls, **overrides) -> "TrainConfig":
         """Stage 2 (VPGTrans) and train-from-scratch: VPG + projector, lr 1e-4 cosine to 5e-5."""
-        return cls(**{"lr": 1e-4, "min_lr": 5e-5, "trainable": ["vpg", "connector"], **overrides})
+        from vpgtrans.recipes import stage
 
-
-TRAINABLE_PARTS = {"vpg", "connector"}
+        return stage("vpgtrans", "finetune").config(**overrides)
 
 
 @dataclass
@@ -153,9 +152,6 @@ class InheritConfig:
             problems.append(f"ridge must be >= 0 (got {self.ridge})")
         if problems:
             raise VpgtransError("; ".join(problems))
-
-
-_NESTED: dict[tuple[str, str], type] = {}
 
 
 def to_dict(config) -> dict[str, Any]:

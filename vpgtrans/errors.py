@@ -9,8 +9,3 @@ into that line on stderr and exit code 2, with no traceback.
 class VpgtransError(Exception):
     """A problem with the user's input, reported as one line (CLI exit code 2)."""
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``VpgtransError(message)`` unless ``condition`` holds."""
-    if not condition:
-        raise VpgtransError(message)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.data import LoadStats, load_rows
+from vpgtrans.data import TASKS, LoadStats, load_rows
 
 from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.prompting import clean_generation, stop_token_ids
-
-TASKS = ("caption", "vqa", "grounding")
 
 
 def score(task: str, predictions: list[str], references: list) -> dict:
@@ -47,9 +45,9 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
-    collate = Collator(model.tokenizer, model.template, task, model.num_query_tokens, model.image_processor,
+    collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
                        model.is_encoder_decoder, mode="generate", stats=stats)
-    device = next(model.connector.parameters()).device
+    device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
     predictions, references = [], []
@@ -74,7 +72,7 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
-             out: Path | None = None, device: str = "cpu", strict: bool | None = None, force: bool = False,
+             out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
              dtype: str | None = None, quantization: str | None = None, device_map=None) -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
@@ -83,12 +81,14 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     from vpgtrans.bundle import load_model
     from vpgtrans.outputs import check_out_dir
 
-    torch_dtype = _torch_dtype(dtype)
+    from vpgtrans.training import torch_dtype
+
+    frozen_dtype = torch_dtype(dtype)
     if out is not None:
         check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
     dataset, found_task, stats = load_rows(data, task, strict=strict)
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
-    model = load_model(bundle_dir, device=device, dtype=torch_dtype, **llm_options)
+    model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
@@ -99,9 +99,3 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
     return report
 
-
-def _torch_dtype(dtype: str | None):
-    dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise VpgtransError(f"--dtype must be bf16, fp16 or fp32 (got {dtype!r})")
-    return dtypes[dtype]

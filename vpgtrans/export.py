@@ -9,6 +9,10 @@
            ``Blip2Processor`` then gives exactly the template's ids; any difference is a warning.
 ``lavis``  a LAVIS-style ``.pth`` (``{"model", "config", "iters": 0}``) holding what LAVIS checkpoints
            hold: the VPG and the projector, in LAVIS names.
+``adapter`` the trained parts and the manifest (a bundle ``vpgtrans.load_model`` loads), plus
+           ``adapter_config.json`` naming the base models and a README with the loading snippet: for any
+           composition; ``hf`` and ``lavis`` only where the mapping is exact (the qformer visual kind with
+           a linear projector and no adapters inside the LLM).
 
 Both write a temporary sibling, fsync it and rename it into place, so a reader never sees half an
 export; ``--force`` replaces only a previous vpgtrans output at that path (``vpgtrans.outputs``), and
@@ -40,41 +44,37 @@ SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor 
 
 
 def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False) -> Path:
-    """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf``, a ``.pth`` file for
-    ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written."""
+    """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf`` and ``adapter``, a ``.pth``
+    file for ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written."""
+    from vpgtrans.model.spec import upgrade
+
     if format not in EXPORTERS:
         raise VpgtransError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORTERS)}")
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
-    # The LAVIS file holds only the trained parts: it needs no ViT or LLM on this machine.
+    # The LAVIS file and the adapter export hold only the trained parts: they need no ViT or LLM here.
     manifest = validate_bundle(bundle_dir, check_references=format == "hf")
-    connector = manifest["model"]["connector"]["type"]
-    if connector != "linear":
-        raise VpgtransError(f"{bundle_dir}: only a linear connector maps onto BLIP-2's language_projection "
-                            f"(this bundle has {connector!r}); it cannot be exported as {format}")
-    return EXPORTERS[format](bundle_dir, manifest, out_dir, force)
+    model = upgrade(manifest["model"])
+    if format in ("hf", "lavis"):
+        visual, adapters = model["visual"], model.get("adapters", [])
+        why = (f"its visual kind is {visual['type']!r}, not BLIP-2's Q-Former" if visual["type"] != "qformer" else
+               f"its projector is {visual['connector']['type']!r}, not BLIP-2's linear language_projection"
+               if visual["connector"]["type"] != "linear" else
+               f"it has adapters inside the LLM ({', '.join(a['type'] for a in adapters)}), which BLIP-2 has no "
+               "place for" if adapters else None)
+        if why:
+            raise VpgtransError(f"{bundle_dir}: cannot be exported as {format}: {why}; use --format adapter "
+                                "(loads with vpgtrans.load_model)")
+    return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
 
 
 def _trained_parts(bundle_dir: Path) -> dict:
     """The bundle's VPG and projector in HF BLIP-2 names (``vision_model.post_layernorm`` = ln_vision)."""
-    vpg = load_tensors(bundle_dir, VPG_FILE)
-    connector = load_tensors(bundle_dir, CONNECTOR_FILE)
-    state, unexpected = {}, []
-    for name, tensor in vpg.items():
-        if name.startswith("ln_vision."):
-            state["vision_model.post_layernorm." + name[len("ln_vision."):]] = tensor
-        elif name == "query_tokens" or name.startswith("qformer."):
-            state[name] = tensor
-        else:
-            unexpected.append(name)
-    for name, tensor in connector.items():
-        if name in ("proj.weight", "proj.bias"):
-            state["language_projection." + name[len("proj."):]] = tensor
-        else:
-            unexpected.append(name)
-    if unexpected:
-        raise VpgtransError(f"{bundle_dir}: unexpected tensors in the VPG / connector: "
-                            f"{', '.join(sorted(unexpected)[:10])}")
-    return state
+    from vpgtrans.naming import parts_to_hf
+
+    try:
+        return parts_to_hf({"vpg": load_tensors(bundle_dir, VPG_FILE), "connector": load_tensors(bundle_dir, CONNECTOR_FILE)})
+    except VpgtransError as exc:
+        raise VpgtransError(f"{bundle_dir}: {exc}") from None
 
 
 def _export_info(bundle_dir: Path, manifest: dict, format: str, **extra) -> dict:
@@ -97,7 +97,7 @@ def lavis_projection_prefix(manifest: dict) -> str:
     model_type = manifest["model"]["llm"]["model_type"]
     if model_type == "t5":
         return "t5_proj"  # blip2_t5, blip2_t5_instruct
-    if manifest["model"]["vpg"]["kind"] == "instructblip":
+    if manifest["model"]["visual"]["vpg"]["kind"] == "instructblip":
         return "llm_proj"  # blip2_vicuna_instruct
     return {"opt": "opt_proj", "llama": "llama_proj"}.get(model_type, "llm_proj")
 
@@ -114,7 +114,7 @@ def export_lavis(bundle_dir: Path, manifest: dict, out_path: Path, force: bool) 
     state = hf_to_lavis(_trained_parts(bundle_dir), projection_prefix=prefix)
     model = manifest["model"]
     config = _export_info(bundle_dir, manifest, "lavis", model=model, projection_prefix=prefix,
-                          num_query_tokens=model["vpg"]["num_query_tokens"])
+                          num_query_tokens=model["visual"]["vpg"]["num_query_tokens"])
     config = json.loads(json.dumps(config))  # JSON-safe: plain dicts, lists, strings and numbers only
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_pth(state, out_path, config=config)
@@ -159,14 +159,9 @@ def _grow_embeddings(llm, num_rows: int) -> None:
 
 def _load_strict(model, state: dict) -> None:
     """Put ``state`` into a (meta-device) model, naming every missing, unexpected and mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in set(own) & set(state)
-                    if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        raise VpgtransError(f"the composed BLIP-2 weights do not fit the BLIP-2 model (missing: {missing[:5]}, "
-                            f"unexpected: {unexpected[:5]}, shape mismatches: {shapes[:5]})")
+    from vpgtrans.model.parts import check_state
+
+    check_state(model.state_dict(), state, "the composed BLIP-2 weights")
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -243,7 +238,7 @@ def _generation_config(llm, tokenizer, template: PromptTemplate, image_token_id:
 
 def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> Path:
     info, refs = manifest["model"], manifest["references"]
-    if info["vpg"]["kind"] == "instructblip":
+    if info["visual"]["vpg"]["kind"] == "instructblip":
         raise VpgtransError(f"{bundle_dir}: HF export of InstructBLIP VPGs is not supported yet (HF InstructBLIP "
                             "feeds the instruction to the Q-Former through a BERT tokenizer, which this bundle "
                             "does not use); export with --format lavis")
@@ -266,20 +261,21 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
 
     from vpgtrans.images import build_image_processor
     from vpgtrans.model.assemble import load_llm, load_vision_state
+    from vpgtrans.naming import LLM_PREFIX, VISION_PREFIX
     from vpgtrans.prompting import prompt_ids
 
     info, refs = manifest["model"], manifest["references"]
     is_encoder_decoder = bool(info["llm"]["is_encoder_decoder"])
-    num_query_tokens = int(info["vpg"]["num_query_tokens"])
+    num_query_tokens = int(info["visual"]["vpg"]["num_query_tokens"])
 
     # Weights: trained VPG + projector from the bundle, frozen ViT and LLM from their references.
     state = _trained_parts(bundle_dir)
-    state.update({"vision_model." + k: v for k, v in load_vision_state(refs["vision"]).items()})
+    state.update({VISION_PREFIX + k: v for k, v in load_vision_state(refs["vision"]).items()})
     llm, tokenizer = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
     image_token, image_token_id = _add_image_token(tokenizer)
     if image_token_id >= llm.get_input_embeddings().weight.shape[0]:
         _grow_embeddings(llm, image_token_id + 1)
-    state.update({"language_model." + k: v for k, v in llm.state_dict().items()})
+    state.update({LLM_PREFIX + k: v for k, v in llm.state_dict().items()})
     # Every part keeps the precision it is stored in (a bf16 LLM stays bf16 on disk). transformers records
     # the dtype of the first parameter, the fp32 query_tokens, so from_pretrained loads in fp32 unless
     # given dtype=..., as for any HF BLIP-2.
@@ -290,7 +286,7 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     # text_config, not from generation_config.json: the stop token has to be there too.
     text_config["eos_token_id"] = generation_config.eos_token_id
     try:
-        config = Blip2Config(vision_config=info["vision"]["config"], qformer_config=info["vpg"]["qformer_config"],
+        config = Blip2Config(vision_config=info["vision"]["config"], qformer_config=info["visual"]["vpg"]["qformer_config"],
                              text_config=text_config, num_query_tokens=num_query_tokens,
                              image_token_index=image_token_id)
     except (KeyError, ValueError, TypeError) as exc:
@@ -327,7 +323,7 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
         AutoProcessor.from_pretrained(tmp),
         lambda task, q: prompt_ids(tokenizer, template, task, num_query_tokens, q, is_encoder_decoder),
         prompts, image_token_id)
-    ln_eps, vit_eps = info["vpg"].get("ln_eps", 1e-6), info["vision"]["config"].get("layer_norm_eps", 1e-6)
+    ln_eps, vit_eps = info["visual"]["vpg"].get("ln_eps", 1e-6), info["vision"]["config"].get("layer_norm_eps", 1e-6)
     if ln_eps != vit_eps:
         warnings.append(f"the VPG's ln_vision uses eps {ln_eps}, HF BLIP-2's post_layernorm the vision config's "
                         f"{vit_eps} (as in transformers' own LAVIS conversion); outputs differ very slightly")
@@ -339,4 +335,55 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     (tmp / EXPORT_INFO).write_text(json.dumps(export_info, indent=2) + "\n")
 
 
-EXPORTERS = {"hf": export_hf, "lavis": export_lavis}
+# --------------------------------------------------------------------------------------------- adapter
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> Path:
+    """The trained parts only, as peft exports an adapter: the bundle's part files and manifest (so the
+    directory is itself a bundle ``vpgtrans.load_model`` loads), ``adapter_config.json`` naming the base
+    models (path and fingerprint) and the parts, and a README with the loading snippet."""
+    from vpgtrans.bundle import part_files
+
+    tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir])
+    try:
+        for file_name in [*manifest["files"], MANIFEST]:
+            shutil.copy2(bundle_dir / file_name, tmp / file_name)
+        refs, model = manifest["references"], manifest["model"]
+        config = _export_info(bundle_dir, manifest, "adapter",
+                              base_models={role: {k: refs[role].get(k) for k in ("path", "kind", "fingerprint")
+                                                  if refs[role].get(k) is not None} for role in ("vision", "llm")},
+                              visual=model["visual"]["type"], adapters=model.get("adapters", []),
+                              parts=part_files(manifest))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(_adapter_readme(manifest, config))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s (adapter: %s)", bundle_dir, out_dir, ", ".join(config["parts"].values()))
+    return commit_out_dir(tmp, out_dir)
+
+
+def _adapter_readme(manifest: dict, config: dict) -> str:
+    bases = "\n".join(f"- {role}: `{base['path']}` ({base.get('fingerprint', 'no fingerprint')})"
+                      for role, base in config["base_models"].items())
+    return f"""# vpgtrans adapter export
+
+Trained parts ({', '.join(config['parts'].values())}) of a `{manifest['stage']}` bundle: visual kind
+`{config['visual']}`, adapters {[a['type'] for a in config['adapters']] or 'none'}. The frozen base models
+are not included; they are read from:
+
+{bases}
+
+```python
+import vpgtrans
+
+model = vpgtrans.load_model("path/to/this/directory")  # VisionLanguageModel: forward / generate
+```
+
+`vpgtrans eval`, `vpgtrans export` and the training commands take this directory as a bundle.
+"""
+
+
+EXPORTERS = {"hf": export_hf, "lavis": export_lavis, "adapter": export_adapter}

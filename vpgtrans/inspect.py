@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest, validate_bundle
+from vpgtrans.model.spec import part_names, upgrade
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats.detect import detect_format
 from vpgtrans.formats.hf import custom_code, read_config, safetensors_header, tensor_shapes
@@ -282,11 +283,14 @@ def _inspect_bundle(path: Path) -> dict:
         valid = str(exc)
     except (KeyError, TypeError, AttributeError) as exc:  # a manifest with the right keys but wrong contents
         valid = f"{path}: invalid bundle: malformed manifest ({type(exc).__name__}: {exc})"
-    model = _obj(manifest.get("model"))
+    model = upgrade(_obj(manifest.get("model")))  # a format-1 manifest reads as the qformer kind
     vision_config = SimpleNamespace(**_obj(_obj(model.get("vision")).get("config")))
-    vpg_section = _obj(model.get("vpg"))
+    visual = _obj(model.get("visual"))
+    vpg_section = _obj(visual.get("vpg"))
     qformer_config = SimpleNamespace(**_obj(vpg_section.get("qformer_config")))
-    connector, llm = _obj(model.get("connector")), _obj(model.get("llm"))
+    connector, llm = _obj(visual.get("connector")), _obj(model.get("llm"))
+    adapters = model.get("adapters") if isinstance(model.get("adapters"), list) else []
+    part_file_names = [f"{name}.safetensors" for name in part_names(model)]
     files = {name: _file_params(path / name) if Path(name).name == name else {"error": "not a plain file name"}
              for name in _obj(manifest.get("files"))}
     references = {role: {**ref, "exists": isinstance(ref.get("path"), str) and bool(ref["path"])
@@ -301,6 +305,8 @@ def _inspect_bundle(path: Path) -> dict:
             "path": parent.get("path"),
             "exists": isinstance(parent.get("path"), str) and bool(parent["path"]) and Path(parent["path"]).exists()},
         "valid": valid,
+        "visual": visual.get("type"),
+        "adapters": [entry for entry in adapters if isinstance(entry, dict)],
         "vpg": {
             "kind": vpg_section.get("kind"),
             "vision": {"width": _field(vision_config, "hidden_size"), "layers": _field(vision_config, "num_hidden_layers"),
@@ -317,9 +323,10 @@ def _inspect_bundle(path: Path) -> dict:
         "llm": {k: llm.get(k) for k in ("model_type", "hidden_size", "vocab_size", "is_encoder_decoder")},
         "references": references,
         "files": files,
-        # Unknown (None) when either trained file is missing or unreadable.
-        "trainable_params": None if any(files.get(f, {}).get("params") is None for f in (VPG_FILE, CONNECTOR_FILE))
-        else files[VPG_FILE]["params"] + files[CONNECTOR_FILE]["params"],
+        # Unknown (None) when a trained part's file is missing or unreadable.
+        "trainable_params": None if not part_file_names or any(files.get(f, {}).get("params") is None
+                                                                for f in part_file_names)
+        else sum(files[f]["params"] for f in part_file_names),
         "metrics": _obj(manifest.get("metrics")),
         "curve_length": len(manifest["curve"]) if isinstance(manifest.get("curve"), list) else None,
     }

@@ -107,7 +107,7 @@ def check_out_dir(out: str | os.PathLike, force: bool, inputs=(), is_file: bool 
     if not out.exists():
         return out
     if not force:
-        raise VpgtransError(f"{out}: already exists; choose a new --out or pass --force to replace it")
+        raise exists_error(out)
     if is_file:
         if not out.is_file():
             raise VpgtransError(f"{out}: exists and is not a file; --force replaces only a file here")
@@ -164,3 +164,10 @@ def commit_out_dir(tmp: Path, out_dir: Path) -> Path:
         os.replace(tmp, out_dir)
     fsync_path(_absolute(out_dir).parent)
     return out_dir
+
+
+def exists_error(out: Path, resumable: bool = False) -> VpgtransError:
+    """The one-line refusal of an existing output (``resumable``: a training output ``--resume`` continues)."""
+    how = ("choose a new --out, pass --resume to continue it, or --force to replace it" if resumable
+           else "choose a new --out or pass --force to replace it")
+    return VpgtransError(f"{out}: already exists; {how}")

@@ -40,18 +40,16 @@ class SourceVPG:
 
 
 def _split_hf_state(state: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """HF BLIP-2 names -> (VPG state, projector W, projector b)."""
-    vpg = {}
-    for name, tensor in state.items():
-        if name == "query_tokens" or name.startswith("qformer."):
-            vpg[name] = tensor
-        elif name.startswith("vision_model.post_layernorm."):
-            vpg["ln_vision." + name.rsplit(".", 1)[1]] = tensor
+    """HF BLIP-2 names -> (VPG state, projector W, projector b), through the one naming table."""
+    from vpgtrans.naming import hf_to_parts
+
+    parts, _other = hf_to_parts(state)  # (the source's ViT and LLM are not inherited)
+    vpg, projector = parts["vpg"], parts["connector"]
     missing = [k for k in ("query_tokens", "ln_vision.weight", "ln_vision.bias") if k not in vpg]
-    if missing or "language_projection.weight" not in state:
-        missing += [] if "language_projection.weight" in state else ["language_projection.weight"]
+    missing += [f"language_projection.{k}" for k in ("weight", "bias") if f"proj.{k}" not in projector]
+    if missing:
         raise VpgtransError(f"source has no complete VPG: missing {', '.join(missing)}")
-    return vpg, state["language_projection.weight"], state["language_projection.bias"]
+    return vpg, projector["proj.weight"], projector["proj.bias"]
 
 
 def _vision_ref(vision: Path | None, fallback: Path | None) -> tuple[dict, dict, dict | None]:

@@ -19,21 +19,51 @@ from vpgtrans.prompting import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def set_trainable(model, parts: list[str]) -> dict[str, int]:
-    """Freeze everything, then unfreeze the named parts (``vpg``, ``connector``); return counts.
+def set_trainable(model, names: list[str]) -> dict[str, int]:
+    """Freeze everything, then unfreeze the parts ``names`` names (``vpg``, ``connector``, an adapter's
+    name: the model's parts table); return counts.
 
-    The vision encoder and the LLM are never trainable in these stages.
-    """
+    No base weight is ever trainable: the vision encoder and the LLM's own weights stay frozen; inside
+    the LLM only the adapter parts' weights train (checked here, not assumed)."""
+    parts = trained_parts(model, names)
     model.requires_grad_(False)
+    trainable = {id(param) for part in parts for param in part.parameters(model)}
     for part in parts:
-        getattr(model, part).requires_grad_(True)
+        for param in part.parameters(model):
+            param.requires_grad_(True)
     counts = {"trainable": 0, "frozen": 0}
     for param in model.parameters():
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
-    counts["llm_trainable"] = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
-    log.info("trainable parameters: %s (%s); frozen: %s", f"{counts['trainable']:,}", "+".join(parts),
-             f"{counts['frozen']:,}")
+    adapters = sum(param.numel() for part in parts if part.in_llm for param in part.parameters(model))
+    counts["llm_trainable"] = adapters  # the adapters' weights inside the LLM; its base weights: none
+    base = sum(p.numel() for p in [*model.vision.parameters(), *model.llm.parameters()]
+               if p.requires_grad and id(p) not in trainable)
+    if base:
+        raise AssertionError(f"{base} base weights of the vision encoder / LLM would train")
+    log.info("trainable parameters: %s (%s); frozen: %s", f"{counts['trainable']:,}",
+             "+".join(part.name for part in parts), f"{counts['frozen']:,}")
     return counts
+
+
+def trained_parts(model, names: list[str]) -> list:
+    """The parts ``names`` names, from the model's parts table (unknown names: one line)."""
+    known = [part.name for part in model.parts]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise VpgtransError(f"trainable parts {', '.join(map(repr, unknown))} are not parts of this model "
+                            f"(it has {', '.join(known)})")
+    return [part for part in model.parts if part.name in names]
+
+
+def train_mode(model, core, trained: list) -> None:
+    """Train mode for the trained parts only: frozen parts (ViT, LLM, and the VPG during the warm-up)
+    keep dropout off, as BLIP-2 does for its frozen ViT and VPGTrans for its frozen Q-Former.
+    ``model`` is what runs the step (a DDP / FSDP wrapper, or ``core`` itself)."""
+    model.train()
+    core.eval()
+    for part in trained:
+        for module in part.modules(core).values():
+            module.train()
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -92,6 +122,14 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 # --- run options (how a stage runs, not what it computes) -----------------------------------------
 
 DTYPES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str | None):
+    """``--dtype`` (or accelerate's mixed-precision name) -> the frozen weights' torch dtype; None: fp32."""
+    dtypes = {None: None, "no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise VpgtransError(f"--dtype must be one of {', '.join(DTYPES)} (got {name!r})")
+    return dtypes[name]
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 

@@ -5,39 +5,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vpgtrans.errors import VpgtransError
 
-VISION_PREFIXES = {"hf-blip2": "vision_model.", "hf-vision": ""}
+VISION_KINDS = ("hf-blip2", "hf-vision")  # a BLIP-2 directory (ViT under vision_model.), a vision model's own
 
 
 def load_vision_state(ref: dict) -> dict:
     """The frozen ViT's weights (HF ``Blip2VisionModel`` names, without ``post_layernorm``)."""
     from vpgtrans.formats.hf import read_tensors
+    from vpgtrans.naming import VISION_PREFIX, vision_state
 
     path, kind = Path(ref["path"]), ref["kind"]
-    if kind not in VISION_PREFIXES:
+    if kind not in VISION_KINDS:
         raise VpgtransError(f"unknown vision reference kind {kind!r}")
-    state = read_tensors(path, prefix=VISION_PREFIXES[kind] or None)
-    if kind == "hf-vision" and any(k.startswith("vision_model.") for k in state):
-        state = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
-    return {k: v for k, v in state.items() if not k.startswith("post_layernorm.")}
+    prefixed = kind == "hf-blip2"
+    return vision_state(read_tensors(path, prefix=VISION_PREFIX if prefixed else None, strip_prefix=False), prefixed)
 
 
 def load_vision_encoder(ref: dict, vision_config: dict):
     from vpgtrans.model.vlm import build_vision_encoder
 
-    vision = build_vision_encoder(vision_config)
+    from vpgtrans.model.parts import check_state
+
+    vision = build_vision_encoder(vision_config)  # post_layernorm is an Identity: no weights
     state = load_vision_state(ref)
-    result = vision.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("post_layernorm")]
-    if missing or result.unexpected_keys:
-        raise VpgtransError(f"{ref['path']}: vision weights do not fit the vision config "
-                            f"(missing: {missing[:5]}, unexpected: {result.unexpected_keys[:5]})")
+    check_state(vision.state_dict(), state, f"{ref['path']}: the vision encoder")
+    vision.load_state_dict(state, strict=True)
     return vision
 
 
-def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu", quantization: str | None = None,
+def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device=None, quantization: str | None = None,
              gradient_checkpointing: bool = False, device_map=None):
     """The frozen LLM and its tokenizer. ``trust_remote_code`` only when the user asked for it.
 
@@ -47,6 +46,7 @@ def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device: str = "cpu
     available ones through accelerate's big-model loading (inference and eval; ``device`` is ignored)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    device = default_device() if device is None else device
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
     remote = bool(ref.get("trust_remote_code", False))
     kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": remote}
@@ -105,54 +105,91 @@ def checkpoint_layers(llm) -> int:
     return len(blocks)
 
 
-def build_trainable_parts(model_info: dict):
-    """Fresh (zero-initialised) VPG and connector from the manifest's ``model`` section."""
-    from vpgtrans.model.connectors import build_connector
-    from vpgtrans.model.vpg import VisualPromptGenerator
+def default_device():
+    """Where a model goes when the caller names no device: accelerate's device for this process (the
+    process's GPU under a launcher, the GPU on a one-GPU machine, else the CPU)."""
+    from accelerate import PartialState
 
-    vpg_info = model_info["vpg"]
-    vpg = VisualPromptGenerator(vpg_info["kind"], vpg_info["qformer_config"], vpg_info["num_query_tokens"],
-                                model_info["vision"]["config"]["hidden_size"], vpg_info.get("ln_eps", 1e-6))
-    conn = model_info["connector"]
-    connector = build_connector(conn["type"], conn["in_dim"], conn["out_dim"])
-    return vpg, connector
+    return PartialState().device
 
 
-def load_strict(module, state: dict, what: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected and mis-shaped tensor."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in set(own) & set(state)
-              if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise VpgtransError(f"{what}: weights do not fit (missing: {missing[:5]}, unexpected: {unexpected[:5]}, "
-                            f"shape mismatches: {shapes[:5]})")
-    module.load_state_dict(state, strict=True)
+def build_visual(spec, states: dict[str, dict] | None = None):
+    """The spec's visual kind, its parts loaded strictly from ``states`` when given (before any LLM is
+    read: a bundle that does not fit fails in a second, not after loading 14 GB)."""
+    from vpgtrans.model.parts import check_state
+    from vpgtrans.model.visual import visual_kind
+
+    visual = visual_kind(spec.visual_type)(spec.visual, spec.vision["config"], spec.llm_width)
+    for name in visual.parts if states is not None else ():
+        module = getattr(visual, name)
+        check_state(module.state_dict(), states.get(name, {}), f"{name}.safetensors")
+        module.load_state_dict(states[name], strict=True)
+    return visual
 
 
-def assemble_model(manifest: dict, vpg_state: dict, connector_state: dict, device: str = "cpu", dtype=None,
-                   **llm_options):
-    """``llm_options`` (``quantization``, ``gradient_checkpointing``, ``device_map``) go to ``load_llm``."""
-    from vpgtrans.config import PromptTemplate, from_dict
-    from vpgtrans.images import build_image_processor
+def build_model(spec, vision, visual, llm, tokenizer=None, template=None, image_processor=None):
+    """Compose a ``VisionLanguageModel``: the spec's adapters are wrapped into ``llm`` (at their initial
+    value), the parts table is the visual kind's parts then one per adapter."""
+    from vpgtrans.model.adapters import TokenContext, insert_adapters
     from vpgtrans.model.vlm import VisionLanguageModel
 
-    info, refs = manifest["model"], manifest["references"]
-    vision = load_vision_encoder(refs["vision"], info["vision"]["config"])
-    vpg, connector = build_trainable_parts(info)
-    load_strict(vpg, vpg_state, "vpg.safetensors")
-    load_strict(connector, connector_state, "connector.safetensors")
-    llm, tokenizer = load_llm(refs["llm"], info["llm"]["is_encoder_decoder"], dtype=dtype, device=device,
+    context = TokenContext()
+    adapter_parts = insert_adapters(llm, spec.adapters, context)
+    clash = sorted({p.name for p in adapter_parts} & set(visual.parts))
+    if clash:
+        raise VpgtransError(f"adapter {clash[0]!r} has the name of a part of the {spec.visual_type} visual kind")
+    return VisionLanguageModel(vision, visual, llm, tokenizer=tokenizer, template=template,
+                               image_processor=image_processor, adapter_parts=adapter_parts, token_context=context)
+
+
+def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=None, **llm_options):
+    """The model of a manifest with the trained parts' ``states``; ``llm_options`` (``quantization``,
+    ``gradient_checkpointing``, ``device_map``) go to ``load_llm``. ``device`` None: ``default_device()``."""
+    from vpgtrans.config import PromptTemplate, from_dict
+    from vpgtrans.images import build_image_processor
+    from vpgtrans.model.spec import ModelSpec
+
+    spec, refs = ModelSpec.from_manifest(manifest["model"]), manifest["references"]
+    device = default_device() if device is None else device
+    expected = sorted(states)
+    vision = load_vision_encoder(refs["vision"], spec.vision["config"])
+    visual = build_visual(spec, states)
+    llm, tokenizer = load_llm(refs["llm"], spec.llm["is_encoder_decoder"], dtype=dtype, device=device,
                               **llm_options)
-    processor_info = info["image_processor"]
+    processor_info = spec.image_processor
     image_processor = build_image_processor(processor_info["image_size"], processor_info["image_mean"],
                                             processor_info["image_std"])
     if llm_options.get("device_map") is not None:
         device = llm.get_input_embeddings().weight.device  # the vision side feeds the LLM's first device
-    model = VisionLanguageModel(vision.to(device), vpg.to(device), connector.to(device), llm,
-                                tokenizer=tokenizer, template=from_dict(PromptTemplate, manifest["template"], "template"),
-                                image_processor=image_processor)
-    for part in (model.vision, model.llm):
-        part.requires_grad_(False)
+    llm.requires_grad_(False)
+    model = build_model(spec, vision.to(device), visual.to(device), llm, tokenizer,
+                        from_dict(PromptTemplate, manifest["template"], "template"), image_processor)
+    names = sorted(part.name for part in model.parts)
+    if names != expected:
+        raise VpgtransError(f"the bundle holds parts {expected}, its model has {names}")
+    for part in model.parts:
+        if part.in_llm:
+            part.load(model, states[part.name])
+    model.vision.requires_grad_(False)
     return model.eval()  # as HF's from_pretrained: no dropout until a stage asks for train mode
+
+
+def initial_adapter_states(llm_config, entries: list[dict], seed: int) -> dict[str, dict]:
+    """``{part: tensors}`` of the spec's adapters at their initial value, for the first bundle. The LLM
+    is built on the meta device from its config (no weights read, no memory): only the wrappers'
+    adapter weights are real."""
+    from transformers import AutoModelForCausalLM
+
+    from vpgtrans.model.adapters import TokenContext, insert_adapters
+
+    if not entries:
+        return {}
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llm_config)
+    holder = nn.Module()
+    holder.llm = llm
+    states = {}
+    for offset, part in enumerate(insert_adapters(llm, entries, TokenContext())):
+        part.init_fresh(holder, seed + offset)
+        states[part.name] = part.state_dict(holder)
+    return states

@@ -1,13 +1,21 @@
-"""Connectors: what maps the VPG's output into the LLM's input-embedding space.
+"""Connectors: the ways to attach the inherited vision side to the target LLM, chosen with ``--connector``.
 
-A registry, so new ways to connect the inherited vision side to the target LLM (LaVIN adapters,
-InfMLLM's pool-adapter, visual-token LoRA) are new entries, not changes to the stages.
+A connector names a visual kind (``vpgtrans.model.visual``: what turns ViT outputs into visual tokens),
+the adapters put inside the LLM (``vpgtrans.model.adapters``; entries as the manifest stores them) and
+the recipe ``transfer`` runs by default (``vpgtrans.recipes``). New ways to connect are new entries in
+these registries, not changes to the stages.
+
+``PROJECTORS`` are the qformer kind's projector types (``model.visual.connector.type``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from vpgtrans.errors import VpgtransError
 
 
 class LinearConnector(nn.Module):
@@ -27,12 +35,26 @@ class LinearConnector(nn.Module):
         return self.proj(vpg_output)
 
 
-CONNECTORS = {"linear": LinearConnector}
+PROJECTORS = {"linear": LinearConnector}
 
 
 def build_connector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    from vpgtrans.errors import VpgtransError
+    if kind not in PROJECTORS:
+        raise VpgtransError(f"unknown projector {kind!r}; available: {', '.join(PROJECTORS)}")
+    return PROJECTORS[kind](in_dim, out_dim)
 
-    if kind not in CONNECTORS:
-        raise VpgtransError(f"unknown connector {kind!r}; available: {', '.join(CONNECTORS)}")
-    return CONNECTORS[kind](in_dim, out_dim)
+
+@dataclass(frozen=True)
+class Connector:
+    visual: str  # a VISUAL_KINDS name
+    adapters: tuple[dict, ...] = ()  # manifest entries ({"type": an ADAPTERS name, its options})
+    recipe: str = "vpgtrans"  # the RECIPES entry transfer runs
+
+
+CONNECTORS: dict[str, Connector] = {"linear": Connector("qformer")}
+
+
+def connector(name: str) -> Connector:
+    if name not in CONNECTORS:
+        raise VpgtransError(f"unknown connector {name!r}; available: {', '.join(CONNECTORS)}")
+    return CONNECTORS[name]

@@ -1,7 +1,9 @@
-"""VisionLanguageModel = frozen vision encoder -> VPG -> connector -> frozen LLM, composed, not inherited.
+"""VisionLanguageModel = frozen vision encoder -> visual kind -> LLM (frozen, optionally with adapters
+inside), composed, not inherited.
 
-Soft prompts go where ``input_ids`` hold ``IMAGE_TOKEN_ID`` (a negative id no vocabulary uses, so the
-LLM's vocabulary is never touched): the template decides where the image sits in the text.
+Visual tokens go where ``input_ids`` hold ``IMAGE_TOKEN_ID`` (a negative id no vocabulary uses, so the
+LLM's vocabulary is never touched): the template decides where the image sits in the text. Around every
+LLM call the token context says which positions are visual, for the adapters inside the LLM.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from vpgtrans.model.adapters.context import TokenContext
+from vpgtrans.model.parts import Part
 
 IMAGE_TOKEN_ID = -200
 VISION_SIDE_LAYERS = ("Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer")
@@ -26,18 +31,28 @@ def build_vision_encoder(vision_config: dict):
 
 class VisionLanguageModel(nn.Module):
     """forward(input_ids, pixel_values=None, attention_mask=None, labels=None) -> HF output with
-    ``.logits`` and ``.loss``; ``generate(...)`` -> new token ids."""
+    ``.logits`` and ``.loss``; ``generate(...)`` -> new token ids.
 
-    def __init__(self, vision: nn.Module, vpg: nn.Module, connector: nn.Module, llm: nn.Module,
-                 tokenizer=None, template=None, image_processor=None):
+    ``parts`` is the parts table (``vpgtrans.model.parts``): the visual kind's parts, then one per adapter
+    entry; ``part(name)`` one of them."""
+
+    def __init__(self, vision: nn.Module, visual: nn.Module, llm: nn.Module, tokenizer=None, template=None,
+                 image_processor=None, adapter_parts: list[Part] | None = None, token_context: TokenContext | None = None):
         super().__init__()
         self.vision = vision
-        self.vpg = vpg
-        self.connector = connector
+        self.visual = visual
         self.llm = llm
         self.tokenizer = tokenizer
         self.template = template
         self.image_processor = image_processor
+        self.token_context = token_context or TokenContext()
+        self.parts = [Part(name, f"visual.{name}") for name in visual.parts] + list(adapter_parts or [])
+
+    def part(self, name: str) -> Part:
+        for part in self.parts:
+            if part.name == name:
+                return part
+        raise KeyError(name)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -52,22 +67,25 @@ class VisionLanguageModel(nn.Module):
         return sorted(wanted & {type(module).__name__ for module in self.modules()})
 
     @property
-    def num_query_tokens(self) -> int:
-        return self.vpg.num_query_tokens
+    def num_image_tokens(self) -> int:
+        """The image-slot count of the prompt: what the visual kind produces per image."""
+        return self.visual.num_tokens
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, K, D_llm) soft prompts."""
+        """(B, 3, H, W) -> (B, N, D_llm) visual tokens."""
+        from vpgtrans.model.visual import VisionFeatures
+
         vision_frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.no_grad() if vision_frozen else nullcontext():
             # No graph through the frozen ViT: it is the most expensive part and never trained here.
             vision_dtype = next(self.vision.parameters()).dtype
-            image_embeds = self.vision(pixel_values=pixel_values.to(vision_dtype)).last_hidden_state  # (B, N, D_vit)
-        vpg_dtype = self.vpg.query_tokens.dtype
-        query_output = self.vpg(image_embeds.to(vpg_dtype))  # (B, K, D_q)
-        return self.connector(query_output)  # (B, K, D_llm)
+            out = self.vision(pixel_values=pixel_values.to(vision_dtype),
+                              output_hidden_states=self.visual.all_hidden_states)
+        features = VisionFeatures(out.last_hidden_state, out.hidden_states)  # (B, 1 + S*S, D_vit)
+        return self.visual(features)  # (B, N, D_llm)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the soft prompts scattered into the image slots."""
+        """Token embeddings with the visual tokens scattered into the image slots."""
         image_mask = input_ids == IMAGE_TOKEN_ID  # (B, T)
         embed_tokens = self.llm.get_input_embeddings()
         inputs_embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D_llm)
@@ -75,17 +93,22 @@ class VisionLanguageModel(nn.Module):
             return inputs_embeds
         if pixel_values is None:
             raise ValueError("input_ids hold image slots but no pixel_values were given")
-        soft_prompts = self.encode_images(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)  # (B, K, D_llm)
-        if int(image_mask.sum()) != soft_prompts.shape[0] * soft_prompts.shape[1]:
-            raise ValueError(f"each sample needs exactly {soft_prompts.shape[1]} image slots")
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), soft_prompts)
+        visual_tokens = self.encode_images(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)  # (B, N, D_llm)
+        if int(image_mask.sum()) != visual_tokens.shape[0] * visual_tokens.shape[1]:
+            raise ValueError(f"each sample needs exactly {visual_tokens.shape[1]} image slots")
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, **kwargs):
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        image_mask = input_ids == IMAGE_TOKEN_ID
+        with self.token_context.call(image_mask):
+            if pixel_values is None and not image_mask.any():  # text only: exactly the LLM's own computation
+                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            inputs_embeds = self.embed(input_ids, pixel_values)
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **generate_kwargs):
         """Greedy/beam generation from the (left-padded) prompt; returns only the new tokens."""
         inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        with self.token_context.generation(self.llm, input_ids == IMAGE_TOKEN_ID):
+            return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)

@@ -1,5 +1,5 @@
-"""``inherit``: the first step of VPGTrans — take the source VPG unchanged, fit the word converter
-between the two LLMs' input-embedding tables, merge it into the projector, write a bundle."""
+"""``inherit``: the first step of a transfer — take the source's vision side, fit the word converter
+between the two LLMs' input-embedding tables where the connector uses one, write the first bundle."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from vpgtrans.bundle import CONNECTOR_FILE, CONVERTER_FILE, VPG_FILE, fingerprint, write_bundle
+from vpgtrans.bundle import CONVERTER_FILE, fingerprint, write_bundle
 from vpgtrans.config import InheritConfig, PromptTemplate, to_dict
-from vpgtrans.converter import fit_converter, merge_projector, pair_tokens
+from vpgtrans.converter import fit_converter, pair_tokens
 from vpgtrans.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
@@ -19,7 +17,6 @@ from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code
 from vpgtrans.sources import SourceVPG, read_source
 
 log = logging.getLogger(__name__)
-
 
 def read_target_llm(target_llm: Path, trust_remote_code: bool = False):
     """The target LLM's config (its family comes from here, never from the path)."""
@@ -34,7 +31,6 @@ def read_target_llm(target_llm: Path, trust_remote_code: bool = False):
     except Exception as exc:  # noqa: BLE001
         raise VpgtransError(f"{target_llm}: cannot read the LLM config ({str(exc).splitlines()[0]})") from None
 
-
 def _image_processor_info(source: SourceVPG) -> dict:
     info = {"image_size": source.vision_config["image_size"], "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
     preprocessor = Path(source.vision_ref["path"]) / "preprocessor_config.json"
@@ -44,20 +40,10 @@ def _image_processor_info(source: SourceVPG) -> dict:
         info["image_std"] = saved.get("image_std", OPENAI_CLIP_STD)
     return info
 
-
-def model_section(source: SourceVPG, connector: str, connector_in: int, llm_config) -> dict:
-    """The manifest's description of the assembled model (what ``load_model`` builds)."""
+def llm_section(llm_config) -> dict:
     text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
-    return {
-        "vision": {"config": source.vision_config},
-        "vpg": {"kind": source.kind, "qformer_config": source.qformer_config,
-                "num_query_tokens": source.num_query_tokens, "ln_eps": source.ln_eps},
-        "connector": {"type": connector, "in_dim": connector_in, "out_dim": text.hidden_size},
-        "llm": {"model_type": llm_config.model_type, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
-                "is_encoder_decoder": bool(getattr(llm_config, "is_encoder_decoder", False))},
-        "image_processor": _image_processor_info(source),
-    }
-
+    return {"model_type": llm_config.model_type, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+            "is_encoder_decoder": bool(getattr(llm_config, "is_encoder_decoder", False))}
 
 def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: InheritConfig, corpus: Path | None):
     from transformers import AutoConfig, AutoTokenizer
@@ -88,37 +74,46 @@ def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: I
     stats["corpus"] = str(corpus) if corpus else None
     return weight, bias, stats
 
-
 def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig | None = None,
             vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
             template: PromptTemplate | None = None, trust_remote_code: bool = False, force: bool = False) -> Path:
-    """Source VPG + converter-initialised projector for ``target_llm`` -> a bundle at ``out_dir``."""
+    """Source vision side + the connector's parts for ``target_llm`` -> a bundle at ``out_dir``.
+
+    The connector (``config.connector``) names the visual kind, which inherits what it can from the source
+    (the qformer kind: the VPG unchanged, the projector through the word converter), and the adapters,
+    which start at the value that leaves the LLM unchanged."""
+    from vpgtrans.model.adapters import adapter_kind
+    from vpgtrans.model.assemble import initial_adapter_states
+    from vpgtrans.model.connectors import connector as connector_entry
+    from vpgtrans.model.spec import ModelSpec
+    from vpgtrans.model.visual import visual_kind
+
     config = config or InheritConfig()
+    entry = connector_entry(config.connector)
+    kind = visual_kind(entry.visual)
+    adapters = [dict(adapter) for adapter in entry.adapters]
+    problems = [p for adapter in adapters for p in adapter_kind(adapter["type"]).problems(adapter)]
+    if problems:
+        raise VpgtransError(f"connector {config.connector!r}: " + "; ".join(problems))
     src = read_source(Path(source), vision, source_llm)
     target_llm = Path(target_llm)
     target_config = read_target_llm(target_llm, trust_remote_code)
-    if config.connector != "linear":
-        raise VpgtransError(f"inherit initialises the linear projector; connector {config.connector!r} "
-                            "is not available yet")
-    metrics, tensors = {}, {}
-    d_q = src.projector_weight.shape[1]
-    if config.converter == "shared-tokens":
+    llm = llm_section(target_config)
+    metrics, tensors, converter = {}, {}, None
+    if config.converter == "shared-tokens" and kind.uses_converter:
         conv_w, conv_b, stats = _fit_converter(src, target_llm, target_config, config, corpus)
-        proj_w, proj_b = merge_projector(conv_w, conv_b, src.projector_weight, src.projector_bias)
+        converter = conv_w, conv_b
         tensors[CONVERTER_FILE] = {"weight": conv_w, "bias": conv_b}
         metrics["converter"] = stats
         log.info("converter: %d pairs, held-out cosine %.4f", stats["pairs"], stats.get("heldout_cosine", float("nan")))
-    else:
-        # The paper's "no projector init" ablation: a fresh projector, the VPG still inherited.
-        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-        generator = torch.Generator().manual_seed(config.seed)
-        proj_w = torch.randn(text.hidden_size, d_q, generator=generator) * 0.02
-        proj_b = torch.zeros(text.hidden_size)
-    model = model_section(src, config.connector, d_q, target_config)
-    if proj_w.shape[0] != model["connector"]["out_dim"]:
-        raise VpgtransError(f"converter output {proj_w.shape[0]} != target LLM width {model['connector']['out_dim']}")
-    tensors[VPG_FILE] = src.vpg_state
-    tensors[CONNECTOR_FILE] = {"proj.weight": proj_w, "proj.bias": proj_b}
+    elif config.converter == "shared-tokens":
+        log.info("the %s visual kind does not use a word converter: none fitted", entry.visual)
+    visual, states, visual_metrics = kind.inherit(src, llm["hidden_size"], converter, config.seed)
+    metrics.update(visual_metrics)
+    states.update(initial_adapter_states(target_config, adapters, config.seed))
+    spec = ModelSpec(vision={"config": src.vision_config}, visual=visual, llm=llm,
+                     image_processor=_image_processor_info(src), adapters=adapters)
+    tensors.update({f"{name}.safetensors": state for name, state in states.items()})
     references = {
         "vision": {**src.vision_ref, "fingerprint": fingerprint(Path(src.vision_ref["path"]))},
         "llm": {"path": str(target_llm.resolve()), "fingerprint": fingerprint(target_llm),
@@ -127,6 +122,6 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     }
     if src.source_llm:
         references["source_llm"] = {"path": src.source_llm["path"], "prefix": src.source_llm["prefix"]}
-    template = template or PromptTemplate.for_llm(model["llm"]["is_encoder_decoder"])
-    return write_bundle(out_dir, stage="inherit", tensors=tensors, model=model, references=references,
+    template = template or PromptTemplate.for_llm(llm["is_encoder_decoder"])
+    return write_bundle(out_dir, stage="inherit", tensors=tensors, model=to_dict(spec), references=references,
                         template=to_dict(template), config={"inherit": to_dict(config)}, metrics=metrics, force=force)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.bundle import CONNECTOR_FILE, MANIFEST, VPG_FILE, load_model, read_manifest, validate_bundle, write_bundle
+from vpgtrans.bundle import MANIFEST, load_model, read_manifest, validate_bundle, write_bundle
 from vpgtrans.checkpoint import (clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from vpgtrans.config import TrainConfig, to_dict
@@ -26,17 +26,16 @@ from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
-from vpgtrans.outputs import check_out_dir
+from vpgtrans.model.spec import upgrade
+from vpgtrans.outputs import check_out_dir, exists_error
 from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_engine, shard_optimizer_state,
                                sharding_summary, whole_parameters)
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
                                check_world_size, count_targets, lr_lambda, param_groups, set_trainable, split_batch,
-                               summed_loss, total_steps)
+                               summed_loss, torch_dtype, total_steps, train_mode, trained_parts)
 
 log = logging.getLogger(__name__)
-PART_FILES = {"vpg": VPG_FILE, "connector": CONNECTOR_FILE}
 METRICS_FILE = "metrics.jsonl"
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
 
 
 def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, samples: int) -> dict:
@@ -62,15 +61,6 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
     if accelerator.is_main_process:
         log.info("eval @ step %d: %s", step, point)
     return point
-
-
-def _train_mode(model, core, config: TrainConfig) -> None:
-    """Train mode for the trained parts only: frozen parts (ViT, LLM, and the VPG during the warm-up)
-    keep dropout off, as BLIP-2 does for its frozen ViT and VPGTrans for its frozen Q-Former."""
-    model.train()
-    for part in ("vision", "vpg", "connector", "llm"):
-        if part not in config.trainable:
-            getattr(core, part).eval()
 
 
 def _accelerator(options: RunOptions, out_dir: Path):
@@ -124,12 +114,55 @@ def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: 
                                 f"resume with the same options, or use --force to start over")
         return "resume", checkpoint
     if out_dir.exists() and not force:
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
-                            f"or --force to replace it")
+        raise exists_error(out_dir, resumable=True)
     if main:
         clear_checkpoints(out_dir)  # never resume into checkpoints of a run this one replaces
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
     return "fresh", None
+
+
+def _micro_batches(collate, dataset, chunks: list[list[int]], device) -> list[tuple[list[int], dict]]:
+    """This process's micro-batches of a step as ``(sample indices, tensors on device)``; a micro-batch
+    whose images were all unreadable (counted in the stats) is left out."""
+    batches = []
+    for chunk in chunks:
+        batch = collate([dataset[i] for i in chunk])
+        if batch:
+            batches.append((chunk, {k: v.to(device) for k, v in batch.items()}))
+    return batches
+
+
+def _forward_backward(accelerator, model, core, batches: list, last_good: tuple, engine: str, keep_logits: bool):
+    """Forward and backward every micro-batch of one optimizer step, gradients accumulated; returns
+    ``(totals, targets, bad)``: the summed loss and non-finite pass count over all processes, the global
+    batch's target tokens, and this process's sample indices whose loss was not finite.
+
+    One collective does the step's bookkeeping: the global batch's target tokens and the most micro-batches
+    any process has. Loss = sum over target tokens / target tokens of the *global* batch: the same update for
+    any split into processes and micro-batches (DDP and FSDP average gradients over processes, hence x world)."""
+    world = accelerator.num_processes
+    cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []  # RNGs a padding pass leaves alone
+    mine = torch.tensor([[float(sum(count_targets(b, core.is_encoder_decoder) for _, b in batches)),
+                          float(len(batches))]])
+    every = accelerator.gather(mine)  # (world, 2)
+    targets, most = float(every[:, 0].sum()), int(every[:, 1].max())
+    scale = world / max(targets, 1.0)
+    # Zero-weight passes keep this process in step with the others: under FSDP every forward and backward is
+    # collective, so all run `most` passes; under DDP only the last one is, so a process needs one only when
+    # none of its images was readable. They draw no dropout randomness.
+    passes = [(chunk, batch, 1.0) for chunk, batch in batches]
+    passes += [([], last_good[1], 0.0)] * ((most if engine == "fsdp" else 1) - len(passes))
+    local_sum, bad, bad_passes = 0.0, [], 0
+    for i, (chunk, batch, weight) in enumerate(passes):
+        apart = torch.random.fork_rng(devices=cuda_devices) if weight == 0.0 else nullcontext()
+        with apart, nullcontext() if i == len(passes) - 1 else accelerator.no_sync(model):
+            loss_sum = summed_loss(model, batch, core.is_encoder_decoder, keep_logits) * weight
+            if not torch.isfinite(loss_sum):
+                bad, bad_passes = bad + chunk, bad_passes + 1
+            accelerator.backward(loss_sum * scale)
+        local_sum += float(loss_sum.detach())
+    totals = accelerator.reduce(torch.tensor([local_sum, float(bad_passes)]), "sum")
+    return totals, targets, bad
 
 
 def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, stage: str,
@@ -141,8 +174,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     if out_dir.resolve() == bundle_dir.resolve():
         raise VpgtransError(f"{out_dir}: --out must differ from the input bundle (stages never modify their input)")
     if out_dir.exists() and not (force or options.resume):
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
-                            f"or --force to replace it")
+        raise exists_error(out_dir, resumable=True)
     # Before anything under out_dir is touched: --force replaces only a vpgtrans output, never an input.
     check_out_dir(out_dir, force=True, inputs=(bundle_dir, data, eval_data))
     engine = launch_engine(options.quantization)  # "ddp" (or one process) / "fsdp"; refuses what it cannot run
@@ -169,34 +201,31 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             log.warning("%s: already complete; nothing to resume", out_dir)
         return out_dir
     accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
-    frozen_dtype = TORCH_DTYPES.get(precision)
+    frozen_dtype = torch_dtype(precision)
     # FSDP: load on the CPU and let prepare() move each process's shard to its device, one unit at a time.
     model = load_model(bundle_dir, device="cpu" if engine == "fsdp" else accelerator.device, dtype=frozen_dtype,
                        quantization=options.quantization, gradient_checkpointing=options.gradient_checkpointing)
     if frozen_dtype is not None:
         model.vision.to(frozen_dtype)  # frozen: 16-bit weights; the trained parts keep fp32 master weights
-    if fresh_init:  # train-from-scratch: the architecture of the bundle, none of its VPG weights
-        model.vpg.init_fresh(config.seed)
-        model.connector.init_fresh(config.seed + 1)
+    if fresh_init:  # train-from-scratch: the architecture of the bundle, none of its trained weights
+        for offset, part in enumerate(model.parts):
+            part.init_fresh(model, config.seed + offset)
+    trained = trained_parts(model, config.trainable)
     counts = set_trainable(model, config.trainable)
-    if counts["llm_trainable"]:
-        raise AssertionError("the LLM must stay frozen")
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     steps = total_steps(config, len(dataset))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
-    files = {PART_FILES[part]: part for part in config.trainable}
     resumed = None
     if checkpoint is not None:  # restore weights before DDP broadcasts them, the optimizer after prepare
-        resumed = load_checkpoint(checkpoint, list(files))
-        for file_name, part in files.items():
-            getattr(model, part).load_state_dict(resumed["tensors"][file_name], strict=True)
+        resumed = load_checkpoint(checkpoint, [part.file for part in trained])
+        for part in trained:
+            part.load(model, resumed["tensors"][part.file], f"{checkpoint}/{part.file}")
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     if engine == "fsdp" and main:
         log.info(sharding_summary(core, world))
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
-    cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []  # RNGs a padding pass leaves alone
-    collate = Collator(core.tokenizer, core.template, task, core.num_query_tokens, core.image_processor,
+    collate = Collator(core.tokenizer, core.template, task, core.num_image_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
     run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world,
                                                      "engine": engine}}
@@ -237,7 +266,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
                  "data_stats": data_stats.to_dict(), "num_processes": world}
         rngs = gather_object([rng_state()])  # every process's RNG, in rank order
         # Whole tensors (gathered under FSDP, by every process): resumable on any number of processes.
-        tensors = {name: full_state_dict(getattr(core, part)) for name, part in files.items()}
+        tensors = {part.file: part.state_dict(core, gather=full_state_dict) for part in trained}
         optimizer_state, path = full_optimizer_state(optimizer), None
         if main:
             path = save_checkpoint(out_dir, done, tensors, optimizer_state, {**state, "rng": rngs},
@@ -250,45 +279,19 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     if resumed is None and eval_set is not None and config.eval_every:
         curve.append(_eval_point(accelerator, core, eval_set, config, 0, 0))
         emit({"type": "eval", **curve[-1]})
-    _train_mode(model, core, config)
+    train_mode(model, core, trained)
     last_good = None
     with StopSignal() as stop:
         while step < steps:
             # The global batch of this optimizer step, the same on any number of processes.
             indices = cursor.take(config.batch_size)
-            batches = []
-            for chunk in split_batch(indices, rank, world, config.grad_accum):
-                batch = collate([dataset[i] for i in chunk])
-                if batch:  # empty: every image of this micro-batch was unreadable (counted in the stats)
-                    batches.append((chunk, {k: v.to(accelerator.device) for k, v in batch.items()}))
+            batches = _micro_batches(collate, dataset, split_batch(indices, rank, world, config.grad_accum),
+                                     accelerator.device)
             if batches:
                 last_good = batches[-1]
             elif last_good is None:
                 raise VpgtransError(f"step {step + 1}: no readable image in this process's share of the batch")
-            # One collective for the step's bookkeeping: the global batch's target tokens and the most
-            # micro-batches any process has. Loss = sum over target tokens / target tokens of the *global*
-            # batch: the same update for any split into processes and micro-batches (DDP and FSDP average
-            # gradients over processes, hence the x world).
-            mine = torch.tensor([[float(sum(count_targets(b, core.is_encoder_decoder) for _, b in batches)),
-                                  float(len(batches))]])
-            every = accelerator.gather(mine)  # (world, 2)
-            targets, most = float(every[:, 0].sum()), int(every[:, 1].max())
-            scale = world / max(targets, 1.0)
-            # Zero-weight passes keep this process in step with the others: under FSDP every forward and
-            # backward is collective, so all run `most` passes; under DDP only the last one is, so a process
-            # needs one only when none of its images was readable. They draw no dropout randomness.
-            passes = [(chunk, batch, 1.0) for chunk, batch in batches]
-            passes += [([], last_good[1], 0.0)] * ((most if engine == "fsdp" else 1) - len(passes))
-            local_sum, bad, bad_passes = 0.0, [], 0
-            for i, (chunk, batch, weight) in enumerate(passes):
-                apart = torch.random.fork_rng(devices=cuda_devices) if weight == 0.0 else nullcontext()
-                with apart, nullcontext() if i == len(passes) - 1 else accelerator.no_sync(model):
-                    loss_sum = summed_loss(model, batch, core.is_encoder_decoder, keep_logits) * weight
-                    if not torch.isfinite(loss_sum):
-                        bad, bad_passes = bad + chunk, bad_passes + 1
-                    accelerator.backward(loss_sum * scale)
-                local_sum += float(loss_sum.detach())
-            totals = accelerator.reduce(torch.tensor([local_sum, float(bad_passes)]), "sum")
+            totals, targets, bad = _forward_backward(accelerator, model, core, batches, last_good, engine, keep_logits)
             if totals[1] > 0:  # a non-finite loss somewhere: no update from this batch
                 optimizer.zero_grad(set_to_none=True)
                 bad_samples = sorted(i for shard in gather_object([bad]) for i in shard)
@@ -319,7 +322,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             if eval_set is not None and config.eval_every and (step % config.eval_every == 0 or step == steps):
                 curve.append(_eval_point(accelerator, core, eval_set, config, step, step * config.batch_size))
                 emit({"type": "eval", **curve[-1]})
-                _train_mode(model, core, config)
+                train_mode(model, core, trained)
             saved_now = None
             if options.save_every and step % options.save_every == 0 and step < steps:
                 saved_now = save(step)
@@ -331,10 +334,10 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     # --- save --------------------------------------------------------------------------------------
     with StopSignal():  # a SIGTERM now waits until the bundle is written (then the run is done)
         seconds += time.time() - started
-        trained = steps - (resumed["state"]["step"] if resumed else 0)
+        steps_here = steps - (resumed["state"]["step"] if resumed else 0)
         metrics = {"train": {"steps": steps, "samples": steps * config.batch_size, "epochs": steps * config.batch_size / len(dataset),
                              "final_loss": losses[-1], "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
-                             "seconds": round(seconds, 2), "samples_per_second": round(trained * config.batch_size / max(
+                             "seconds": round(seconds, 2), "samples_per_second": round(steps_here * config.batch_size / max(
                                  time.time() - started, 1e-9), 2), "skipped_nonfinite": len(skipped),
                              "skipped_nonfinite_batches": skipped, "resumed": resumed is not None, **counts}}
         if curve:
@@ -346,13 +349,13 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
         if options.report_to != "none":
             accelerator.end_training()
         result = out_dir
-        tensors = {VPG_FILE: full_state_dict(core.vpg), CONNECTOR_FILE: full_state_dict(core.connector)}
+        tensors = {part.file: part.state_dict(core, gather=full_state_dict) for part in core.parts}
         if main:
             config_record = {**run_config, "stage_input": str(bundle_dir.resolve()), "task": task,
                              "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
                              "fresh_init": fresh_init, "num_processes": world, "parent_config": parent["config"]}
             logs = _set_aside(out_dir / "logs")
-            result = write_bundle(out_dir, stage=stage, tensors=tensors, model=parent["model"],
+            result = write_bundle(out_dir, stage=stage, tensors=tensors, model=upgrade(parent["model"]),
                                   references=parent["references"], template=parent["template"], config=config_record,
                                   parent=bundle_dir, metrics=metrics, curve=curve, data=data_stats.to_dict(),
                                   force=out_dir.exists())

@@ -1,5 +1,5 @@
-"""``transfer``: the whole VPGTrans recipe — inherit -> warm up the projector -> fine-tune — or, with
-``from_scratch``, the train-from-scratch baseline on the same target. Each stage's bundle goes under
+"""``transfer``: inherit, then a recipe's stages (``vpgtrans.recipes``) — VPGTrans's warm up the projector
+-> fine-tune by default, or, with ``from_scratch``, the train-from-scratch baseline on the same target. Each stage's bundle goes under
 ``out_dir/``; ``out_dir/transfer.json`` sums up the run with one metric curve in optimizer steps
 (stage 1's steps count toward VPGTrans's total, as in the paper's speed-up)."""
 
@@ -15,10 +15,10 @@ from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace,
 from vpgtrans.data import load_rows
 from vpgtrans.errors import VpgtransError
 from vpgtrans.io import atomic_write_text
-from vpgtrans.outputs import check_out_dir
+from vpgtrans.outputs import check_out_dir, exists_error
 from vpgtrans.sources import read_source
 from vpgtrans.stages.inherit import inherit, read_target_llm
-from vpgtrans.stages.train import finetune, train_from_scratch, warmup_projector
+from vpgtrans.stages.train import run_stage
 from vpgtrans.training import RunOptions
 
 
@@ -39,22 +39,38 @@ def _combined_curve(stages: list[tuple[str, Path]]) -> list[dict]:
 
 
 def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finetune_data: Path | None = None,
+             recipe: str | None = None, configs: dict[str, TrainConfig] | None = None,
              warmup_config: TrainConfig | None = None, finetune_config: TrainConfig | None = None,
              inherit_config: InheritConfig | None = None, from_scratch: bool = False, eval_data: Path | None = None,
              vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
              template: PromptTemplate | None = None, skip_warmup: bool = False, trust_remote_code: bool = False,
              force: bool = False, progress=None, options: RunOptions | None = None) -> dict:
-    """Run the recipe; return ``{"stages": {name: path}, "metrics": ..., "curve": [...]}``.
+    """Run ``inherit`` then a recipe's stages; return ``{"stages": {name: path}, "metrics": ..., "curve": [...]}``.
+
+    ``recipe``: a ``vpgtrans.recipes.RECIPES`` name (default: the connector's; ``from_scratch`` runs the
+    ``scratch`` baseline). ``configs`` replaces a stage's ``TrainConfig`` by stage name;
+    ``warmup_config`` / ``finetune_config`` are the names for the VPGTrans stages (``finetune_config``
+    also for ``scratch``). ``skip_warmup`` drops the ``warmup`` stage (the paper's ablation).
 
     With ``options.resume``, stages whose bundles exist and validate are kept, the stage that was
     running continues from its latest checkpoint, and the rest run as usual."""
+    from vpgtrans.model.connectors import connector as connector_entry
+    from vpgtrans.recipes import recipe as recipe_stages
+
     out_dir = Path(out_dir)
     options = options or RunOptions()
+    inherit_config = inherit_config or InheritConfig()
+    recipe = "scratch" if from_scratch else recipe or connector_entry(inherit_config.connector).recipe
+    stages_to_run = [stage for stage in recipe_stages(recipe) if not (skip_warmup and stage.name == "warmup")]
+    named = {"warmup": warmup_config, "finetune": finetune_config, "scratch": finetune_config, **(configs or {})}
+    unknown = sorted(set(configs or {}) - {stage.name for stage in stages_to_run})
+    if unknown:
+        raise VpgtransError(f"recipe {recipe!r} has no stage {', '.join(map(repr, unknown))}")
+    stage_configs = {stage.name: named.get(stage.name) or stage.config() for stage in stages_to_run}
     if options.resume and not out_dir.is_dir():
         raise VpgtransError(f"{out_dir}: nothing to resume (no such directory); run without --resume")
     if out_dir.exists() and not (force or options.resume):
-        raise VpgtransError(f"{out_dir}: already exists; choose a new --out, pass --resume to continue it, "
-                            f"or --force to replace it")
+        raise exists_error(out_dir, resumable=True)
     check_out_dir(out_dir, force=True, inputs=(source, target_llm, data, finetune_data, eval_data, vision,
                                                source_llm, corpus))
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
@@ -66,52 +82,45 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
             load_rows(path)
     read_source(Path(source), vision, source_llm)  # reads only the VPG and projector tensors
     read_target_llm(Path(target_llm), trust_remote_code)
-    warmup_config = warmup_config or TrainConfig.warmup()
-    finetune_config = finetune_config or TrainConfig.finetune()
-    inherit_config = inherit_config or InheritConfig()
-    if from_scratch:
+    if any(stage.fresh_init for stage in stages_to_run):
         inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
     if options.resume:
-        _check_resumable(out_dir, from_scratch)
+        _check_resumable(out_dir, [stage.name for stage in stages_to_run])
     out_dir.mkdir(parents=True, exist_ok=True)  # with --force, each stage replaces its bundle atomically
 
-    def train_stage(run, name: str, bundle: Path, stage_data: Path, config: TrainConfig) -> Path:
-        stage_dir = out_dir / name
+    if options.resume and _finished(out_dir / "inherit"):
+        current = inherited = out_dir / "inherit"
+    else:
+        current = inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision,
+                                      source_llm=source_llm, corpus=corpus, template=template,
+                                      trust_remote_code=trust_remote_code, force=force or options.resume)
+    stages: list[tuple[str, Path]] = []
+    for stage in stages_to_run:
+        stage_dir = out_dir / stage.name
         resume = options.resume and _resumable(stage_dir)
         stage_options = replace(options, resume=resume)  # a stage that never started starts fresh
-        return run(bundle, stage_data, stage_dir, config, eval_data=eval_data, progress=progress,
-                   force=force or (options.resume and not resume), options=stage_options)
-
-    stages: list[tuple[str, Path]] = []
-    if options.resume and _finished(out_dir / "inherit"):
-        inherited = out_dir / "inherit"
-    else:
-        inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision,
-                            source_llm=source_llm, corpus=corpus, template=template,
-                            trust_remote_code=trust_remote_code, force=force or options.resume)
-    if from_scratch:
-        stages.append(("scratch", train_stage(train_from_scratch, "scratch", inherited, finetune_data or data,
-                                              finetune_config)))
-    else:
-        current = inherited
-        if not skip_warmup:
-            current = train_stage(warmup_projector, "warmup", current, data, warmup_config)
-            stages.append(("warmup", current))
-        stages.append(("finetune", train_stage(finetune, "finetune", current, finetune_data or data, finetune_config)))
+        stage_data = finetune_data if stage.data == "finetune_data" and finetune_data is not None else data
+        current = run_stage(current, stage_data, stage_dir, stage_configs[stage.name], stage.name,
+                            eval_data=eval_data, fresh_init=stage.fresh_init, progress=progress,
+                            force=force or (options.resume and not resume), options=stage_options)
+        stages.append((stage.name, current))
     summary = {
-        "arm": "scratch" if from_scratch else "vpgtrans",
+        "arm": "scratch" if from_scratch else recipe,
+        "recipe": recipe,
         "stages": {"inherit": str(inherited), **{name: str(path) for name, path in stages}},
         "final_bundle": str(stages[-1][1]),
         "metrics": {name: read_manifest(path)["metrics"] for name, path in [("inherit", inherited), *stages]},
         "curve": _combined_curve(stages),
-        "config": {"inherit": to_dict(inherit_config), "warmup": None if from_scratch or skip_warmup else to_dict(warmup_config),
-                   "finetune": to_dict(finetune_config)},
+        "config": {"inherit": to_dict(inherit_config), **{name: to_dict(c) for name, c in stage_configs.items()}},
     }
     atomic_write_text(out_dir / "transfer.json", json.dumps(summary, indent=2) + "\n")
-    # A forced re-run of the other arm leaves the previous arm's stage bundles behind: drop them only now,
+    # A forced re-run of another recipe leaves the previous run's stage bundles behind: drop them only now,
     # after this run succeeded, so a failed re-run never costs the user the old results.
-    for stale in {"inherit", "warmup", "finetune", "scratch"} - {"inherit", *(name for name, _ in stages)}:
-        if (out_dir / stale / "manifest.json").is_file():
+    from vpgtrans.recipes import RECIPES
+
+    recipe_stage_names = {stage.name for stages_of in RECIPES.values() for stage in stages_of}
+    for stale in recipe_stage_names - {name for name, _ in stages}:
+        if (out_dir / stale / MANIFEST).is_file():
             shutil.rmtree(out_dir / stale)
     return summary
 
@@ -132,9 +141,8 @@ def _resumable(stage_dir: Path) -> bool:
     return _finished(stage_dir) or latest_checkpoint(stage_dir) is not None
 
 
-def _check_resumable(out_dir: Path, from_scratch: bool) -> None:
-    """``--resume`` needs something of this arm's run under ``out_dir``."""
-    names = ("inherit", "scratch") if from_scratch else ("inherit", "warmup", "finetune")
-    if not any((out_dir / name).is_dir() for name in names):
-        raise VpgtransError(f"{out_dir}: nothing to resume (no stage of a {'scratch' if from_scratch else 'vpgtrans'} "
-                            f"run in it); run without --resume")
+def _check_resumable(out_dir: Path, stage_names: list[str]) -> None:
+    """``--resume`` needs something of this recipe's run under ``out_dir``."""
+    if not any((out_dir / name).is_dir() for name in ("inherit", *stage_names)):
+        raise VpgtransError(f"{out_dir}: nothing to resume (no stage of a {' -> '.join(stage_names)} run in it); "
+                            "run without --resume")

@@ -1,0 +1,57 @@
+"""Recipes as data: a recipe is the list of training stages ``transfer`` runs after ``inherit``.
+
+Each stage names the parts it trains, its schedule (lr, cosine floor or constant, warm-up steps), its
+budget (epochs unless overridden), which of ``transfer``'s data inputs it reads (``data`` or
+``finetune_data``, which falls back to ``data``) and whether it starts from freshly initialised parts.
+Every stage writes its own bundle, named after the stage. No torch import here.
+
+    vpgtrans  warmup (projector only, 5x lr, constant, 1 epoch) -> finetune (VPG + projector, 1e-4 cosine
+              to 5e-5): VPGTrans (Zhang et al. 2023), as its reference code runs it
+    scratch   scratch (VPG + projector freshly initialised, BLIP-2's 1e-4 cosine to 5e-5): the baseline
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vpgtrans.errors import VpgtransError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the stage's bundle directory under transfer's --out, and its manifest "stage"
+    train: dict = field(default_factory=dict)  # TrainConfig fields: trainable, lr, min_lr, warmup_steps, epochs, ...
+    data: str = "data"  # "data" or "finetune_data"
+    fresh_init: bool = False  # re-initialise every part first (train-from-scratch)
+
+    def config(self, **overrides):
+        """This stage's ``TrainConfig``: the recipe's values, then ``overrides`` (budgets, seed, batch)."""
+        from vpgtrans.config import TrainConfig
+
+        return TrainConfig(**{**self.train, **overrides})
+
+
+BLIP2_SCHEDULE = {"lr": 1e-4, "min_lr": 5e-5}  # BLIP-2's stage-2 recipe: 1e-4, cosine to 5e-5
+
+RECIPES: dict[str, list[Stage]] = {
+    "vpgtrans": [
+        Stage("warmup", {"trainable": ["connector"], "lr": 5e-4, "min_lr": None}),
+        Stage("finetune", {"trainable": ["vpg", "connector"], **BLIP2_SCHEDULE}, data="finetune_data"),
+    ],
+    "scratch": [
+        Stage("scratch", {"trainable": ["vpg", "connector"], **BLIP2_SCHEDULE}, data="finetune_data", fresh_init=True),
+    ],
+}
+
+
+def recipe(name: str) -> list[Stage]:
+    if name not in RECIPES:
+        raise VpgtransError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def stage(recipe_name: str, stage_name: str) -> Stage:
+    for entry in recipe(recipe_name):
+        if entry.name == stage_name:
+            return entry
+    raise VpgtransError(f"recipe {recipe_name!r} has no stage {stage_name!r}")
