@@ -46,7 +46,8 @@ class LayerCLS(nn.Module):
         return [] if set(section) == {"type"} else [f"model.visual has unknown keys {sorted(set(section) - {'type'})}"]
 
     @classmethod
-    def inherit(cls, source, llm_width: int, converter, seed: int):
+    def inherit(cls, source, llm_width: int, converter, seed: int, options: dict):
+        assert not options
         module = Projection(source.vision_config["hidden_size"], llm_width)
         module.init_fresh(seed)
         return {"type": "layer-cls"}, {"cls_proj": module.state_dict()}, {"layer_cls": "fresh"}
@@ -266,3 +267,21 @@ def test_format1_bundle_still_loads_trains_and_exports(tiny, tmp_path):
     assert upgraded["format_version"] == 2
     assert upgraded["model"]["visual"] == {"type": "qformer", "vpg": manifest["model"]["vpg"],
                                            "connector": manifest["model"]["connector"]}
+
+
+def test_adapter_options_override_the_connector_defaults(toy, tiny, tmp_path):
+    from vpgtrans.config import InheritConfig
+    from vpgtrans.errors import VpgtransError
+    from vpgtrans.stages.inherit import inherit
+
+    out = inherit(tiny["source"], tiny["llama"], tmp_path / "r4",
+                  InheritConfig(connector="toy", adapter_options={"toy-lora": {"rank": 4}}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["adapters"] == [{"type": "toy-lora", "rank": 4}]
+    assert load_file(str(out / "toy-lora.safetensors"))["model.layers.0.self_attn.v_proj.down.weight"].shape == (4, 40)
+    for options, expected in (({"nope": {"rank": 2}}, "no 'nope' adapter"), ({"toy-lora": {"rank": 0}}, "rank must be > 0")):
+        with pytest.raises(VpgtransError, match=expected):
+            inherit(tiny["source"], tiny["llama"], tmp_path / "bad", InheritConfig(connector="toy", adapter_options=options))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(VpgtransError, match="qformer visual kind takes no options"):
+        inherit(tiny["source"], tiny["llama"], tmp_path / "bad", InheritConfig(visual_options={"pool": 2}))

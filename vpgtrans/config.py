@@ -141,9 +141,14 @@ class InheritConfig:
     lowercase_fallback: bool = True
     connector: str = "linear"
     seed: int = 0
+    visual_options: dict = field(default_factory=dict)  # the connector's visual kind's options (pool size, ...)
+    adapter_options: dict = field(default_factory=dict)  # adapter type -> options over the connector's defaults
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.visual_options, dict) or not isinstance(self.adapter_options, dict) or not all(
+                isinstance(v, dict) for v in self.adapter_options.values()):
+            problems.append("visual_options must be an object and adapter_options an object of objects")
         if self.converter not in ("shared-tokens", "none"):
             problems.append(f"converter must be 'shared-tokens' or 'none' (got {self.converter!r})")
         if not 0 < self.heldout_fraction < 0.5:

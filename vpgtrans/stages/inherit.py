@@ -91,8 +91,10 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     config = config or InheritConfig()
     entry = connector_entry(config.connector)
     kind = visual_kind(entry.visual)
-    adapters = [dict(adapter) for adapter in entry.adapters]
-    problems = [p for adapter in adapters for p in adapter_kind(adapter["type"]).problems(adapter)]
+    adapters = [{**adapter, **config.adapter_options.get(adapter["type"], {})} for adapter in entry.adapters]
+    unknown = sorted(set(config.adapter_options) - {adapter["type"] for adapter in adapters})
+    problems = [f"it has no {name!r} adapter to set options of" for name in unknown]
+    problems += [p for adapter in adapters for p in adapter_kind(adapter["type"]).problems(adapter)]
     if problems:
         raise VpgtransError(f"connector {config.connector!r}: " + "; ".join(problems))
     src = read_source(Path(source), vision, source_llm)
@@ -108,7 +110,8 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
         log.info("converter: %d pairs, held-out cosine %.4f", stats["pairs"], stats.get("heldout_cosine", float("nan")))
     elif config.converter == "shared-tokens":
         log.info("the %s visual kind does not use a word converter: none fitted", entry.visual)
-    visual, states, visual_metrics = kind.inherit(src, llm["hidden_size"], converter, config.seed)
+    visual, states, visual_metrics = kind.inherit(src, llm["hidden_size"], converter, config.seed,
+                                                  dict(config.visual_options))
     metrics.update(visual_metrics)
     states.update(initial_adapter_states(target_config, adapters, config.seed))
     spec = ModelSpec(vision={"config": src.vision_config}, visual=visual, llm=llm,

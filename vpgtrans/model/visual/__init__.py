@@ -7,9 +7,10 @@ A kind is an ``nn.Module`` class registered in ``VISUAL_KINDS`` under its manife
     build from the manifest section (``{"type": ..., kind's own keys}``), the ViT config and the LLM width;
 ``Kind.problems(section) -> list[str]``
     what in a manifest section it could not build from ([] when nothing);
-``Kind.inherit(source, llm_width, converter, seed) -> (section, {part: tensors}, metrics)``
+``Kind.inherit(source, llm_width, converter, seed, options) -> (section, {part: tensors}, metrics)``
     the first bundle's section and weights from the source model (``converter``: the fitted word
-    converter ``(W, b)``, or None when the kind does not use one or the user asked for none);
+    converter ``(W, b)``, or None when the kind does not use one or the user asked for none;
+    ``options``: ``InheritConfig.visual_options``, refuse unknown ones with one line);
 ``Kind.parts``
     its trainable parts, in order: each is an attribute of the module saved as ``<part>.safetensors``,
     with an ``init_fresh(seed)`` method for training from scratch;

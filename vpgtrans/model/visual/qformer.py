@@ -46,10 +46,14 @@ class QFormerVisual(nn.Module):
         return problems
 
     @classmethod
-    def inherit(cls, source, llm_width: int, converter, seed: int):
+    def inherit(cls, source, llm_width: int, converter, seed: int, options: dict):
         """The source VPG unchanged; the projector merged with the converter (``W_t = W_w W_s``,
         ``b_t = W_w b_s + b_w``), or freshly initialised without one (the paper's "no init" ablation)."""
         from vpgtrans.converter import merge_projector
+        from vpgtrans.errors import VpgtransError
+
+        if options:
+            raise VpgtransError(f"the qformer visual kind takes no options (got {', '.join(sorted(options))})")
 
         d_q = source.projector_weight.shape[1]
         if converter is not None:
