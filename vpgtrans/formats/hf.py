@@ -102,7 +102,9 @@ def safetensors_header(path: Path) -> dict:
 
     Checked without reading tensor data: a header that is not a JSON object of well-formed entries, or
     tensor data that does not end exactly where the file ends (truncated, or bytes appended), is a
-    ``VpgtransError`` naming the file and the problem."""
+    ``VpgtransError`` naming the file and the problem. Then safetensors itself parses the header
+    (``safe_open``): an unknown dtype, a shape whose size disagrees with the tensor's byte range, or
+    ranges that overlap or leave gaps are refused the same way."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -133,7 +135,23 @@ def safetensors_header(path: Path) -> dict:
         problem = "truncated" if 8 + length + end > size else "has trailing bytes"
         raise VpgtransError(f"{path}: {problem}: its header describes {end} bytes of tensor data, the file holds "
                             f"{size - 8 - length}; re-download or re-save it")
+    problem = _safe_open_problem(path)
+    if problem:
+        raise VpgtransError(f"{path}: damaged safetensors header ({problem}); re-download or re-save it")
     return header
+
+
+def _safe_open_problem(path: Path) -> str | None:
+    """What safetensors' own header parser refuses in ``path`` (one line), or None. No tensor is read:
+    the file is memory-mapped and only its header parsed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError: the user's file to fix
+        problem = first_line(exc).removeprefix("Error while deserializing header: ")
+        return problem.split(", expected one of")[0]  # an unknown dtype: drop the list of every known one
 
 
 def check_model_dir(model_dir: Path) -> dict:
