@@ -74,6 +74,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr: float | None = None  # cosine floor; None = constant schedule
     warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of the run's steps (when warmup_steps is 0)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: float = 1.0
@@ -96,6 +97,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             problems.append(f"min_lr must be in [0, lr] (got {self.min_lr})")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("batch_size and grad_accum must be >= 1")
         elif self.batch_size % self.grad_accum:

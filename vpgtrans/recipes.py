@@ -8,6 +8,8 @@ Every stage writes its own bundle, named after the stage. No torch import here.
     vpgtrans  warmup (projector only, 5x lr, constant, 1 epoch) -> finetune (VPG + projector, 1e-4 cosine
               to 5e-5): VPGTrans (Zhang et al. 2023), as its reference code runs it
     scratch   scratch (VPG + projector freshly initialised, BLIP-2's 1e-4 cosine to 5e-5): the baseline
+    lavin     finetune (LaVIN connector + mixture-of-modality adapters, lr 9e-3 x batch/256, cosine to 0
+              after a 10% warm-up, AdamW (0.9, 0.95), wd 0.02, 20 epochs): LaVIN's, on the inherited ViT
 """
 
 from __future__ import annotations
@@ -23,15 +25,29 @@ class Stage:
     train: dict = field(default_factory=dict)  # TrainConfig fields: trainable, lr, min_lr, warmup_steps, epochs, ...
     data: str = "data"  # "data" or "finetune_data"
     fresh_init: bool = False  # re-initialise every part first (train-from-scratch)
+    lr_batch: int | None = None  # lr (and min_lr) are for this global batch: scaled by batch_size / lr_batch
 
     def config(self, **overrides):
-        """This stage's ``TrainConfig``: the recipe's values, then ``overrides`` (budgets, seed, batch)."""
+        """This stage's ``TrainConfig``: the recipe's values, then ``overrides`` (budgets, seed, batch).
+        With ``lr_batch``, the recipe's lr follows the batch (LaVIN: 9e-3 x batch / 256) unless ``overrides``
+        set an lr of their own."""
         from vpgtrans.config import TrainConfig
 
-        return TrainConfig(**{**self.train, **overrides})
+        train = dict(self.train)
+        if self.lr_batch is not None and "lr" not in overrides:
+            batch = overrides.get("batch_size", train.get("batch_size", TrainConfig.batch_size))
+            for key in ("lr", "min_lr"):
+                if train.get(key) is not None:
+                    train[key] = train[key] * batch / self.lr_batch
+        return TrainConfig(**{**train, **overrides})
 
 
 BLIP2_SCHEDULE = {"lr": 1e-4, "min_lr": 5e-5}  # BLIP-2's stage-2 recipe: 1e-4, cosine to 5e-5
+
+# LaVIN (Luo et al. 2023): AdamW (0.9, 0.95), wd 0.02, lr 9e-3 per 256 samples, cosine to 0 after a linear
+# warm-up over 2 of its 20 epochs.
+LAVIN_SCHEDULE = {"lr": 9e-3, "min_lr": 0.0, "warmup_fraction": 0.1, "betas": (0.9, 0.95), "weight_decay": 0.02,
+                  "epochs": 20.0}
 
 RECIPES: dict[str, list[Stage]] = {
     "vpgtrans": [
@@ -40,6 +56,10 @@ RECIPES: dict[str, list[Stage]] = {
     ],
     "scratch": [
         Stage("scratch", {"trainable": ["vpg", "connector"], **BLIP2_SCHEDULE}, data="finetune_data", fresh_init=True),
+    ],
+    "lavin": [
+        Stage("finetune", {"trainable": ["connector", "mma"], **LAVIN_SCHEDULE}, data="finetune_data",
+              lr_batch=256),
     ],
 }
 

@@ -77,17 +77,19 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
-    """Multiplier of ``config.lr`` at an optimizer step: linear warm-up, then constant (``min_lr`` None)
+    """Multiplier of ``config.lr`` at an optimizer step: linear warm-up (``warmup_steps``, else
+    ``warmup_fraction`` of the steps), then constant (``min_lr`` None)
     or cosine decay (BLIP-2's schedule) that reaches ``min_lr`` at the last step, ``total_steps - 1``."""
     floor = None if config.min_lr is None else config.min_lr / config.lr
+    warmup = config.warmup_steps or round(config.warmup_fraction * total_steps)
 
     def multiplier(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if floor is None:
             return 1.0
-        span = max(1, total_steps - 1 - config.warmup_steps)  # the last step (total - 1) runs at min_lr
-        progress = min(1.0, (step - config.warmup_steps) / span)
+        span = max(1, total_steps - 1 - warmup)  # the last step (total - 1) runs at min_lr
+        progress = min(1.0, (step - warmup) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier

@@ -51,7 +51,12 @@ class Connector:
     recipe: str = "vpgtrans"  # the RECIPES entry transfer runs
 
 
-CONNECTORS: dict[str, Connector] = {"linear": Connector("qformer")}
+CONNECTORS: dict[str, Connector] = {
+    "linear": Connector("qformer"),
+    # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block
+    "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},),
+                       recipe="lavin"),
+}
 
 
 def connector(name: str) -> Connector:

@@ -85,7 +85,10 @@ class VisionLanguageModel(nn.Module):
         return self.visual(features)  # (B, N, D_llm)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the visual tokens scattered into the image slots."""
+        """Token embeddings with the visual tokens scattered into the image slots.
+
+        A batch may mix samples with an image (exactly N slots each) and text-only samples (no slot):
+        ``pixel_values`` then holds the images of the samples with slots only, in batch order."""
         image_mask = input_ids == IMAGE_TOKEN_ID  # (B, T)
         embed_tokens = self.llm.get_input_embeddings()
         inputs_embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D_llm)
@@ -93,10 +96,14 @@ class VisionLanguageModel(nn.Module):
             return inputs_embeds
         if pixel_values is None:
             raise ValueError("input_ids hold image slots but no pixel_values were given")
-        visual_tokens = self.encode_images(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)  # (B, N, D_llm)
-        if int(image_mask.sum()) != visual_tokens.shape[0] * visual_tokens.shape[1]:
-            raise ValueError(f"each sample needs exactly {visual_tokens.shape[1]} image slots")
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens)
+        slots = image_mask.sum(dim=1)  # (B,)
+        with_image = int((slots > 0).sum())
+        if pixel_values.shape[0] != with_image:
+            raise ValueError(f"{with_image} samples hold image slots but {pixel_values.shape[0]} images were given")
+        visual_tokens = self.encode_images(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)  # (B_img, N, D_llm)
+        if bool(((slots != 0) & (slots != visual_tokens.shape[1])).any()):
+            raise ValueError(f"each sample needs exactly {visual_tokens.shape[1]} image slots, or none")
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens)  # fills samples in batch order
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, **kwargs):
         image_mask = input_ids == IMAGE_TOKEN_ID

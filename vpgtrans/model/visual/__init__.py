@@ -50,9 +50,10 @@ class VisionFeatures:
 
 
 def _kinds() -> dict:
+    from vpgtrans.model.visual.lavin import LavinVisual
     from vpgtrans.model.visual.qformer import QFormerVisual
 
-    return {"qformer": QFormerVisual}
+    return {"qformer": QFormerVisual, "lavin": LavinVisual}
 
 
 VISUAL_KINDS: dict[str, type] = _kinds()

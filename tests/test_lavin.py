@@ -1,0 +1,229 @@
+"""The LaVIN connector: multi-layer [CLS] visual tokens + mixture-of-modality adapters in the frozen LLM."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from test_cli import _user_error
+from vpgtrans import load_model
+from vpgtrans.cli import app
+from vpgtrans.config import InheritConfig
+from vpgtrans.errors import VpgtransError
+from vpgtrans.model.adapters.mma import GroupedUp, MixtureOfModalityLayer
+from vpgtrans.model.visual.lavin import pick_layers
+from vpgtrans.model.vlm import IMAGE_TOKEN_ID
+from vpgtrans.stages.inherit import inherit
+
+IDS = torch.tensor([[1, 7, 12, 30, 5, 9], [1, 4, 4, 8, 21, 2]])
+
+
+@pytest.fixture(scope="module")
+def lavin_bundles(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lavin")
+    return {name: inherit(tiny["source"], tiny[name], root / name, InheritConfig(connector="lavin"))
+            for name in ("llama", "opt")}
+
+
+def _base_logits(llm_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(llm_path).eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_text_only_logits_equal_the_base_llm_at_init(lavin_bundles, tiny, name):
+    model = load_model(lavin_bundles[name], device="cpu")
+    wrapped = [m for m in model.llm.modules() if isinstance(m, MixtureOfModalityLayer)]
+    assert len(wrapped) == 2  # one per decoder block
+    with torch.no_grad():
+        ours = model(input_ids=IDS).logits
+    assert ours.shape[-1] == model.llm.config.vocab_size
+    assert torch.equal(ours, _base_logits(tiny[name], IDS))
+
+
+def test_manifest_parts_and_layers(lavin_bundles):
+    manifest = json.loads((lavin_bundles["llama"] / "manifest.json").read_text())
+    assert manifest["model"]["visual"] == {"type": "lavin", "layers": [1, 2], "hidden": 128}
+    assert manifest["model"]["adapters"] == [{"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0,
+                                              "dropout": 0.1}]
+    assert set(manifest["files"]) == {"connector.safetensors", "mma.safetensors"}
+    mma = load_file(str(lavin_bundles["llama"] / "mma.safetensors"))
+    # The modality embedding is saved once, with the first block's adapter.
+    assert [k for k in mma if "modality" in k] == ["model.layers.0.input_layernorm.modality.weight"]
+    assert not any(mma[k].any() for k in mma if ".up." in k)  # experts start at zero
+    assert mma["model.layers.1.input_layernorm.up.0.weight"].shape == (40, 4)  # block-diagonal: D x r/groups
+    opt = load_file(str(lavin_bundles["opt"] / "mma.safetensors"))
+    assert "model.decoder.layers.1.self_attn_layer_norm.router.weight" in opt
+    connector = load_file(str(lavin_bundles["llama"] / "connector.safetensors"))
+    assert connector["fc1.weight"].shape == (128, 32) and connector["fc2.weight"].shape == (40, 128)
+
+
+def test_pick_layers_follows_lavin():
+    assert pick_layers(24, 6) == [4, 8, 12, 16, 20, 24]  # LaVIN: every 4th of ViT-L's 24
+    assert pick_layers(32, 6) == [6, 11, 16, 22, 27, 32]
+    assert pick_layers(2, 6) == [1, 2]
+
+
+def test_grouped_up_is_a_block_diagonal_conv():
+    up = GroupedUp(8, 12, 2)
+    conv = torch.nn.Conv1d(8, 12, 1, groups=2)
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(12, 4))
+        up.bias.copy_(torch.randn(12))
+        conv.weight.copy_(up.weight[:, :, None])
+        conv.bias.copy_(up.bias)
+    z = torch.randn(3, 5, 8)
+    torch.testing.assert_close(up(z), conv(z.transpose(1, 2)).transpose(1, 2))
+
+
+def _trained_like(model, seed=0):
+    """Give every expert non-zero weights (as after training)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.llm.modules():
+            if isinstance(module, MixtureOfModalityLayer):
+                for up in module.adapter.up:
+                    up.weight.copy_(torch.randn(up.weight.shape, generator=generator) * 0.5)
+                    up.bias.copy_(torch.randn(up.bias.shape, generator=generator) * 0.5)
+
+
+def test_adapter_output_against_a_hand_computation(lavin_bundles):
+    model = load_model(lavin_bundles["llama"], device="cpu")
+    _trained_like(model)
+    layer = model.llm.model.layers[1].input_layernorm
+    adapter = layer.adapter
+    x = torch.randn(2, 3, 40)
+    model.token_context.modality = torch.tensor([1, 0])
+    with torch.no_grad():
+        ours = layer(x)
+        h = layer.base_layer(x)
+        embedding = model.llm.model.layers[0].input_layernorm.adapter.modality.weight  # shared, owned by block 0
+        for b, m in enumerate((1, 0)):
+            logits = adapter.router.weight @ embedding[m] + adapter.router.bias
+            w = torch.exp(logits / 10.0) / torch.exp(logits / 10.0).sum()
+            z = adapter.down.weight @ h[b].T + adapter.down.bias[:, None]  # (r, T)
+            delta = 0
+            for k in range(2):
+                W = adapter.up[k].weight  # (D, r/2): rows 0..19 read z[0:4], rows 20..39 read z[4:8]
+                out = torch.cat([W[:20] @ z[:4], W[20:] @ z[4:]], dim=0) + adapter.up[k].bias[:, None]
+                delta = delta + w[k] * out
+            torch.testing.assert_close(ours[b], h[b] + delta.T, rtol=1e-5, atol=1e-5)
+    model.token_context.modality = None
+
+
+def test_mixed_batch_matches_each_sample_alone(lavin_bundles):
+    """A batch with an image sample and a text-only sample ("Image: N/A", no slot) computes what each
+    computes alone; the modality routes each sample to its own mixture."""
+    model = load_model(lavin_bundles["llama"], device="cpu")
+    _trained_like(model)
+    n = model.num_image_tokens
+    image_ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * n + [7, 12, 30]])
+    text_ids = torch.tensor([[1, 4, 4, 8, 21, 2]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    width = max(image_ids.shape[1], text_ids.shape[1])
+    pad = lambda ids: torch.cat([ids, torch.zeros(1, width - ids.shape[1], dtype=torch.long)], 1)  # noqa: E731
+    mask = lambda ids: torch.cat([torch.ones_like(ids), torch.zeros(1, width - ids.shape[1], dtype=torch.long)], 1)  # noqa: E731
+    with torch.no_grad():
+        both = model(input_ids=torch.cat([pad(text_ids), pad(image_ids)]), pixel_values=pixels,
+                     attention_mask=torch.cat([mask(text_ids), mask(image_ids)])).logits
+        alone_text = model(input_ids=text_ids).logits
+        alone_image = model(input_ids=image_ids, pixel_values=pixels).logits
+        as_image = model.llm(inputs_embeds=model.llm.get_input_embeddings()(text_ids)).logits  # modality None: text
+    torch.testing.assert_close(both[0, :text_ids.shape[1]], alone_text[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1, :image_ids.shape[1]], alone_image[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(as_image, alone_text)
+    # After training the experts, the text path changes too (LaVIN adapts text-only samples): only the
+    # untrained model is exactly the base LLM.
+    assert not torch.allclose(alone_text, load_model(lavin_bundles["llama"], device="cpu")(input_ids=text_ids).logits)
+    with torch.no_grad():  # the image modality routes differently from the text one
+        routed = {m: model.llm.model.layers[0].input_layernorm.adapter.weights(torch.tensor([m])) for m in (0, 1)}
+    assert not torch.allclose(routed[0], routed[1])
+    with pytest.raises(ValueError, match="exactly 2 image slots, or none"):
+        model(input_ids=torch.tensor([[IMAGE_TOKEN_ID, 1, 2, 3], [1, 2, 3, 4]]), pixel_values=pixels)
+    with pytest.raises(ValueError, match="1 samples hold image slots but 2 images"):
+        model(input_ids=pad(image_ids), pixel_values=pixels.repeat(2, 1, 1, 1))
+
+
+def test_generation_with_cache_equals_a_greedy_loop(lavin_bundles):
+    model = load_model(lavin_bundles["llama"], device="cpu")
+    _trained_like(model)
+    n = model.num_image_tokens
+    ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * n + [7, 12]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        generated = model.generate(ids, pixels, torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False, pad_token_id=0)
+        sequence = ids
+        for _ in range(4):
+            logits = model(input_ids=sequence, pixel_values=pixels).logits
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert generated[0].tolist() == sequence[0, ids.shape[1]:].tolist()
+
+
+def test_unknown_block_layouts_and_bad_options_are_one_line_errors(tiny, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vpgtrans.model.adapters import TokenContext, insert_adapters
+    from vpgtrans.model.connectors import CONNECTORS
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(VpgtransError, match="does not know the decoder blocks of a gpt2 model"):
+        insert_adapters(gpt2, list(CONNECTORS["lavin"].adapters), TokenContext())
+    for options, expected in (({"mma": {"rank": 7}}, "rank 7 must be divisible by groups 2"),
+                              ({"mma": {"tau": 0}}, "tau must be a positive number"),
+                              ({"mma": {"dropout": 1.5}}, "dropout must be in"),
+                              ({"mma": {"nope": 1}}, "mma has no option 'nope'")):
+        with pytest.raises(VpgtransError, match=expected):
+            inherit(tiny["source"], tiny["llama"], tmp_path / "bad", InheritConfig(connector="lavin",
+                                                                                  adapter_options=options))
+        assert not (tmp_path / "bad").exists()
+    for options, expected in (({"layers": [0, 5]}, "indices in 0..2"), ({"hidden": 0}, "hidden must be"),
+                              ({"pool": 2}, "no option 'pool'")):
+        with pytest.raises(VpgtransError, match=expected):
+            inherit(tiny["source"], tiny["llama"], tmp_path / "bad", InheritConfig(connector="lavin",
+                                                                                  visual_options=options))
+
+
+def test_options_reach_the_bundle(tiny, tmp_path):
+    out = inherit(tiny["source"], tiny["llama"], tmp_path / "o", InheritConfig(
+        connector="lavin", visual_options={"hidden": 16, "layers": [0, 1, 2]}, adapter_options={"mma": {"rank": 4,
+                                                                                                     "tau": 5.0}}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["visual"] == {"type": "lavin", "layers": [0, 1, 2], "hidden": 16}
+    assert manifest["model"]["adapters"][0]["rank"] == 4 and manifest["model"]["adapters"][0]["tau"] == 5.0
+    assert load_model(out, device="cpu").num_image_tokens == 3
+
+
+def test_parameter_count_for_llama_7b_shapes_on_the_meta_device():
+    """LaVIN-7B's trainable parameters, from shapes only. LaVIN's own count, 3,781,296, is:
+    32 LLM blocks x 81,930 (down 4096*8+8, two block-diagonal ups 2*(4096*4+4096), router 4096*2+2)
+    + the connector 1024*128+128 + 128*4096+4096 + the modality embedding 2*4096
+    + 24 ViT-L blocks x 20,490 (the same adapter at width 1024) = 3,781,296."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from vpgtrans.model.adapters import TokenContext, insert_adapters
+    from vpgtrans.model.connectors import CONNECTORS
+    from vpgtrans.model.visual.lavin import LavinVisual
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32000)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    holder = torch.nn.Module()
+    holder.llm = llm
+    parts = insert_adapters(llm, list(CONNECTORS["lavin"].adapters), TokenContext())
+    llm_side = sum(p.numel() for part in parts for p in part.parameters(holder))
+    assert llm_side == 32 * 81_930 + 2 * 4096
+    visual = LavinVisual({"type": "lavin", "layers": pick_layers(24, 6), "hidden": 128}, {"hidden_size": 1024}, 4096)
+    connector = sum(p.numel() for p in visual.connector.parameters())
+    assert connector == 1024 * 128 + 128 + 128 * 4096 + 4096 and visual.num_tokens == 6
+    vit_side = 24 * 20_490  # LaVIN's adapters in the ViT blocks: not built by this connector (yet)
+    assert llm_side + connector + vit_side == 3_781_296
+    assert math.isclose((llm_side + connector + vit_side) / 7e9, 1 / 1851, rel_tol=0.01)
