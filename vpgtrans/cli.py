@@ -72,6 +72,10 @@ LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the froze
 LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
 ReportTo = Annotated[str, typer.Option(help="none, tensorboard or wandb (through accelerate's trackers).")]
+PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "
+                                                      "(P must divide S; default S/2).")]
+AdaptivePool = Annotated[bool, typer.Option("--adaptive-pool", help="infmllm: adaptive average pooling, so P need "
+                                                                     "not divide S (off by default).")]
 
 
 def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len):
@@ -86,6 +90,21 @@ def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, gra
     if epochs is not None:
         overrides["epochs"] = epochs
     return TrainConfig.warmup(**overrides) if kind == "warmup" else TrainConfig.finetune(**overrides)
+
+
+def _visual_options(pool_size, adaptive_pool) -> dict:
+    """``InheritConfig.visual_options`` from the visual kind's flags (only those given)."""
+    return {key: value for key, value in (("pool_size", pool_size), ("adaptive", adaptive_pool or None))
+            if value is not None}
+
+
+def _stage_configs(recipe_name: str, done: tuple, **overrides) -> dict:
+    """``TrainConfig`` of every stage of the recipe not in ``done`` (the stages with their own flags): the
+    recipe's values with the shared budget, batch and seed flags (those given)."""
+    from vpgtrans.recipes import recipe
+
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    return {stage.name: stage.config(**overrides) for stage in recipe(recipe_name) if stage.name not in done}
 
 
 def _print_json(data) -> None:
@@ -121,16 +140,18 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
                                                         "projector).")] = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
+            pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
             force: Force = False, verbose: Verbose = False):
     """Inherit the source VPG and initialise the projector through the word converter."""
     quiet_libraries()
     setup_logging(verbose)
-    from vpgtrans.config import InheritConfig
+    from vpgtrans.config import InheritConfig, replace
     from vpgtrans.stages.inherit import inherit as run
 
     from vpgtrans.outputs import check_out_dir
 
     config = InheritConfig(converter=converter, ridge=ridge, connector=connector)
+    config = replace(config, visual_options=_visual_options(pool_size, adaptive_pool))
     check_out_dir(out, force, inputs=[source, target_llm, vision, source_llm, corpus])
     _check_remote_code(target_llm, trust_remote_code)
     path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
@@ -256,6 +277,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                    "the running one from its latest checkpoint.")] = False,
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
+             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
              strict: Strict = False, force: Force = False, verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     quiet_libraries()
@@ -265,6 +287,10 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
 
     def pick(specific, shared):
         return specific if specific is not None else shared
+
+    from vpgtrans.model.connectors import connector as connector_entry
+
+    recipe_name = "scratch" if from_scratch else recipe or connector_entry(connector).recipe
 
     warmup_config = _train_config("warmup", warmup_lr, pick(warmup_max_steps, max_steps), pick(warmup_max_samples, max_samples),
                                   epochs, batch_size, grad_accum, seed, eval_every, max_text_len)
@@ -280,9 +306,13 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                 corpus])
     _check_remote_code(target_llm, trust_remote_code)
     data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
+    configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
+                             max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                             seed=seed, eval_every=eval_every, max_text_len=max_text_len)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
-                             finetune_config=finetune_config, recipe=recipe,
-                             inherit_config=InheritConfig(converter=converter, ridge=ridge, connector=connector),
+                             finetune_config=finetune_config, recipe=recipe, configs=configs,
+                             inherit_config=InheritConfig(converter=converter, ridge=ridge, connector=connector,
+                                                          visual_options=_visual_options(pool_size, adaptive_pool)),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
                              progress=progress_bar("train", batch_size), options=options)

@@ -8,6 +8,9 @@ Every stage writes its own bundle, named after the stage. No torch import here.
     vpgtrans  warmup (projector only, 5x lr, constant, 1 epoch) -> finetune (VPG + projector, 1e-4 cosine
               to 5e-5): VPGTrans (Zhang et al. 2023), as its reference code runs it
     scratch   scratch (VPG + projector freshly initialised, BLIP-2's 1e-4 cosine to 5e-5): the baseline
+    infmllm   align (pool-adapter only, 1e-3 constant) -> multitask (pool-adapter + ln_vision, 1e-4 cosine to
+              5e-5): InfMLLM's stages as vpgtrans runs them (the lr values are ours; InfMLLM ships no
+              training code)
     lavin     finetune (LaVIN connector + mixture-of-modality adapters, lr 9e-3 x batch/256, cosine to 0
               after a 10% warm-up, AdamW (0.9, 0.95), wd 0.02, 20 epochs): LaVIN's, on the inherited ViT
 """
@@ -56,6 +59,10 @@ RECIPES: dict[str, list[Stage]] = {
     ],
     "scratch": [
         Stage("scratch", {"trainable": ["vpg", "connector"], **BLIP2_SCHEDULE}, data="finetune_data", fresh_init=True),
+    ],
+    "infmllm": [
+        Stage("align", {"trainable": ["pool_adapter"], "lr": 1e-3, "min_lr": None}),
+        Stage("multitask", {"trainable": ["ln_vision", "pool_adapter"], **BLIP2_SCHEDULE}, data="finetune_data"),
     ],
     "lavin": [
         Stage("finetune", {"trainable": ["connector", "mma"], **LAVIN_SCHEDULE}, data="finetune_data",

@@ -53,6 +53,8 @@ class Connector:
 
 CONNECTORS: dict[str, Connector] = {
     "linear": Connector("qformer"),
+    # InfMLLM's pool-adapter on the ViT's patch grid, no Q-Former (vpgtrans.model.visual.pool)
+    "infmllm": Connector("pool", recipe="infmllm"),
     # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block
     "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},),
                        recipe="lavin"),

@@ -51,9 +51,10 @@ class VisionFeatures:
 
 def _kinds() -> dict:
     from vpgtrans.model.visual.lavin import LavinVisual
+    from vpgtrans.model.visual.pool import PoolVisual
     from vpgtrans.model.visual.qformer import QFormerVisual
 
-    return {"qformer": QFormerVisual, "lavin": LavinVisual}
+    return {"qformer": QFormerVisual, "pool": PoolVisual, "lavin": LavinVisual}
 
 
 VISUAL_KINDS: dict[str, type] = _kinds()

@@ -1,0 +1,153 @@
+"""InfMLLM's connector: the pool-adapter visual kind (pooling, pool-size check, converter init), the
+``infmllm`` connector and recipe through inherit -> transfer -> eval -> export -> load_model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from test_cli import _user_error
+from vpgtrans import load_model
+from vpgtrans.cli import app
+from vpgtrans.config import InheritConfig
+from vpgtrans.errors import VpgtransError
+from vpgtrans.model.visual import VisionFeatures
+from vpgtrans.model.visual.pool import PoolVisual
+from vpgtrans.stages.inherit import inherit
+
+
+def _section(**changes):
+    return {"type": "pool", "grid": 4, "pool_size": 2, "adaptive": False, "hidden": 6, "init": "fresh",
+            "ln_eps": 1e-6, **changes}
+
+
+def test_pooling_keeps_the_grid_order_and_averages_without_overlap():
+    kind = PoolVisual(_section(), {"hidden_size": 3, "image_size": 32, "patch_size": 8}, llm_width=5)
+    kind.pool_adapter.init_fresh(0)
+    last = torch.randn(2, 1 + 16, 3, generator=torch.Generator().manual_seed(0))
+    tokens = kind(VisionFeatures(last))
+    assert tokens.shape == (2, 4, 5) and kind.num_tokens == 4
+    # By hand: LayerNorm each patch, then the mean of each 2x2 window, windows row by row.
+    grid = F.layer_norm(last[:, 1:], (3,), eps=1e-6).reshape(2, 4, 4, 3)
+    windows = [grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]  # 4 x (B, 3)
+    expected = kind.pool_adapter(torch.stack(windows, dim=1))
+    torch.testing.assert_close(tokens, expected)
+    # Adaptive pooling to a size that does not divide the grid: 3x3 tokens.
+    adaptive = PoolVisual(_section(pool_size=3, adaptive=True), {"hidden_size": 3, "image_size": 32, "patch_size": 8}, 5)
+    assert adaptive(VisionFeatures(last)).shape == (2, 9, 5)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"pool_size": 3}, "does not divide the ViT's 4x4 patch grid"),
+    ({"pool_size": 5, "adaptive": True}, "larger than the ViT's 4x4"),
+    ({"init": "magic"}, "model.visual.init should be one of converter, fresh"),
+    ({"hidden": 0}, "model.visual.hidden should be a positive int"),
+    ({"extra": 1}, "unknown keys 'extra'"),
+])
+def test_section_problems(changes, fragment):
+    assert any(fragment in problem for problem in PoolVisual.problems(_section(**changes)))
+    assert PoolVisual.problems(_section()) == []
+
+
+def test_inherit_composes_the_converter_into_the_last_linear(tiny, tmp_path):
+    from vpgtrans.converter import merge_projector
+    from vpgtrans.sources import read_source
+
+    out = inherit(tiny["source"], tiny["llama"], tmp_path / "conv", InheritConfig(connector="infmllm"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["visual"] == {"type": "pool", "grid": 4, "pool_size": 2, "adaptive": False, "hidden": 64,
+                                           "init": "converter", "ln_eps": 1e-6}
+    assert set(manifest["files"]) == {"ln_vision.safetensors", "pool_adapter.safetensors", "converter.safetensors"}
+    source = read_source(tiny["source"])
+    converter = load_file(str(out / "converter.safetensors"))
+    fc2_w, fc2_b = merge_projector(converter["weight"], converter["bias"], source.projector_weight, source.projector_bias)
+    adapter = load_file(str(out / "pool_adapter.safetensors"))
+    assert torch.equal(adapter["fc2.weight"], fc2_w) and torch.equal(adapter["fc2.bias"], fc2_b)
+    assert adapter["fc1.weight"].shape == (64, 32)  # ViT width -> the source Q-Former width
+    assert torch.equal(load_file(str(out / "ln_vision.safetensors"))["weight"], source.vpg_state["ln_vision.weight"])
+    assert manifest["metrics"]["pool"] == {"grid": 4, "pool_size": 2, "tokens": 4, "init": "converter"}
+
+    fresh = inherit(tiny["source"], tiny["llama"], tmp_path / "fresh",
+                    InheritConfig(connector="infmllm", converter="none", visual_options={"pool_size": 4}))
+    visual = json.loads((fresh / "manifest.json").read_text())["model"]["visual"]
+    assert (visual["init"], visual["hidden"], visual["pool_size"]) == ("fresh", 40, 4)  # InfMLLM's shape: d -> d
+    assert "converter.safetensors" not in json.loads((fresh / "manifest.json").read_text())["files"]
+    for options, fragment in (({"pool_size": 3}, "does not divide"), ({"pool": 2}, "takes options pool_size, adaptive"),
+                              ({"adaptive": "yes"}, "must be true or false")):
+        with pytest.raises(VpgtransError, match=fragment):
+            inherit(tiny["source"], tiny["llama"], tmp_path / "bad", InheritConfig(connector="infmllm", visual_options=options))
+        assert not (tmp_path / "bad").exists()
+
+
+def test_pool_size_that_does_not_divide_the_grid_is_one_line_exit_2(tiny, tmp_path):
+    runner = CliRunner()
+    common = ["--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]), "--connector", "infmllm"]
+    line = _user_error(runner.invoke(app, ["inherit", *common, "--out", str(tmp_path / "x"), "--pool-size", "3"]),
+                       "--pool-size 3 does not divide the ViT's 4x4 patch grid", "--adaptive-pool")
+    assert "1, 2, 4" in line
+    assert not (tmp_path / "x").exists()
+    _user_error(runner.invoke(app, ["transfer", *common, "--data", str(tiny["caption"]), "--out", str(tmp_path / "t"),
+                                    "--pool-size", "3", "--max-steps", "1"]), "does not divide")
+    assert not (tmp_path / "t" / "inherit").exists()
+    result = runner.invoke(app, ["inherit", *common, "--out", str(tmp_path / "a"), "--pool-size", "3", "--adaptive-pool"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["model"]["visual"]["adaptive"] is True
+
+
+def test_infmllm_connector_runs_every_command(tiny, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
+                                 "--data", str(tiny["caption"]), "--out", str(out), "--connector", "infmllm",
+                                 "--pool-size", "2", "--max-steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "transfer.json").read_text())
+    assert summary["recipe"] == "infmllm" and list(summary["stages"])[:3] == ["inherit", "align", "multitask"]
+    align = json.loads((out / "align" / "manifest.json").read_text())
+    assert align["config"]["train"]["trainable"] == ["pool_adapter"] and align["metrics"]["train"]["steps"] == 2
+    multitask = json.loads((out / "multitask" / "manifest.json").read_text())
+    assert multitask["config"]["train"]["trainable"] == ["ln_vision", "pool_adapter"]
+    assert multitask["metrics"]["train"]["llm_trainable"] == 0
+    # ln_vision trains only in the stage that names it; the adapter in both.
+    files = {stage: {name: load_file(str(out / stage / f"{name}.safetensors")) for name in ("ln_vision", "pool_adapter")}
+             for stage in ("inherit", "align", "multitask")}
+    assert torch.equal(files["inherit"]["ln_vision"]["weight"], files["align"]["ln_vision"]["weight"])
+    assert not torch.equal(files["align"]["ln_vision"]["weight"], files["multitask"]["ln_vision"]["weight"])
+    assert not torch.equal(files["inherit"]["pool_adapter"]["fc1.weight"], files["align"]["pool_adapter"]["fc1.weight"])
+    final = out / "multitask"
+    assert not (final / "vpg.safetensors").exists()
+
+    # inspect: the Q-Former is not used
+    result = runner.invoke(app, ["inspect", str(final), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["visual"] == "pool" and any("Q-Former is not used" in note for note in info["notes"])
+
+    # eval, then the adapter export, which loads and computes the same.
+    scores = tmp_path / "scores.json"
+    result = runner.invoke(app, ["eval", str(final), "--data", str(tiny["caption"]), "--max-samples", "4",
+                                 "--max-new-tokens", "3", "--out", str(scores)])
+    assert result.exit_code == 0, result.output
+    assert {"cider", "bleu4"} <= set(json.loads(scores.read_text())["scores"])
+    exported = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(final), "--format", "adapter", "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((exported / "adapter_config.json").read_text())
+    assert config["visual"] == "pool"
+    assert config["parts"] == {"ln_vision": "ln_vision.safetensors", "pool_adapter": "pool_adapter.safetensors"}
+    model, reloaded = load_model(final, device="cpu"), load_model(exported, device="cpu")
+    assert model.num_image_tokens == 4
+    from vpgtrans.model.vlm import IMAGE_TOKEN_ID
+
+    ids = torch.tensor([[IMAGE_TOKEN_ID] * 4 + [1, 7, 12]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits,
+                           reloaded(input_ids=ids, pixel_values=pixels).logits)
+    _user_error(runner.invoke(app, ["export", str(final), "--format", "hf", "--out", str(tmp_path / "hf")]),
+                "visual kind is 'pool'", "--format adapter")
