@@ -76,9 +76,23 @@ PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's S
                                                       "(P must divide S; default S/2).")]
 AdaptivePool = Annotated[bool, typer.Option("--adaptive-pool", help="infmllm: adaptive average pooling, so P need "
                                                                      "not divide S (off by default).")]
+LoraRank = Annotated[Optional[int], typer.Option(help="plora: LoRA rank r (default 8).")]
+LoraAlpha = Annotated[Optional[float], typer.Option(help="plora: LoRA alpha; the delta is scaled by alpha/r (default 16).")]
+LoraDropout = Annotated[Optional[float], typer.Option(help="plora: dropout on the LoRA input (default 0.05).")]
+LoraTargets = Annotated[Optional[str], typer.Option(help="plora: comma-separated groups (attention, mlp: on MoE LLMs "
+                                                         "the experts) or layers (self_attn.q_proj, mlp.experts).")]
 
 
-def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len):
+def _adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets) -> dict:
+    """``InheritConfig.adapter_options`` from the friendly --lora-* flags (only those given)."""
+    plora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
+             "targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets is not None else None}
+    plora = {key: value for key, value in plora.items() if value is not None}
+    return {"plora": plora} if plora else {}
+
+
+def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len,
+                  recipe_name: str = "vpgtrans"):
     from vpgtrans.config import TrainConfig
 
     overrides = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_steps": max_steps,
@@ -89,6 +103,11 @@ def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, gra
             overrides["min_lr"] = lr / 2  # keep the recipe's cosine-to-half shape
     if epochs is not None:
         overrides["epochs"] = epochs
+    from vpgtrans.recipes import recipe
+
+    own = next((stage for stage in recipe(recipe_name) if stage.name == kind), None)
+    if own is not None:  # the recipe's own stage of that name (its trainable parts: plora's adds the LoRA)
+        return own.config(**overrides)
     return TrainConfig.warmup(**overrides) if kind == "warmup" else TrainConfig.finetune(**overrides)
 
 
@@ -113,8 +132,18 @@ def _print_json(data) -> None:
 
 @command()
 def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP dir, LAVIS .pth, HF LLM dir or bundle.")],
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-    """Describe a model, checkpoint or bundle without loading it."""
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            check_text_path: Annotated[bool, typer.Option("--check-text-path", help="Bundle: run probe texts through its "
+                                                          "model and the untouched LLM, print the max |logit diff|; "
+                                                          "exit 1 if a connector that promises 0 differs.")] = False,
+            text: Annotated[Optional[list[str]], typer.Option(
+                metavar="TEXT", help="--check-text-path: a probe text (repeatable; default: three built-in probes).")] = None,
+            load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False):
+    """Describe a model, checkpoint or bundle without loading it (--check-text-path loads it)."""
+    if check_text_path:
+        return _check_text_path(path, text, as_json, load_in_8bit, load_in_4bit)
+    if text or load_in_8bit or load_in_4bit:
+        raise VpgtransError("--text, --load-in-8bit and --load-in-4bit go with --check-text-path")
     from vpgtrans.inspect import inspect_path, render
 
     info = inspect_path(path)
@@ -126,6 +155,26 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
         Console().print(render(info))
     if info.get("valid", True) is not True:
         raise VpgtransError(info["valid"])  # described above; the exit code says it is unusable
+
+
+def _check_text_path(bundle: Path, texts, as_json: bool, load_in_8bit: bool, load_in_4bit: bool):
+    quiet_libraries()
+    from vpgtrans.text_path import check_text_path, render_text_path
+
+    if load_in_8bit and load_in_4bit:
+        raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
+    quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
+    report = check_text_path(bundle, texts, quantization=quantization)
+    if as_json:
+        _print_json(report)
+    else:
+        from rich.console import Console
+
+        Console().print(render_text_path(report))
+    if report["promised"] and not report["exact"]:
+        typer.echo(f"error: text-only logits differ from the LLM's by up to {report['max_abs_diff']:.3g}, though the "
+                   f"bundle's adapters ({', '.join(report['adapters'])}) promise exactly 0", err=True)
+        raise typer.Exit(1)
 
 
 @command()
@@ -141,7 +190,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
                                                         "projector).")] = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
-            force: Force = False, verbose: Verbose = False):
+            lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+            lora_targets: LoraTargets = None, force: Force = False, verbose: Verbose = False):
     """Inherit the source VPG and initialise the projector through the word converter."""
     quiet_libraries()
     setup_logging(verbose)
@@ -150,7 +200,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
 
     from vpgtrans.outputs import check_out_dir
 
-    config = InheritConfig(converter=converter, ridge=ridge, connector=connector)
+    config = InheritConfig(converter=converter, ridge=ridge, connector=connector,
+                           adapter_options=_adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets))
     config = replace(config, visual_options=_visual_options(pool_size, adaptive_pool))
     check_out_dir(out, force, inputs=[source, target_llm, vision, source_llm, corpus])
     _check_remote_code(target_llm, trust_remote_code)
@@ -278,7 +329,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
-             strict: Strict = False, force: Force = False, verbose: Verbose = False):
+             lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+             lora_targets: LoraTargets = None, strict: Strict = False, force: Force = False, verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     quiet_libraries()
     setup_logging(verbose)
@@ -291,12 +343,11 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     from vpgtrans.model.connectors import connector as connector_entry
 
     recipe_name = "scratch" if from_scratch else recipe or connector_entry(connector).recipe
-
     warmup_config = _train_config("warmup", warmup_lr, pick(warmup_max_steps, max_steps), pick(warmup_max_samples, max_samples),
-                                  epochs, batch_size, grad_accum, seed, eval_every, max_text_len)
+                                  epochs, batch_size, grad_accum, seed, eval_every, max_text_len, recipe_name)
     finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
-                                    grad_accum, seed, eval_every, max_text_len)
+                                    grad_accum, seed, eval_every, max_text_len, recipe_name)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
@@ -312,7 +363,9 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, recipe=recipe, configs=configs,
                              inherit_config=InheritConfig(converter=converter, ridge=ridge, connector=connector,
-                                                          visual_options=_visual_options(pool_size, adaptive_pool)),
+                                                          visual_options=_visual_options(pool_size, adaptive_pool),
+                                                          adapter_options=_adapter_options(lora_rank, lora_alpha,
+                                                                                           lora_dropout, lora_targets)),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
                              progress=progress_bar("train", batch_size), options=options)

@@ -13,6 +13,8 @@ Every stage writes its own bundle, named after the stage. No torch import here.
               training code)
     lavin     finetune (LaVIN connector + mixture-of-modality adapters, lr 9e-3 x batch/256, cosine to 0
               after a 10% warm-up, AdamW (0.9, 0.95), wd 0.02, 20 epochs): LaVIN's, on the inherited ViT
+    plora     warmup (projector only, as vpgtrans) -> finetune (VPG + projector + the visual-token LoRA inside
+              the LLM, 1e-4 cosine to 5e-5)
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ RECIPES: dict[str, list[Stage]] = {
     "lavin": [
         Stage("finetune", {"trainable": ["connector", "mma"], **LAVIN_SCHEDULE}, data="finetune_data",
               lr_batch=256),
+    ],
+    "plora": [
+        Stage("warmup", {"trainable": ["connector"], "lr": 5e-4, "min_lr": None}),
+        Stage("finetune", {"trainable": ["vpg", "connector", "plora"], **BLIP2_SCHEDULE}, data="finetune_data"),
     ],
 }
 

@@ -55,6 +55,9 @@ CONNECTORS: dict[str, Connector] = {
     "linear": Connector("qformer"),
     # InfMLLM's pool-adapter on the ViT's patch grid, no Q-Former (vpgtrans.model.visual.pool)
     "infmllm": Connector("pool", recipe="infmllm"),
+    # BLIP-2's projector + LoRA at visual-token positions only (vpgtrans.model.adapters.plora)
+    "plora": Connector("qformer", ({"type": "plora", "rank": 8, "alpha": 16, "dropout": 0.05,
+                                    "targets": ["attention", "mlp"]},), recipe="plora"),
     # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block
     "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},),
                        recipe="lavin"),

@@ -22,9 +22,10 @@ from torch import nn
 from vpgtrans.errors import VpgtransError
 from vpgtrans.model.adapters.context import AdapterLayer, TokenContext
 from vpgtrans.model.adapters.mma import MixtureOfModalityLayer
+from vpgtrans.model.adapters.plora import PLoRA
 from vpgtrans.model.parts import Part
 
-ADAPTERS: dict[str, type] = {"mma": MixtureOfModalityLayer}
+ADAPTERS: dict[str, type] = {"plora": PLoRA, "mma": MixtureOfModalityLayer}
 
 
 def adapter_kind(name: str) -> type:
