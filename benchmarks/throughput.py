@@ -176,7 +176,7 @@ def measure(kind: str, stage: str, root: Path, batch_size: int, steps: int) -> d
         make = TrainConfig.warmup if stage == "warmup" else TrainConfig.finetune
         stamps, loaded = [], _rss_mib()
         run_stage(root / "bundle", root / "data", root / f"out-{stage}", make(max_steps=steps + 1, batch_size=batch_size),
-                  stage, force=True, progress=lambda done, total, loss: stamps.append(time.perf_counter()))
+                  stage, force=True, progress=lambda done, total, loss, lr: stamps.append(time.perf_counter()))
         return {"seconds": [b - a for a, b in zip(stamps, stamps[1:])], "peak_mib": _peak_mib(),
                 "train_mib": _peak_mib() - loaded}
     batch = _batch(root, batch_size)

@@ -20,7 +20,21 @@ from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, qu
 from vpgtrans.errors import VpgtransError
 
 app = typer.Typer(help="Move a visual prompt generator (VPG) from one multimodal LLM to another LLM (VPGTrans).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from vpgtrans import __version__
+
+        typer.echo(f"vpgtrans {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Move a visual prompt generator (VPG) from one multimodal LLM to another LLM (VPGTrans)."""
 
 
 def cli_command(func):
@@ -393,7 +407,9 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
                                                            "(default fp32).")] = None,
           load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
           device_map: Annotated[Optional[str], typer.Option(help="Spread the LLM over the available devices "
-                                                                "(auto, balanced, sequential).")] = None):
+                                                                "(auto, balanced, sequential).")] = None,
+          device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: accelerate's device: "
+                                                            "the GPU when there is one).")] = None):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU)."""
     quiet_libraries()
@@ -407,7 +423,8 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
         raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
     report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out, strict=strict,
-                      force=force, dtype=dtype, quantization=quantization, device_map=device_map)
+                      force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
+                      progress=progress_bar("eval"))
     if as_json:
         _print_json(report)
     else:

@@ -40,8 +40,9 @@ def group_caption_rows(dataset) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
-                   max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None) -> dict:
-    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task)."""
+                   max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None) -> dict:
+    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task).
+    ``progress(done, total)``: called after each batch with the rows done so far."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
@@ -63,6 +64,8 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
         texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
         predictions.extend(clean_generation(t, model.template) for t in texts)
         references.extend(batch["references"])
+        if progress is not None:
+            progress(min(start + batch_size, len(rows)), len(rows))
     model.train(was_training)
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
@@ -73,23 +76,32 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
              out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
-             dtype: str | None = None, quantization: str | None = None, device_map=None) -> dict:
+             dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None) -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
     ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
-    ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated."""
+    ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated. ``device`` None: accelerate's
+    device for this process (the GPU where there is one)."""
     from vpgtrans.bundle import load_model
     from vpgtrans.outputs import check_out_dir
 
     from vpgtrans.training import torch_dtype
 
     frozen_dtype = torch_dtype(dtype)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise VpgtransError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise VpgtransError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     if out is not None:
         check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
     dataset, found_task, stats = load_rows(data, task, strict=strict)
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
-    result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats)
+    result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
+                            progress=progress)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
     if out is not None:

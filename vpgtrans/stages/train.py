@@ -312,7 +312,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
             losses.append(step_loss)
             step += 1
             if progress is not None and main:
-                progress(step, steps, step_loss)
+                progress(step, steps, step_loss, scheduler.get_last_lr()[0])
             if step % config.log_every == 0 or step == steps:
                 lr = scheduler.get_last_lr()[0]
                 if main:
