@@ -396,8 +396,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
 @command("eval")
 def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           data: Annotated[Path, typer.Option(help="Evaluation data directory.")],
-          task: Annotated[Optional[str], typer.Option(help="caption, vqa or grounding (default: what the data "
-                                                           "holds).")] = None,
+          task: Annotated[Optional[str], typer.Option(help="caption, vqa, grounding or multiple-choice (default: "
+                                                           "what the data holds).")] = None,
           batch_size: int = 16, max_samples: Annotated[Optional[int], typer.Option(help="Score only the first N.")] = None,
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
@@ -411,7 +411,8 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: accelerate's device: "
                                                             "the GPU when there is one).")] = None):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
-    grounding: accuracy at IoU >= 0.5, mean IoU)."""
+    grounding: accuracy at IoU >= 0.5, mean IoU; multiple-choice: accuracy, by image / text-only, and the
+    count of unparseable answers)."""
     quiet_libraries()
     from vpgtrans.evaluate import evaluate
 

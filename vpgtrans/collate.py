@@ -7,7 +7,7 @@ import logging
 import torch
 
 from vpgtrans.config import PromptTemplate
-from vpgtrans.data import NO_IMAGE_LIMIT, LoadStats, first_line
+from vpgtrans.data import IMAGE_OPTIONAL, NO_IMAGE_LIMIT, LoadStats, first_line
 from vpgtrans.errors import VpgtransError
 from vpgtrans.images import ImageTooLarge, image_name, open_image
 from vpgtrans.prompting import IGNORE_INDEX, prompt_ids, training_example
@@ -32,6 +32,10 @@ def _target(row: dict, task: str) -> str:
         return _first(row["caption"])
     if task == "vqa":
         return most_common_answer(row["answers"])
+    if task == "multiple-choice":
+        from vpgtrans.multiple_choice import target_text
+
+        return target_text(row["answer"])
     from vpgtrans.grounding import format_box
 
     return format_box(row["box"])
@@ -42,7 +46,9 @@ class Collator:
     only, left-padded for decoder-only LLMs, plus the references for scoring (grounding: the box).
 
     Rows whose image cannot be used are left out of the batch and counted in ``stats`` (an error
-    when ``stats.strict``); a batch with no usable row is ``{}``."""
+    when ``stats.strict``); a batch with no usable row is ``{}``. Multiple-choice rows may have no image
+    (``"image": None``): they get no image slots, and ``pixel_values`` holds the images of the other rows
+    only, in order (None when no row of the batch has one)."""
 
     def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
                  is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None):
@@ -87,6 +93,9 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         images, kept = [], []
         for row in rows:
+            if row.get("image") is None and self.task in IMAGE_OPTIONAL:
+                kept.append(row)  # a text-only question: nothing to open
+                continue
             try:
                 images.append(open_image(row["image"]))
             except ImageTooLarge as exc:
@@ -101,23 +110,30 @@ class Collator:
             self._flush_warnings()
         if not kept:
             return {}
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        # Grounding prompts through the template's VQA slot: the referring expression is the question.
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+        # Grounding and multiple-choice prompt through the template's VQA slot: the referring expression, or
+        # the question with its lettered options, is the question.
         prompt_task = "caption" if self.task == "caption" else "vqa"
         question = (lambda r: None) if self.task == "caption" else (lambda r: r["question"])
+        if self.task == "multiple-choice":
+            from vpgtrans.multiple_choice import format_question as question
+        has_image = [r.get("image") is not None for r in kept]
         if self.mode == "generate":
             ids = [prompt_ids(self.tokenizer, self.template, prompt_task, self.num_query_tokens, question(r),
-                              self.is_encoder_decoder) for r in kept]
+                              self.is_encoder_decoder, image) for r, image in zip(kept, has_image)]
             left = not self.is_encoder_decoder
             input_ids = self._pad(ids, self.pad_id, left=left)
             attention_mask = self._pad([[1] * len(s) for s in ids], 0, left=left)
             references = [r["answers"] if self.task == "vqa" else list(r["box"]) if self.task == "grounding" else
-                          (r["caption"] if isinstance(r["caption"], list) else [r["caption"]]) for r in kept]
+                          {"answer": r["answer"], "num_choices": len(r["choices"]), "image": image}
+                          if self.task == "multiple-choice" else
+                          (r["caption"] if isinstance(r["caption"], list) else [r["caption"]])
+                          for r, image in zip(kept, has_image)]
             return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                     "references": references}
         examples = [training_example(self.tokenizer, self.template, prompt_task, self.num_query_tokens,
-                                     _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len)
-                    for r in kept]
+                                     _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len,
+                                     image) for r, image in zip(kept, has_image)]
         input_ids = self._pad([e["input_ids"] for e in examples], self.pad_id, left=False)
         attention_mask = self._pad([[1] * len(e["input_ids"]) for e in examples], 0, left=False)
         labels = self._pad([e["labels"] for e in examples], IGNORE_INDEX, left=False)

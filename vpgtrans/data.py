@@ -2,7 +2,9 @@
 
 Rows are ``{"image": "relative/path", "caption": "..." | [...]}`` (captioning),
 ``{"image", "question", "answers": [...]}`` (VQA) or ``{"image", "question", "box": [x1, y1, x2, y2]}``
-(grounding: the question is the referring expression, the box in normalised [0, 1] coordinates).
+(grounding: the question is the referring expression, the box in normalised [0, 1] coordinates) or
+``{"question", "choices": [...], "answer": index, "image"?, "context"?}`` (multiple-choice: the only task
+whose rows may have no image; see ``vpgtrans.multiple_choice``).
 
 Bad input has one defined outcome each (docs/security.md has the table):
 
@@ -36,8 +38,10 @@ from vpgtrans.errors import VpgtransError
 
 log = logging.getLogger(__name__)
 
-TASK_KEYS = {"caption": ("caption",), "vqa": ("question", "answers"), "grounding": ("question", "box")}
+TASK_KEYS = {"caption": ("caption",), "vqa": ("question", "answers"), "grounding": ("question", "box"),
+             "multiple-choice": ("question", "choices", "answer")}
 TASKS = tuple(TASK_KEYS)
+IMAGE_OPTIONAL = ("multiple-choice",)  # tasks whose rows may come without an image (text-only questions)
 MAX_TEXT_CHARS = 1000  # per caption / question / answer; longer text is cut (targets are cut again in tokens)
 MAX_LINE_BYTES = 1 << 20  # a jsonl line longer than this is a bad row, never parsed
 MAX_PROBLEMS = 20  # problems kept verbatim in the stats (all are counted)
@@ -168,7 +172,8 @@ def _choose_task(rows: list[dict], task: str | None, where: str) -> str:
         return task
     best = max(TASKS, key=lambda name: votes[name])  # ties: the first in TASKS
     if rows and not votes[best]:
-        raise VpgtransError(f"{where}: no row has 'caption', 'question' + 'answers' or 'question' + 'box' "
+        raise VpgtransError(f"{where}: no row has 'caption', 'question' + 'answers', 'question' + 'box' or "
+                            "'question' + 'choices' + 'answer' "
                             f"({len(rows)} rows read); see docs/formats.md for the row formats")
     return best
 
@@ -218,20 +223,37 @@ def _box(value) -> list[float]:
 def clean_row(row: dict, task: str, max_chars: int, stats: LoadStats) -> dict:
     """The task's fields of ``row``, checked and normalised (captions and answers as lists of strings,
     the box as four floats); raises ``_Bad`` for a row to skip. The image is not touched."""
-    missing = [key for key in ("image", *TASK_KEYS[task]) if not _present(row, key)]
+    needed = TASK_KEYS[task] if task in IMAGE_OPTIONAL else ("image", *TASK_KEYS[task])
+    missing = [key for key in needed if not _present(row, key)]
     if missing:
         raise _Bad("missing_key", f"no {', '.join(repr(k) for k in missing)} (a {task} row needs "
-                                  f"{', '.join(('image', *TASK_KEYS[task]))})")
-    clean = {"image": row["image"]}
+                                  f"{', '.join(needed)})")
+    clean = {"image": row.get("image")}
     if task == "caption":
         clean["caption"] = _texts(row["caption"], "caption", max_chars, stats)
     else:
         clean["question"] = _text(row["question"], "question", max_chars, stats)
         if task == "vqa":
             clean["answers"] = _texts(row["answers"], "answers", max_chars, stats)
-        else:
+        elif task == "grounding":
             clean["box"] = _box(row["box"])
+        else:
+            clean.update(_multiple_choice(row, max_chars, stats))
     return clean
+
+
+def _multiple_choice(row: dict, max_chars: int, stats: LoadStats) -> dict:
+    from vpgtrans.multiple_choice import choices_problem
+
+    problem = choices_problem(row["choices"], row["answer"])
+    if problem:
+        raise _Bad("bad_row", problem)
+    context = row.get("context")
+    if context is not None and not isinstance(context, str):
+        raise _Bad("bad_row", f"'context' must be a string (got {type(context).__name__})")
+    context = context.strip()[:max_chars] if context else ""
+    return {"choices": [_text(choice, "choices", max_chars, stats) for choice in row["choices"]],
+            "answer": row["answer"], "context": context}
 
 
 def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: LoadStats) -> tuple[list[dict], str]:
@@ -257,6 +279,9 @@ def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: Loa
     for where, row in parsed:
         try:
             clean = clean_row(row, task, max_chars, stats)
+            if clean["image"] is None and task in IMAGE_OPTIONAL:  # a text-only question
+                rows.append(clean)
+                continue
             if not isinstance(clean["image"], str) or not clean["image"]:
                 raise _Bad("bad_row", "'image' must be a non-empty path string")
             image = data_dir / clean["image"]
@@ -280,6 +305,10 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     columns = set(dataset.column_names)
+    optional = task in IMAGE_OPTIONAL or task is None and set(TASK_KEYS["multiple-choice"]) <= columns
+    if "image" not in columns and optional:  # text-only questions
+        dataset = dataset.add_column("image", [None] * len(dataset))
+        columns.add("image")
     if "image" not in columns:
         raise VpgtransError(f"{data_dir}: the dataset has no 'image' column")
     held = [name for name, keys in TASK_KEYS.items() if set(keys) <= columns]
@@ -293,6 +322,7 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
     images = dataset.select_columns(["image"])
     if isinstance(images.features["image"], datasets.Image):
         images = images.cast_column("image", datasets.Image(decode=False))  # presence only: nothing decoded here
+    keys = (*keys, "context") if "context" in columns and task in IMAGE_OPTIONAL else keys
     text = dataset.select_columns(list(keys)).to_list()
     kept, cleaned = [], {key: [] for key in keys}
     for index, (image, row) in enumerate(zip(images["image"], text)):
@@ -300,7 +330,7 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
         where = f"{data_dir.name}[{index}]"
         try:
             clean = clean_row({**row, "image": image}, task, max_chars, stats)
-            if isinstance(image, str) and not Path(image).is_file():
+            if isinstance(image, str) and not Path(image).is_file():  # (None: a text-only question)
                 raise _Bad("missing_image", f"image {image!r} not found")
         except _Bad as bad:
             stats.skip(bad.kind, where, str(bad))

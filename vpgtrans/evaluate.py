@@ -1,6 +1,7 @@
 """``eval``: generate with the bundle's prompt template and score — captions with CIDEr and BLEU-4
 (pycocoevalcap), VQA with the standard VQAv2 accuracy and exact match, grounding (box text
-``x1,y1,x2,y2``) with accuracy at IoU >= 0.5 and mean IoU. Never writes into the bundle."""
+``x1,y1,x2,y2``) with accuracy at IoU >= 0.5 and mean IoU, multiple-choice with accuracy (by image / text-only)
+and the count of unparseable answers. Never writes into the bundle."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from vpgtrans.prompting import clean_generation, stop_token_ids
 
 def score(task: str, predictions: list[str], references: list) -> dict:
     """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM; grounding -> accuracy at
-    IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes)."""
+    IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes); multiple-choice -> accuracy overall,
+    with / without an image, unparseable answers counted."""
     from vpgtrans.grounding import grounding_accuracy
     from vpgtrans.metrics import caption_scores, vqa_scores
+    from vpgtrans.multiple_choice import multiple_choice_scores
 
     if task not in TASKS:
         raise VpgtransError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return {"caption": caption_scores, "vqa": vqa_scores, "grounding": grounding_accuracy}[task](predictions, references)
+    return {"caption": caption_scores, "vqa": vqa_scores, "grounding": grounding_accuracy,
+            "multiple-choice": multiple_choice_scores}[task](predictions, references)
 
 
 def group_caption_rows(dataset) -> list[dict]:
@@ -58,7 +62,8 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
         batch = collate(rows[start:start + batch_size])
         if not batch:
             continue
-        generated = model.generate(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None  # text-only
+        generated = model.generate(batch["input_ids"].to(device), pixel_values,
                                    batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
                                    num_beams=num_beams, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
         texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)

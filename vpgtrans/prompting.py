@@ -11,6 +11,7 @@ from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate
 from vpgtrans.model.vlm import IMAGE_TOKEN_ID
 
 IGNORE_INDEX = -100
+NO_IMAGE = "Image: N/A"  # what a text-only sample has in place of the image slots (LaVIN's form)
 
 
 def _encode_template(tokenizer, text: str, question: str | None) -> list[int]:
@@ -28,11 +29,13 @@ def _encode_template(tokenizer, text: str, question: str | None) -> list[int]:
 
 
 def prompt_ids(tokenizer, template: PromptTemplate, task: str, num_query_tokens: int,
-               question: str | None = None, is_encoder_decoder: bool = False) -> list[int]:
-    """The prompt (everything before the target) as ids, image slots as ``IMAGE_TOKEN_ID``."""
+               question: str | None = None, is_encoder_decoder: bool = False, image: bool = True) -> list[int]:
+    """The prompt (everything before the target) as ids, image slots as ``IMAGE_TOKEN_ID``; a sample
+    without an image (``image`` False) has the text ``NO_IMAGE`` there instead, and no slot."""
     text = template.caption if task == "caption" else template.vqa
     before, after = text.split(IMAGE_SLOT)  # split first: a question's own text never adds slots
-    ids = (_encode_template(tokenizer, before, question) + [IMAGE_TOKEN_ID] * num_query_tokens
+    slots = [IMAGE_TOKEN_ID] * num_query_tokens if image else tokenizer(NO_IMAGE, add_special_tokens=False)["input_ids"]
+    ids = (_encode_template(tokenizer, before, question) + slots
            + _encode_template(tokenizer, after, question))
     if is_encoder_decoder and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -53,9 +56,9 @@ def target_ids(tokenizer, template: PromptTemplate, task: str, target: str,
 
 def training_example(tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, target: str,
                      question: str | None = None, is_encoder_decoder: bool = False,
-                     max_target_len: int = 64) -> dict[str, list[int]]:
+                     max_target_len: int = 64, image: bool = True) -> dict[str, list[int]]:
     """One training sample: ``input_ids`` and ``labels`` (and for seq2seq, ``labels`` on the decoder)."""
-    prompt = prompt_ids(tokenizer, template, task, num_query_tokens, question, is_encoder_decoder)
+    prompt = prompt_ids(tokenizer, template, task, num_query_tokens, question, is_encoder_decoder, image)
     target_tokens = target_ids(tokenizer, template, task, target, is_encoder_decoder)[:max_target_len]
     if is_encoder_decoder:
         return {"input_ids": prompt, "labels": target_tokens}

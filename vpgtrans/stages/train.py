@@ -128,7 +128,7 @@ def _micro_batches(collate, dataset, chunks: list[list[int]], device) -> list[tu
     for chunk in chunks:
         batch = collate([dataset[i] for i in chunk])
         if batch:
-            batches.append((chunk, {k: v.to(device) for k, v in batch.items()}))
+            batches.append((chunk, {k: v if v is None else v.to(device) for k, v in batch.items()}))  # None: no image
     return batches
 
 
