@@ -151,3 +151,22 @@ def test_infmllm_connector_runs_every_command(tiny, tmp_path):
                            reloaded(input_ids=ids, pixel_values=pixels).logits)
     _user_error(runner.invoke(app, ["export", str(final), "--format", "hf", "--out", str(tmp_path / "hf")]),
                 "visual kind is 'pool'", "--format adapter")
+
+
+def test_warmup_projector_trains_the_pool_adapter_on_refcoco_rows(tiny, tmp_path):
+    from test_grounding import REFEXP, _refexp_data
+
+    bundle = inherit(tiny["source"], tiny["llama"], tmp_path / "inherit", InheritConfig(connector="infmllm"))
+    data = _refexp_data(tmp_path / "r", REFEXP)
+    runner = CliRunner()
+    result = runner.invoke(app, ["warmup-projector", str(bundle), "--data", str(data), "--out", str(tmp_path / "warm"),
+                                 "--max-steps", "2", "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "warm" / "manifest.json").read_text())
+    assert manifest["config"]["train"]["trainable"] == ["pool_adapter"] and manifest["config"]["task"] == "grounding"
+    result = runner.invoke(app, ["eval", str(tmp_path / "warm"), "--data", str(data), "--task", "grounding", "--json",
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["scores"]) == {"acc_iou50", "mean_iou", "parsed", "unparseable", "n"}
+    assert report["baselines"]["largest_object"]["n"] == 2  # the two rows of image 0

@@ -25,7 +25,7 @@ def test_training_on_grounding_records_a_grounding_curve(inherited, tmp_path):
                            eval_data=data)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["step"] for p in manifest["curve"]] == [0, 1, 2]
-    assert set(manifest["curve"][-1]) == {"step", "samples", "accuracy", "mean_iou", "parsed"}
+    assert set(manifest["curve"][-1]) == {"step", "samples", "acc_iou50", "mean_iou", "parsed", "unparseable"}
     assert 0.0 <= manifest["metrics"]["eval"]["mean_iou"] <= 1.0
 
 

@@ -77,6 +77,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad data row or unreadable image "
                                                       "(default: skip it and count it in the manifest).")]
+BboxFormat = Annotated[str, typer.Option(help="Pixel boxes of RefCOCO-style rows (image, expression, bbox): xyxy "
+                                              "corners or xywh (RefCOCO's own files).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N optimizer steps under OUT/checkpoints/.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint under --out.")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
@@ -227,11 +229,11 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     typer.echo(f"bundle written to {path}")
 
 
-def _data(path: Path | None, strict: bool):
-    """A data path that carries --strict to every loader it reaches."""
+def _data(path: Path | None, strict: bool, bbox_format: str = "xyxy"):
+    """A data path that carries --strict and --bbox-format to every loader it reaches."""
     from vpgtrans.data import DataDir
 
-    return None if path is None else DataDir(path, strict=strict)
+    return None if path is None else DataDir(path, strict=strict, bbox_format=bbox_format)
 
 
 def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
@@ -249,7 +251,7 @@ def _run_options(**options):
 
 
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, options, *, eval_data: Path | None,
-                   strict: bool, force: bool, verbose: bool):
+                   strict: bool, force: bool, verbose: bool, bbox_format: str = "xyxy"):
     """Run one training stage (``kind``: warmup / finetune / scratch) from a config and run options."""
     quiet_libraries()
     setup_logging(verbose)
@@ -258,7 +260,7 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, optio
 
     # Before any compute: --out must not be an input, hold one, or be a directory vpgtrans did not write.
     check_out_dir(out, force or options.resume, inputs=[bundle, data, eval_data])
-    data, eval_data = _data(data, strict), _data(eval_data, strict)
+    data, eval_data = _data(data, strict, bbox_format), _data(eval_data, strict, bbox_format)
     run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
     path = until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
                           progress=progress_bar(kind, config.batch_size), options=options)
@@ -280,7 +282,7 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
                      dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
-                     force: Force = False, verbose: Verbose = False):
+                     bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
                            max_text_len)
@@ -288,7 +290,7 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     _train_command("warmup", bundle, data, out, config, options, eval_data=eval_data, strict=strict, force=force,
-                   verbose=verbose)
+                   verbose=verbose, bbox_format=bbox_format)
 
 
 @command()
@@ -302,7 +304,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
-             force: Force = False, verbose: Verbose = False):
+             bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
     config = _train_config("finetune", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
                            max_text_len)
@@ -310,7 +312,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, config, options, eval_data=eval_data,
-                   strict=strict, force=force, verbose=verbose)
+                   strict=strict, force=force, verbose=verbose, bbox_format=bbox_format)
 
 
 @command()
@@ -344,7 +346,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
-             lora_targets: LoraTargets = None, strict: Strict = False, force: Force = False, verbose: Verbose = False):
+             lora_targets: LoraTargets = None, strict: Strict = False, bbox_format: BboxFormat = "xyxy", force: Force = False,
+             verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     quiet_libraries()
     setup_logging(verbose)
@@ -370,7 +373,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, eval_data, vision, source_llm,
                                                 corpus])
     _check_remote_code(target_llm, trust_remote_code)
-    data, finetune_data, eval_data = _data(data, strict), _data(finetune_data, strict), _data(eval_data, strict)
+    data, finetune_data, eval_data = (_data(path, strict, bbox_format) for path in (data, finetune_data, eval_data))
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len)
@@ -402,6 +405,7 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, strict: Strict = False,
+          bbox_format: BboxFormat = "xyxy",
           force: Force = False,
           dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 for the frozen LLM "
                                                            "(default fp32).")] = None,
@@ -423,7 +427,8 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     if load_in_8bit and load_in_4bit:
         raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
-    report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams, out, strict=strict,
+    report = evaluate(bundle, _data(data, strict, bbox_format), task, batch_size, max_samples, max_new_tokens, num_beams,
+                      out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
                       progress=progress_bar("eval"))
     if as_json:
@@ -431,6 +436,9 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     else:
         scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["scores"].items())
         typer.echo(f"{report['task']}: {scores}")
+        for name, baseline in report.get("baselines", {}).items():
+            typer.echo(f"baseline {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in baseline.items()))
         if out is not None:
             typer.echo(f"predictions written to {out}")
 

@@ -111,9 +111,9 @@ class Collator:
         if not kept:
             return {}
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-        # Grounding and multiple-choice prompt through the template's VQA slot: the referring expression, or
-        # the question with its lettered options, is the question.
-        prompt_task = "caption" if self.task == "caption" else "vqa"
+        # Multiple-choice prompts through the template's VQA slot: the question with its lettered options is
+        # the question. Grounding has its own template (the referring expression is its {question}).
+        prompt_task = self.task if self.task in ("caption", "grounding") else "vqa"
         question = (lambda r: None) if self.task == "caption" else (lambda r: r["question"])
         if self.task == "multiple-choice":
             from vpgtrans.multiple_choice import format_question as question

@@ -40,21 +40,27 @@ class PromptTemplate:
     token goes, ``{question}`` the question. The target is followed by ``target_suffix`` (BLIP-2 OPT
     appends "\\n" and stops generation there); seq2seq LLMs (T5) put the prompt on the encoder side
     and the target on the decoder side.
+
+    ``grounding`` is the referring-expression prompt: ``{question}`` is the expression, the target the
+    box as ``x1,y1,x2,y2`` in [0, 1] with three decimals (``vpgtrans.grounding.format_box``).
     """
 
     caption: str = "{image}{bos}"
     vqa: str = "{image}{bos}Question: {question} Answer:"
     target_suffix: str = "\n"
     stop: str = "\n"
+    grounding: str = "{image}{bos}Where is {question}? Box:"
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("caption", "vqa"):
+        for name in ("caption", "vqa", "grounding"):
             text = getattr(self, name)
             if not isinstance(text, str) or text.count(IMAGE_SLOT) != 1:
                 problems.append(f"prompt template '{name}' must contain {IMAGE_SLOT} exactly once: {text!r}")
         if not isinstance(self.vqa, str) or "{question}" not in self.vqa:
             problems.append(f"prompt template 'vqa' must contain {{question}}: {self.vqa!r}")
+        if not isinstance(self.grounding, str) or "{question}" not in self.grounding:
+            problems.append(f"prompt template 'grounding' must contain {{question}} (the expression): {self.grounding!r}")
         if problems:
             raise VpgtransError("; ".join(problems))
 
@@ -62,7 +68,8 @@ class PromptTemplate:
     def for_llm(cls, is_encoder_decoder: bool) -> "PromptTemplate":
         """BLIP-2's templates: OPT/LLaMA style for decoder-only LLMs, FlanT5 style for seq2seq."""
         if is_encoder_decoder:
-            return cls(caption="{image}", vqa="{image}Question: {question} Short answer:", target_suffix="", stop="")
+            return cls(caption="{image}", vqa="{image}Question: {question} Short answer:", target_suffix="", stop="",
+                       grounding="{image}Where is {question}? Box:")
         return cls()
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
+from vpgtrans.refexp import BBOX_FORMATS, RowProblem, from_refexp, is_refexp
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,13 @@ NO_IMAGE_LIMIT = 16  # a batch builder that has read none of its first N images 
 
 class DataDir(os.PathLike):
     """A data directory plus how strictly to read it. It is a path (``os.fspath`` gives the directory),
-    so it goes wherever a data path goes, and ``load_rows`` honours its ``strict``."""
+    so it goes wherever a data path goes, and ``load_rows`` honours its ``strict`` and ``bbox_format``
+    (how RefCOCO-style rows give their pixel boxes: ``xyxy`` or ``xywh``, see ``vpgtrans.refexp``)."""
 
-    def __init__(self, path: str | os.PathLike, strict: bool = False):
+    def __init__(self, path: str | os.PathLike, strict: bool = False, bbox_format: str = "xyxy"):
         self.path = Path(path)
         self.strict = strict
+        self.bbox_format = bbox_format
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -237,6 +240,10 @@ def clean_row(row: dict, task: str, max_chars: int, stats: LoadStats) -> dict:
             clean["answers"] = _texts(row["answers"], "answers", max_chars, stats)
         elif task == "grounding":
             clean["box"] = _box(row["box"])
+            objects = row.get("objects") or []  # the image's other objects (the largest-object baseline)
+            if not isinstance(objects, list):
+                raise _Bad("bad_row", "'objects' must be a list of boxes")
+            clean["objects"] = [_box(box) for box in objects]
         else:
             clean.update(_multiple_choice(row, max_chars, stats))
     return clean
@@ -256,7 +263,8 @@ def _multiple_choice(row: dict, max_chars: int, stats: LoadStats) -> dict:
             "answer": row["answer"], "context": context}
 
 
-def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: LoadStats) -> tuple[list[dict], str]:
+def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: LoadStats,
+                    bbox_format: str = "xyxy") -> tuple[list[dict], str]:
     files = sorted(data_dir.glob("*.jsonl"))
     if len(files) != 1:
         found = ", ".join(f.name for f in files) or "none"
@@ -270,6 +278,11 @@ def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: Loa
             where = f"{path.name}:{line_no}"
             if problem:
                 stats.skip("bad_row", where, problem)
+            elif is_refexp(row):  # RefCOCO-style: pixel box -> the normalised grounding row
+                try:
+                    parsed.append((where, from_refexp(row, data_dir, bbox_format)))
+                except RowProblem as bad:
+                    stats.skip(bad.kind, where, str(bad))
             else:
                 parsed.append((where, row))
     except OSError as exc:
@@ -356,6 +369,9 @@ def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool
         raise VpgtransError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if strict is None:
         strict = bool(getattr(data_dir, "strict", False))
+    bbox_format = getattr(data_dir, "bbox_format", "xyxy")
+    if bbox_format not in BBOX_FORMATS:
+        raise VpgtransError(f"--bbox-format must be one of {', '.join(BBOX_FORMATS)} (got {bbox_format!r})")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise VpgtransError(f"{data_dir}: data directory not found")
@@ -365,7 +381,7 @@ def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool
     else:
         import datasets
 
-        rows, found = _read_jsonl_dir(data_dir, task, max_text_chars, stats)
+        rows, found = _read_jsonl_dir(data_dir, task, max_text_chars, stats, bbox_format)
         dataset = datasets.Dataset.from_list(rows) if rows else None
     if dataset is None or len(dataset) == 0:
         first = f"; first problem: {stats.problems[0]}" if stats.problems else ""

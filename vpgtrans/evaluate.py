@@ -109,6 +109,10 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
                             progress=progress)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
+    if found_task == "grounding":  # what ignoring the expression scores on the same rows, beside the model
+        from vpgtrans.grounding import grounding_baselines
+
+        report["baselines"] = grounding_baselines(list(dataset)[:max_samples])
     if out is not None:
         from vpgtrans.io import atomic_write_text
 

@@ -84,9 +84,11 @@ def box_iou(a, b) -> float:
 
 
 def grounding_accuracy(predictions: list, boxes: list, threshold: float = 0.5) -> dict:
-    """Accuracy at IoU >= ``threshold`` (RefCOCO's metric), mean IoU, and the fraction of predictions
-    that parse as a box. ``predictions`` are answer texts (or boxes / ``None``); an unparseable one
-    scores IoU 0. Returns ``{"accuracy", "mean_iou", "parsed", "n"}``, fractions in [0, 1]."""
+    """Accuracy at IoU >= ``threshold`` (RefCOCO's metric), mean IoU, and the predictions that do not
+    parse as a box, counted apart. ``predictions`` are answer texts (or boxes / ``None``); an unparseable
+    one scores IoU 0. Returns ``{"acc_iou50", "mean_iou", "parsed", "unparseable", "n"}``: fractions in
+    [0, 1] but ``unparseable`` and ``n``, which are counts (``acc_iou50`` is at ``threshold``, 0.5 unless
+    asked otherwise)."""
     if not 0 < threshold <= 1:
         raise VpgtransError(f"IoU threshold must be in (0, 1] (got {threshold})")
     if len(predictions) != len(boxes):
@@ -108,4 +110,36 @@ def grounding_accuracy(predictions: list, boxes: list, threshold: float = 0.5) -
         total_iou += iou
         hits += iou >= threshold
     n = len(predictions)
-    return {"accuracy": hits / n, "mean_iou": total_iou / n, "parsed": parsed / n, "n": n}
+    return {"acc_iou50": hits / n, "mean_iou": total_iou / n, "parsed": parsed / n, "unparseable": n - parsed, "n": n}
+
+
+CENTRE_BOX = (0.25, 0.25, 0.75, 0.75)  # the middle half of the image on each axis
+
+
+def grounding_baselines(rows: list[dict]) -> dict:
+    """What a model that ignores the expression scores on ``rows`` (grounding rows: ``image``, ``box``,
+    optional ``objects``), beside the model's own scores:
+
+    ``centre_box``      always the box ``CENTRE_BOX``;
+    ``largest_object``  the largest of the image's known objects: the boxes of every row of the same image
+                        plus the row's ``objects``. Scored only on rows whose image has two or more known
+                        objects (with one, it would be the answer itself); ``n`` says how many.
+    """
+    boxes = [list(row["box"]) for row in rows]
+    candidates: dict[str, set] = {}
+    for row in rows:
+        known = candidates.setdefault(str(row["image"]), set())
+        known.add(tuple(row["box"]))
+        known.update(tuple(box) for box in row.get("objects") or ())
+    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])  # noqa: E731
+    scored = [(max(candidates[str(row["image"])], key=area), list(row["box"])) for row in rows
+              if len(candidates[str(row["image"])]) >= 2]
+    result = {"centre_box": _baseline([CENTRE_BOX] * len(boxes), boxes)}
+    result["largest_object"] = _baseline([g for g, _ in scored], [b for _, b in scored]) if scored else \
+        {"acc_iou50": None, "mean_iou": None, "n": 0}
+    return result
+
+
+def _baseline(guesses: list, boxes: list) -> dict:
+    scores = grounding_accuracy(guesses, boxes)
+    return {"acc_iou50": scores["acc_iou50"], "mean_iou": scores["mean_iou"], "n": scores["n"]}

@@ -32,7 +32,7 @@ def prompt_ids(tokenizer, template: PromptTemplate, task: str, num_query_tokens:
                question: str | None = None, is_encoder_decoder: bool = False, image: bool = True) -> list[int]:
     """The prompt (everything before the target) as ids, image slots as ``IMAGE_TOKEN_ID``; a sample
     without an image (``image`` False) has the text ``NO_IMAGE`` there instead, and no slot."""
-    text = template.caption if task == "caption" else template.vqa
+    text = {"caption": template.caption, "grounding": template.grounding}.get(task, template.vqa)
     before, after = text.split(IMAGE_SLOT)  # split first: a question's own text never adds slots
     slots = [IMAGE_TOKEN_ID] * num_query_tokens if image else tokenizer(NO_IMAGE, add_special_tokens=False)["input_ids"]
     ids = (_encode_template(tokenizer, before, question) + slots
@@ -46,7 +46,7 @@ def target_ids(tokenizer, template: PromptTemplate, task: str, target: str,
                is_encoder_decoder: bool = False) -> list[int]:
     """The target continuation as ids: a leading space after a VQA prompt, then the suffix."""
     target = target.strip()
-    if task == "vqa" and not is_encoder_decoder:
+    if task in ("vqa", "grounding") and not is_encoder_decoder:
         target = " " + target  # "Answer: red", as BLIP-2 tokenises prompt and answer together
     ids = tokenizer(target + template.target_suffix, add_special_tokens=False)["input_ids"]
     if is_encoder_decoder and tokenizer.eos_token_id is not None:

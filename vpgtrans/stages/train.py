@@ -387,9 +387,23 @@ def _set_aside(path: Path) -> Path | None:
 
 
 def warmup_projector(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig | None = None, **kwargs) -> Path:
-    """VPGTrans stage 1: VPG and LLM frozen, projector only, 5x lr, constant, one epoch."""
+    """VPGTrans stage 1: VPG and LLM frozen, projector only, 5x lr, constant, one epoch. A visual kind
+    without a ``connector`` part warms up the parts its ``warmup_parts`` names (pool: the pool-adapter)."""
     config = config or TrainConfig.warmup()
-    return run_stage(bundle_dir, data, out_dir, config, "warmup", **kwargs)
+    return run_stage(bundle_dir, data, out_dir, _warmup_parts(bundle_dir, config), "warmup", **kwargs)
+
+
+def _warmup_parts(bundle_dir: Path, config: TrainConfig) -> TrainConfig:
+    """``config`` with the visual kind's ``warmup_parts`` in place of the default ``["connector"]``."""
+    from vpgtrans.config import replace
+    from vpgtrans.model.visual import VISUAL_KINDS
+
+    visual = upgrade(read_manifest(bundle_dir)["model"]).get("visual")
+    kind = VISUAL_KINDS.get(visual.get("type")) if isinstance(visual, dict) else None
+    parts = list(getattr(kind, "warmup_parts", ()))
+    if config.trainable == ["connector"] and parts and "connector" not in kind.parts:
+        return replace(config, trainable=parts)
+    return config
 
 
 def finetune(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig | None = None, **kwargs) -> Path:

@@ -81,6 +81,7 @@ def pool_problem(grid: int, pool_size, adaptive: bool) -> str | None:
 
 class PoolVisual(nn.Module):
     parts = ("ln_vision", "pool_adapter")
+    warmup_parts = ("pool_adapter",)  # what warmup-projector trains (InfMLLM's alignment stage)
     uses_converter = True
     all_hidden_states = False
 
