@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,9 +49,13 @@ def test_text_only_logits_equal_the_base_llm_at_init(lavin_bundles, tiny, name):
 def test_manifest_parts_and_layers(lavin_bundles):
     manifest = json.loads((lavin_bundles["llama"] / "manifest.json").read_text())
     assert manifest["model"]["visual"] == {"type": "lavin", "layers": [1, 2], "hidden": 128}
-    assert manifest["model"]["adapters"] == [{"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0,
-                                              "dropout": 0.1}]
-    assert set(manifest["files"]) == {"connector.safetensors", "mma.safetensors"}
+    settings = {"rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1}
+    assert manifest["model"]["adapters"] == [{"type": "mma", **settings}, {"type": "mma-vision", **settings}]
+    assert set(manifest["files"]) == {"connector.safetensors", "mma.safetensors", "mma-vision.safetensors"}
+    vit = load_file(str(lavin_bundles["llama"] / "mma-vision.safetensors"))
+    assert sorted(k for k in vit if k.endswith("router.weight")) == [
+        f"encoder.layers.{i}.layer_norm1.router.weight" for i in (0, 1)]  # one per ViT block, no modality embedding
+    assert not any("modality" in k for k in vit) and not any(vit[k].any() for k in vit if ".up." in k)
     mma = load_file(str(lavin_bundles["llama"] / "mma.safetensors"))
     # The modality embedding is saved once, with the first block's adapter.
     assert [k for k in mma if "modality" in k] == ["model.layers.0.input_layernorm.modality.weight"]
@@ -116,6 +118,23 @@ def test_adapter_output_against_a_hand_computation(lavin_bundles):
                 delta = delta + w[k] * out
             torch.testing.assert_close(ours[b], h[b] + delta.T, rtol=1e-5, atol=1e-5)
     model.token_context.modality = None
+
+
+def test_vision_adapter_is_routed_by_each_image_cls(lavin_bundles):
+    model = load_model(lavin_bundles["llama"], device="cpu")
+    layer = model.vision.encoder.layers[1].layer_norm1
+    with torch.no_grad():
+        for up in layer.adapter.up:
+            up.weight.normal_(0, 0.5)
+        x = torch.randn(2, 17, 32)
+        h = layer.base_layer(x)
+        ours = layer(x)
+        for b in range(2):
+            w = torch.softmax((layer.adapter.router.weight @ h[b, 0] + layer.adapter.router.bias) / 10.0, dim=0)
+            z = layer.adapter.down(h[b])
+            delta = sum(w[k] * layer.adapter.up[k](z) for k in range(2))
+            torch.testing.assert_close(ours[b], h[b] + delta, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(ours, h)
 
 
 def test_mixed_batch_matches_each_sample_alone(lavin_bundles):
@@ -202,28 +221,37 @@ def test_options_reach_the_bundle(tiny, tmp_path):
 
 
 def test_parameter_count_for_llama_7b_shapes_on_the_meta_device():
-    """LaVIN-7B's trainable parameters, from shapes only. LaVIN's own count, 3,781,296, is:
+    """LaVIN-7B's trainable parameters, from shapes only (LLaMA-7B and ViT-L/14 built on the meta device
+    from their configs, the connector's adapters inserted as for a bundle). LaVIN's own count is 3,781,296:
     32 LLM blocks x 81,930 (down 4096*8+8, two block-diagonal ups 2*(4096*4+4096), router 4096*2+2)
-    + the connector 1024*128+128 + 128*4096+4096 + the modality embedding 2*4096
-    + 24 ViT-L blocks x 20,490 (the same adapter at width 1024) = 3,781,296."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    + the modality embedding 2*4096 + 24 ViT-L blocks x 20,490 (the same adapter at width 1024)
+    + the connector 1024*128+128 + 128*4096+4096."""
+    from transformers import LlamaConfig
 
-    from vpgtrans.model.adapters import TokenContext, insert_adapters
+    from vpgtrans.model.assemble import build_model, build_visual
     from vpgtrans.model.connectors import CONNECTORS
-    from vpgtrans.model.visual.lavin import LavinVisual
+    from vpgtrans.model.spec import ModelSpec
+    from vpgtrans.model.vlm import build_vision_encoder
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         vocab_size=32000)
+    vit_l = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "image_size": 224, "patch_size": 14}
+    spec = ModelSpec(vision={"config": vit_l}, visual={"type": "lavin", "layers": pick_layers(24, 6), "hidden": 128},
+                     llm={"model_type": "llama", "hidden_size": 4096, "vocab_size": 32000, "is_encoder_decoder": False},
+                     image_processor={"image_size": 224, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                     adapters=list(CONNECTORS["lavin"].adapters))
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(config)
-    holder = torch.nn.Module()
-    holder.llm = llm
-    parts = insert_adapters(llm, list(CONNECTORS["lavin"].adapters), TokenContext())
-    llm_side = sum(p.numel() for part in parts for p in part.parameters(holder))
-    assert llm_side == 32 * 81_930 + 2 * 4096
-    visual = LavinVisual({"type": "lavin", "layers": pick_layers(24, 6), "hidden": 128}, {"hidden_size": 1024}, 4096)
-    connector = sum(p.numel() for p in visual.connector.parameters())
-    assert connector == 1024 * 128 + 128 + 128 * 4096 + 4096 and visual.num_tokens == 6
-    vit_side = 24 * 20_490  # LaVIN's adapters in the ViT blocks: not built by this connector (yet)
-    assert llm_side + connector + vit_side == 3_781_296
-    assert math.isclose((llm_side + connector + vit_side) / 7e9, 1 / 1851, rel_tol=0.01)
+        llm = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=4096, intermediate_size=11008,
+                                                           num_hidden_layers=32, num_attention_heads=32, vocab_size=32000))
+        vision = build_vision_encoder(vit_l)
+        visual = build_visual(spec)
+    model = build_model(spec, vision, visual, llm)
+    counts = {part.name: sum(p.numel() for p in part.parameters(model)) for part in model.parts}
+    assert counts == {"connector": 1024 * 128 + 128 + 128 * 4096 + 4096, "mma": 32 * 81_930 + 2 * 4096,
+                      "mma-vision": 24 * 20_490}
+    assert sum(counts.values()) == 3_781_296
+    # Each parameter is in exactly one part (the shared modality embedding once), and the frozen bases hold none.
+    ids = [id(p) for part in model.parts for p in part.parameters(model)]
+    assert len(ids) == len(set(ids))
+    assert model.num_image_tokens == 6

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vpgtrans.cli import app
@@ -123,6 +123,9 @@ def test_lavin_trains_and_evaluates_on_multiple_choice(choices, tiny, tmp_path):
     assert manifest["config"]["train"]["lr"] == pytest.approx(9e-3 * 6 / 256)
     # Only the connector and the adapters trained: the LLM's own weights are frozen.
     assert manifest["metrics"]["train"]["trainable"] == manifest["metrics"]["train"]["llm_trainable"] + (32 * 128 + 128 + 128 * 40 + 40)
+    for part in ("mma", "mma-vision"):  # the experts of both adapters left zero
+        state = load_file(str(final / f"{part}.safetensors"))
+        assert all(state[k].abs().sum() > 0 for k in state if k.endswith("up.0.weight"))
     out = tmp_path / "scores.json"
     result = CliRunner().invoke(app, ["eval", str(final), "--data", str(choices), "--task", "multiple-choice",
                                       "--max-new-tokens", "6", "--json", "--out", str(out)])

@@ -67,7 +67,7 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("multitask", {"trainable": ["ln_vision", "pool_adapter"], **BLIP2_SCHEDULE}, data="finetune_data"),
     ],
     "lavin": [
-        Stage("finetune", {"trainable": ["connector", "mma"], **LAVIN_SCHEDULE}, data="finetune_data",
+        Stage("finetune", {"trainable": ["connector", "mma", "mma-vision"], **LAVIN_SCHEDULE}, data="finetune_data",
               lr_batch=256),
     ],
     "plora": [

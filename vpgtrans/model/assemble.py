@@ -134,7 +134,8 @@ def build_model(spec, vision, visual, llm, tokenizer=None, template=None, image_
     from vpgtrans.model.vlm import VisionLanguageModel
 
     context = TokenContext()
-    adapter_parts = insert_adapters(llm, spec.adapters, context)
+    adapter_parts = insert_adapters(llm, spec.adapters, context) + insert_adapters(vision, spec.adapters, context,
+                                                                                   host="vision")
     clash = sorted({p.name for p in adapter_parts} & set(visual.parts))
     if clash:
         raise VpgtransError(f"adapter {clash[0]!r} has the name of a part of the {spec.visual_type} visual kind")
@@ -174,22 +175,25 @@ def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=N
     return model.eval()  # as HF's from_pretrained: no dropout until a stage asks for train mode
 
 
-def initial_adapter_states(llm_config, entries: list[dict], seed: int) -> dict[str, dict]:
+def initial_adapter_states(llm_config, entries: list[dict], seed: int, vision_config: dict | None = None) -> dict[str, dict]:
     """``{part: tensors}`` of the spec's adapters at their initial value, for the first bundle. The LLM
-    is built on the meta device from its config (no weights read, no memory): only the wrappers'
-    adapter weights are real."""
+    (and, for adapters in the ViT, the ViT from ``vision_config``) is built on the meta device from its
+    config (no weights read, no memory): only the wrappers' adapter weights are real."""
     from transformers import AutoModelForCausalLM
 
     from vpgtrans.model.adapters import TokenContext, insert_adapters
+    from vpgtrans.model.vlm import build_vision_encoder
 
     if not entries:
         return {}
-    with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(llm_config)
     holder = nn.Module()
-    holder.llm = llm
+    with torch.device("meta"):
+        holder.llm = AutoModelForCausalLM.from_config(llm_config)
+        holder.vision = build_vision_encoder(vision_config) if vision_config is not None else nn.Module()
+    context = TokenContext()
+    parts = insert_adapters(holder.llm, entries, context) + insert_adapters(holder.vision, entries, context, host="vision")
     states = {}
-    for offset, part in enumerate(insert_adapters(llm, entries, TokenContext())):
+    for offset, part in enumerate(parts):
         part.init_fresh(holder, seed + offset)
         states[part.name] = part.state_dict(holder)
     return states

@@ -59,8 +59,9 @@ CONNECTORS: dict[str, Connector] = {
     "plora": Connector("qformer", ({"type": "plora", "rank": 8, "alpha": 16, "dropout": 0.05,
                                     "targets": ["attention", "mlp"]},), recipe="plora"),
     # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block
-    "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},),
-                       recipe="lavin"),
+    "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},
+                                {"type": "mma-vision", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0,
+                                 "dropout": 0.1}), recipe="lavin"),
 }
 
 

@@ -113,7 +113,7 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     visual, states, visual_metrics = kind.inherit(src, llm["hidden_size"], converter, config.seed,
                                                   dict(config.visual_options))
     metrics.update(visual_metrics)
-    states.update(initial_adapter_states(target_config, adapters, config.seed))
+    states.update(initial_adapter_states(target_config, adapters, config.seed, src.vision_config))
     spec = ModelSpec(vision={"config": src.vision_config}, visual=visual, llm=llm,
                      image_processor=_image_processor_info(src), adapters=adapters)
     tensors.update({f"{name}.safetensors": state for name, state in states.items()})

@@ -21,11 +21,12 @@ from torch import nn
 
 from vpgtrans.errors import VpgtransError
 from vpgtrans.model.adapters.context import AdapterLayer, TokenContext
-from vpgtrans.model.adapters.mma import MixtureOfModalityLayer
+from vpgtrans.model.adapters.mma import MixtureOfModalityLayer, VisionMixtureOfModalityLayer
 from vpgtrans.model.adapters.plora import PLoRA
 from vpgtrans.model.parts import Part
 
-ADAPTERS: dict[str, type] = {"plora": PLoRA, "mma": MixtureOfModalityLayer}
+ADAPTERS: dict[str, type] = {"plora": PLoRA, "mma": MixtureOfModalityLayer,
+                             "mma-vision": VisionMixtureOfModalityLayer}
 
 
 def adapter_kind(name: str) -> type:
@@ -34,9 +35,12 @@ def adapter_kind(name: str) -> type:
     return ADAPTERS[name]
 
 
-def insert_adapters(llm: nn.Module, entries: list[dict], context: TokenContext) -> list[Part]:
-    """Wrap each entry's targets; the adapters start on their base layer's device, in fp32."""
-    if entries and getattr(llm.config, "is_encoder_decoder", False):
+def insert_adapters(llm: nn.Module, entries: list[dict], context: TokenContext, host: str = "llm") -> list[Part]:
+    """Wrap each entry's targets; the adapters start on their base layer's device, in fp32. ``host``: the
+    entries whose adapter class lives there (its ``host`` attribute: "llm" unless it says "vision") go
+    into ``llm`` (here the module of that name in the ``VisionLanguageModel``)."""
+    entries = [entry for entry in entries if getattr(adapter_kind(entry["type"]), "host", "llm") == host]
+    if entries and host == "llm" and getattr(llm.config, "is_encoder_decoder", False):
         raise VpgtransError(f"adapters inside a seq2seq LLM ({llm.config.model_type}) are not supported: its encoder "
                             "runs outside the calls that carry the token context")
     parts = []
@@ -51,7 +55,7 @@ def insert_adapters(llm: nn.Module, entries: list[dict], context: TokenContext) 
             if device.type != "meta":  # (a meta-device skeleton keeps real adapter weights on the CPU)
                 wrapper.adapter.to(device)
             setattr(parent, attr, wrapper)
-        parts.append(Part(name, "llm", in_llm=True))
+        parts.append(Part(name, host, in_llm=True))
     return parts
 
 

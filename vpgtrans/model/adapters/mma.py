@@ -1,7 +1,7 @@
 """LaVIN's mixture-of-modality adapters (Luo et al. 2023, arXiv 2305.15023), as ``base_layer`` wrappers.
 
-One adapter per decoder block of the frozen LLM, on the output of the attention norm (so after the norm
-and before attention, where LaVIN's code puts it):
+One adapter per decoder block of the frozen LLM (``mma``), and one per ViT block (``mma-vision``), on the
+output of the attention norm (so after the norm and before attention, where LaVIN's code puts them):
 
     h   = norm(x)                                   (B, T, D) the wrapped norm's own output
     z   = dropout(Down h)                           (B, T, r)   shared down-projection, with bias
@@ -15,6 +15,8 @@ embedding row alone. The router therefore only ever sees one of two vectors per 
 mixtures per layer). We read the embedding row directly — no extra token, no change to the sequence,
 the cache or the positions. The modality is ``context.modality`` ((B,): 1 a sample with an image,
 0 text-only), set by ``VisionLanguageModel`` for every call, repeated for beams, kept during decode.
+In the ViT (``mma-vision``) the router reads the [CLS] token of the adapter's input, per image, as
+LaVIN's does there (no modality embedding: every ViT input is an image).
 
 The modality ``Embedding(2, D)`` is one tensor shared by every wrapper of a model: the first wrapper's
 adapter owns it (``modality.weight`` in its state dict), the others hold an unregistered reference, so
@@ -53,10 +55,11 @@ class GroupedUp(nn.Module):
 
 
 class MixtureOfModality(nn.Module):
-    """The trainable half of one wrapper: down, two up experts, the router and (first wrapper only) the
-    modality embedding. ``forward(h, modality) -> delta`` (B, T, D); the wrapper adds it to ``h``."""
+    """The trainable half of one wrapper: down, two up experts, the router and (first LLM wrapper only)
+    the modality embedding. ``forward(h, w) -> delta`` (B, T, D) for the mixture ``w`` (B, 2); the
+    wrapper adds it to ``h``. ``modality``: the shared embedding, None to own it, False for none (ViT)."""
 
-    def __init__(self, width: int, entry: dict, modality: nn.Embedding | None):
+    def __init__(self, width: int, entry: dict, modality):
         super().__init__()
         rank, groups = entry["rank"], entry["groups"]
         self.tau, self.scale = float(entry["tau"]), float(entry["scale"])
@@ -66,7 +69,7 @@ class MixtureOfModality(nn.Module):
         self.dropout = nn.Dropout(entry["dropout"])
         if modality is None:
             self.modality = nn.Embedding(2, width)  # owned: saved and trained through this wrapper
-        else:
+        elif modality is not False:
             self.__dict__["shared_modality"] = modality  # a reference: not a submodule, saved once elsewhere
 
     def modality_embedding(self) -> nn.Embedding:
@@ -92,12 +95,15 @@ class MixtureOfModality(nn.Module):
 
     def weights(self, modality: torch.Tensor) -> torch.Tensor:
         """(B,) long -> (B, 2) the experts' mixture of each sample."""
-        e_m = self.modality_embedding()(modality)  # (B, D)
-        return torch.softmax(self.router(e_m) / self.tau, dim=-1)
+        return self.route(self.modality_embedding()(modality))  # e_m: (B, D)
 
-    def forward(self, h: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    def route(self, token: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, 2): ``softmax(Router(token) / tau)``."""
+        return torch.softmax(self.router(token) / self.tau, dim=-1)
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         z = self.dropout(self.down(h))  # (B, T, r)
-        w = self.weights(modality)[:, None, :, None]  # (B, 1, 2, 1)
+        w = weights[:, None, :, None]  # (B, 1, 2, 1)
         experts = torch.stack([up(z) for up in self.up], dim=2)  # (B, T, 2, D)
         return self.scale * (w * experts).sum(dim=2)  # (B, T, D)
 
@@ -128,21 +134,22 @@ class MixtureOfModalityLayer(AdapterLayer):
 
     @staticmethod
     def problems(entry: dict) -> list[str]:
-        problems = [f"mma has no option {key!r} (it has {', '.join(DEFAULTS)})" for key in sorted(set(entry) - {"type", *DEFAULTS})]
+        name = entry.get("type", "mma")
+        problems = [f"{name} has no option {key!r} (it has {', '.join(DEFAULTS)})" for key in sorted(set(entry) - {"type", *DEFAULTS})]
         rank, groups = entry.get("rank"), entry.get("groups")
         for key in ("rank", "groups"):
             if not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool) or entry[key] < 1:
-                problems.append(f"mma {key} must be a positive integer (got {entry.get(key)!r:.20})")
+                problems.append(f"{name} {key} must be a positive integer (got {entry.get(key)!r:.20})")
         if not problems and rank % groups:
-            problems.append(f"mma rank {rank} must be divisible by groups {groups}")
+            problems.append(f"{name} rank {rank} must be divisible by groups {groups}")
         for key, low in (("tau", 0.0), ("scale", None)):
             value = entry.get(key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or (low is not None and value <= low):
-                problems.append(f"mma {key} must be a {'positive ' if low is not None else ''}number (got {value!r:.20})")
+                problems.append(f"{name} {key} must be a {'positive ' if low is not None else ''}number (got {value!r:.20})")
         dropout = entry.get("dropout")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-            problems.append(f"mma dropout must be in [0, 1) (got {dropout!r:.20})")
+            problems.append(f"{name} dropout must be in [0, 1) (got {dropout!r:.20})")
         return problems
 
     @staticmethod
@@ -169,5 +176,34 @@ class MixtureOfModalityLayer(AdapterLayer):
         if modality.shape[0] != h.shape[0]:
             raise RuntimeError(f"adapter input {tuple(h.shape)} does not match the modality of {modality.shape[0]} samples")
         dtype = self.adapter.down.weight.dtype
-        delta = self.adapter(h.to(dtype), modality.to(h.device))
+        delta = self.adapter(h.to(dtype), self.adapter.weights(modality.to(h.device)))
+        return h + delta.to(h.dtype)
+
+
+class VisionMixtureOfModalityLayer(MixtureOfModalityLayer):
+    """``mma-vision``: the same adapter on ``layer_norm1`` of every ViT block, routed by the block's [CLS]."""
+
+    host = "vision"
+
+    @staticmethod
+    def targets(vision, entry: dict) -> list[str]:
+        paths = [f"{name}.layer_norm1" for name, module in vision.named_modules()
+                 if type(module).__name__ in ("Blip2EncoderLayer", "InstructBlipEncoderLayer")]
+        if not paths:
+            raise VpgtransError(f"the mma-vision adapter does not know the blocks of a {type(vision).__name__}")
+        return paths
+
+    @classmethod
+    def wrap(cls, base_layer: nn.Module, entry: dict, part: str, context: TokenContext):
+        width = base_layer.weight.shape[0]
+        if width % entry["groups"]:
+            raise VpgtransError(f"mma-vision groups {entry['groups']} must divide the ViT width {width}")
+        adapter = MixtureOfModality(width, entry, False)
+        adapter.init_fresh(0)
+        return cls(base_layer, adapter, part, context)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = self.base_layer(hidden_states, *args, **kwargs)  # (B, 1 + S*S, D_vit)
+        x = h.to(self.adapter.down.weight.dtype)
+        delta = self.adapter(x, self.adapter.route(x[:, 0]))  # routed by each image's [CLS]
         return h + delta.to(h.dtype)
