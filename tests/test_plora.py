@@ -330,3 +330,21 @@ def test_check_text_path_command(plora_inherited, inherited, tiny, tmp_path, mon
     assert result.exit_code == 1 and "DIFFERS (promised)" in result.stdout
     assert "promise exactly 0" in result.output
     _user_error(CliRunner().invoke(app, ["inspect", str(trained), "--text", "x"]), "go with --check-text-path")
+
+
+def test_gradient_checkpointing_recomputes_with_the_token_context(plora_inherited, tiny, tmp_path):
+    """The backward pass recomputes each block after the forward call (and its token context) has returned:
+    the recomputation must see the original context (before the fix, checkpoint refused: 85 saved tensors in
+    the forward, 29 in the recomputation without the LoRA)."""
+    from vpgtrans.config import TrainConfig
+    from vpgtrans.stages.train import run_stage
+    from vpgtrans.training import RunOptions
+
+    config = TrainConfig(trainable=["connector", "plora"], lr=3e-3, max_steps=2, batch_size=4)
+    plain = run_stage(plora_inherited, tiny["caption"], tmp_path / "plain", config, "finetune")
+    recomputed = run_stage(plora_inherited, tiny["caption"], tmp_path / "ckpt", config, "finetune",
+                           options=RunOptions(gradient_checkpointing=True))
+    ours, theirs = load_file(str(recomputed / "plora.safetensors")), load_file(str(plain / "plora.safetensors"))
+    assert any(theirs[key].any() for key in theirs if key.endswith("_B"))
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)

@@ -70,7 +70,8 @@ def quantization_config(quantization: str, dtype=None):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise VpgtransError(f"--load-in-{quantization} needs bitsandbytes: pip install bitsandbytes") from None
+        raise VpgtransError(f'--load-in-{quantization} needs bitsandbytes (the quant extra): pip install -e ".[quant]" '
+                            'or pip install "bitsandbytes>=0.46"') from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -96,13 +97,39 @@ def checkpoint_layers(llm) -> int:
     if not blocks:
         raise VpgtransError(f"{type(llm).__name__}: no transformer blocks found for --gradient-checkpointing")
     for block in blocks:
-        def forward(*args, _forward=block.forward, **kwargs):
+        def forward(*args, _forward=block.forward, _block=block, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            # The backward pass recomputes the block after the call that set the adapters' token context has
+            # returned: the recomputation must see the context of the original call, or the adapters compute
+            # something else (and checkpoint refuses the mismatch).
+            contexts = _token_contexts(_block)
+            saved = [dict(vars(context)) for context in contexts]
+
+            def run(*args, **kwargs):
+                previous = [dict(vars(context)) for context in contexts]
+                for context, state in zip(contexts, saved):
+                    vars(context).update(state)
+                try:
+                    return _forward(*args, **kwargs)
+                finally:
+                    for context, state in zip(contexts, previous):
+                        vars(context).update(state)
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
     return len(blocks)
+
+
+def _token_contexts(block) -> list:
+    """The token contexts read by the adapter wrappers inside ``block`` (usually one shared context)."""
+    found = {}
+    for module in block.modules():
+        context = module.__dict__.get("context")
+        if context is not None and hasattr(module, "base_layer"):
+            found[id(context)] = context
+    return list(found.values())
 
 
 def default_device():
