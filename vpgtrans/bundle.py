@@ -260,6 +260,14 @@ def check_references(bundle_dir: Path, manifest: dict) -> None:
                     bundle_dir, llm_path)
 
 
+def _refused_pickle(llm_path: str, exc) -> VpgtransError:
+    from vpgtrans.formats.torchfile import refused_global
+
+    what = f"they name {refused_global(exc)}, not only tensors" if refused_global(exc) else "corrupt pickle"
+    return VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({what}); vpgtrans never executes "
+                         "pickled code — convert them to safetensors in a trusted environment")
+
+
 @contextlib.contextmanager
 def reference_errors(manifest: dict):
     """Turn what transformers raises for a hostile or damaged referenced LLM into one-line errors."""
@@ -267,14 +275,17 @@ def reference_errors(manifest: dict):
 
     from safetensors import SafetensorError
 
-    from vpgtrans.formats.torchfile import first_line, refused_global
+    from vpgtrans.formats.torchfile import first_line
 
     llm_path = manifest["references"]["llm"]["path"]
     try:
         yield
     except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
-        what = f"they name {refused_global(exc)}, not only tensors" if refused_global(exc) else "corrupt pickle"
-        raise VpgtransError(f"{llm_path}: refused to unpickle the LLM weights ({what}); vpgtrans never executes "
-                            "pickled code — convert them to safetensors in a trusted environment") from None
+        raise _refused_pickle(llm_path, exc) from None
+    except OSError as exc:  # transformers < 5 wraps that refusal in an OSError
+        cause = exc.__cause__ or exc.__context__
+        if not isinstance(cause, pickle.UnpicklingError):
+            raise
+        raise _refused_pickle(llm_path, cause) from None
     except SafetensorError as exc:
         raise VpgtransError(f"{llm_path}: a referenced safetensors file is unreadable ({first_line(exc)})") from None
