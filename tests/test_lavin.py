@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -255,3 +256,57 @@ def test_parameter_count_for_llama_7b_shapes_on_the_meta_device():
     ids = [id(p) for part in model.parts for p in part.parameters(model)]
     assert len(ids) == len(set(ids))
     assert model.num_image_tokens == 6
+
+
+def test_cli_transfer_with_lavin_flags_and_4bit(tiny, tmp_path):
+    """``transfer --connector lavin`` with the friendly flags, on a 4-bit (NF4, bitsandbytes on the CPU)
+    frozen LLM: the options reach the bundle, the recipe's lr follows the batch, the adapters train."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
+                                      "--data", str(tiny["vqa"]), "--out", str(out), "--connector", "lavin",
+                                      "--lavin-hidden", "16", "--lavin-layers", "0,2", "--mma-rank", "4",
+                                      "--mma-tau", "5", "--max-steps", "2", "--batch-size", "4", "--load-in-4bit"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "finetune" / "manifest.json").read_text())
+    assert manifest["model"]["visual"] == {"type": "lavin", "layers": [0, 2], "hidden": 16}
+    assert [(a["type"], a["rank"], a["tau"]) for a in manifest["model"]["adapters"]] == [("mma", 4, 5.0),
+                                                                                         ("mma-vision", 4, 5.0)]
+    train = manifest["config"]["train"]
+    assert train["lr"] == pytest.approx(9e-3 * 4 / 256) and train["betas"] == [0.9, 0.95]
+    assert train["weight_decay"] == 0.02 and train["trainable"] == ["connector", "mma", "mma-vision"]
+    assert manifest["config"]["run"]["load_in_4bit"] is True
+    assert manifest["metrics"]["train"]["steps"] == 2 and math.isfinite(manifest["metrics"]["train"]["final_loss"])
+    start = load_file(str(out / "inherit" / "mma.safetensors"))
+    trained = load_file(str(out / "finetune" / "mma.safetensors"))
+    ups = [k for k in start if ".up." in k and k.endswith("weight")]
+    assert not any(start[k].any() for k in ups) and all(trained[k].any() for k in ups)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--lavin-layers", "a,b"], ("--lavin-layers must be comma-separated",)),
+    (["--mma-rank", "3"], ("mma rank 3 must be divisible by groups 2",)),
+    (["--lavin-hidden", "16", "--connector", "linear"], ("qformer visual kind takes no options",)),
+    (["--mma-rank", "4", "--connector", "linear"], ("no 'mma' adapter",)),
+])
+def test_cli_lavin_flag_errors(tiny, tmp_path, args, fragments):
+    command = ["inherit", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]), "--out", str(tmp_path / "o")]
+    if "--connector" not in args:
+        command += ["--connector", "lavin"]
+    _user_error(CliRunner().invoke(app, command + args), *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_counts_the_trainable_parameters(lavin_bundles):
+    """``inspect --json`` on a LaVIN bundle: per part and in total, against the shapes' formula
+    (tiny LLaMA: D 40, 2 blocks; tiny ViT: 32 wide, 2 blocks; rank 8, 2 groups, hidden 128)."""
+    def adapter(d, r=8, g=2):
+        return (d * r + r) + 2 * (d * (r // g) + d) + (d * 2 + 2)  # down, two block-diagonal ups, router
+
+    result = CliRunner().invoke(app, ["inspect", str(lavin_bundles["llama"]), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    files = {name: entry["params"] for name, entry in info["files"].items()}
+    assert files == {"connector.safetensors": 32 * 128 + 128 + 128 * 40 + 40,
+                     "mma.safetensors": 2 * adapter(40) + 2 * 40,  # + the modality embedding, once
+                     "mma-vision.safetensors": 2 * adapter(32)}
+    assert info["trainable_params"] == sum(files.values()) == 12_384

@@ -92,6 +92,17 @@ PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's S
                                                       "(P must divide S; default S/2).")]
 AdaptivePool = Annotated[bool, typer.Option("--adaptive-pool", help="infmllm: adaptive average pooling, so P need "
                                                                      "not divide S (off by default).")]
+LavinHidden = Annotated[Optional[int], typer.Option(help="lavin: hidden width of the Linear-SiLU-Linear connector "
+                                                         "(default 128).")]
+LavinTokens = Annotated[Optional[int], typer.Option(help="lavin: visual tokens = [CLS] of this many ViT layers, evenly "
+                                                         "picked, the last included (default 6).")]
+LavinLayers = Annotated[Optional[str], typer.Option(help="lavin: the ViT layers whose [CLS] to take, comma-separated "
+                                                         "(0 = embeddings; instead of --lavin-tokens).")]
+MmaRank = Annotated[Optional[int], typer.Option(help="lavin: rank of the mixture-of-modality adapters (default 8).")]
+MmaTau = Annotated[Optional[float], typer.Option(help="lavin: router temperature (default 10, LaVIN's for 7B; 5 for "
+                                                      "13B).")]
+MmaScale = Annotated[Optional[float], typer.Option(help="lavin: adapter output scale (default 1).")]
+MmaDropout = Annotated[Optional[float], typer.Option(help="lavin: dropout after the down-projection (default 0.1).")]
 LoraRank = Annotated[Optional[int], typer.Option(help="plora: LoRA rank r (default 8).")]
 LoraAlpha = Annotated[Optional[float], typer.Option(help="plora: LoRA alpha; the delta is scaled by alpha/r (default 16).")]
 LoraDropout = Annotated[Optional[float], typer.Option(help="plora: dropout on the LoRA input (default 0.05).")]
@@ -131,6 +142,35 @@ def _visual_options(pool_size, adaptive_pool) -> dict:
     """``InheritConfig.visual_options`` from the visual kind's flags (only those given)."""
     return {key: value for key, value in (("pool_size", pool_size), ("adaptive", adaptive_pool or None))
             if value is not None}
+
+
+def _lavin_flags(hidden, tokens, layers, rank, tau, scale, dropout) -> tuple[dict, dict]:
+    """(visual options, adapter options) from the --lavin-* and --mma-* flags given; the --mma-* ones set
+    LaVIN's adapters in the LLM and in the ViT alike. A connector without them refuses them (one line)."""
+    if layers is not None:
+        try:
+            layers = [int(item) for item in layers.split(",") if item.strip()]
+        except ValueError:
+            raise VpgtransError(f"--lavin-layers must be comma-separated ViT layer indices (got {layers!r:.40})") from None
+    visual = {key: value for key, value in (("hidden", hidden), ("tokens", tokens), ("layers", layers)) if value is not None}
+    mma = {key: value for key, value in (("rank", rank), ("tau", tau), ("scale", scale), ("dropout", dropout))
+           if value is not None}
+    return visual, ({"mma": mma, "mma-vision": dict(mma)} if mma else {})
+
+
+def _with_lavin(config, flags: tuple[dict, dict]):
+    """``config`` (an ``InheritConfig``) with the LaVIN flags' options added."""
+    from vpgtrans.config import replace
+
+    visual, adapters = flags
+    return replace(config, visual_options={**config.visual_options, **visual},
+                   adapter_options={**config.adapter_options, **adapters})
+
+
+def _lavin_config(flags: tuple[dict, dict], **fields):
+    from vpgtrans.config import InheritConfig
+
+    return _with_lavin(InheritConfig(**fields), flags)
 
 
 def _stage_configs(recipe_name: str, done: tuple, **overrides) -> dict:
@@ -203,9 +243,12 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                        "projector).")] = "linear",
+                                                        "projector; lavin: LaVIN's adapters; see docs/connectors.md)."
+                                                   )] = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
+            lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
+            mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
             lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
             lora_targets: LoraTargets = None, force: Force = False, verbose: Verbose = False):
     """Inherit the source VPG and initialise the projector through the word converter."""
@@ -219,6 +262,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     config = InheritConfig(converter=converter, ridge=ridge, connector=connector,
                            adapter_options=_adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets))
     config = replace(config, visual_options=_visual_options(pool_size, adaptive_pool))
+    config = _with_lavin(config, _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale,
+                                              mma_dropout))
     check_out_dir(out, force, inputs=[source, target_llm, vision, source_llm, corpus])
     _check_remote_code(target_llm, trust_remote_code)
     path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
@@ -327,7 +372,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
              connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                         "projector).")] = "linear",
+                                                         "projector; lavin: LaVIN's adapters; see docs/connectors.md)."
+                                                    )] = "linear",
              recipe: Annotated[Optional[str], typer.Option(help="Stages to run after inherit (default: the "
                                                                 "connector's; vpgtrans: warm-up -> fine-tune).")] = None,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Run the train-from-scratch baseline.")] = False,
@@ -345,13 +391,14 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
+             lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
+             mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
              lora_targets: LoraTargets = None, strict: Strict = False, bbox_format: BboxFormat = "xyxy", force: Force = False,
              verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     quiet_libraries()
     setup_logging(verbose)
-    from vpgtrans.config import InheritConfig
     from vpgtrans.stages.transfer import transfer as run
 
     def pick(specific, shared):
@@ -377,9 +424,10 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len)
+    lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, recipe=recipe, configs=configs,
-                             inherit_config=InheritConfig(converter=converter, ridge=ridge, connector=connector,
+                             inherit_config=_lavin_config(lavin, converter=converter, ridge=ridge, connector=connector,
                                                           visual_options=_visual_options(pool_size, adaptive_pool),
                                                           adapter_options=_adapter_options(lora_rank, lora_alpha,
                                                                                            lora_dropout, lora_targets)),
