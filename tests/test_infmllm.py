@@ -62,7 +62,10 @@ def test_inherit_composes_the_converter_into_the_last_linear(tiny, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["visual"] == {"type": "pool", "grid": 4, "pool_size": 2, "adaptive": False, "hidden": 64,
                                            "init": "converter", "ln_eps": 1e-6}
-    assert set(manifest["files"]) == {"ln_vision.safetensors", "pool_adapter.safetensors", "converter.safetensors"}
+    assert set(manifest["files"]) == {"ln_vision.safetensors", "pool_adapter.safetensors", "converter.safetensors",
+                                      "lora.safetensors"}
+    assert manifest["model"]["adapters"] == [{"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.05,
+                                              "targets": ["attention", "mlp"]}]
     source = read_source(tiny["source"])
     converter = load_file(str(out / "converter.safetensors"))
     fc2_w, fc2_b = merge_projector(converter["weight"], converter["bias"], source.projector_weight, source.projector_bias)
@@ -99,15 +102,26 @@ def test_pool_size_that_does_not_divide_the_grid_is_one_line_exit_2(tiny, tmp_pa
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["model"]["visual"]["adaptive"] is True
 
 
-def test_infmllm_connector_runs_every_command(tiny, tmp_path):
-    runner = CliRunner()
-    out = tmp_path / "run"
-    result = runner.invoke(app, ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
-                                 "--data", str(tiny["caption"]), "--out", str(out), "--connector", "infmllm",
-                                 "--pool-size", "2", "--max-steps", "2", "--batch-size", "4"])
+TRANSFER = ["--connector", "infmllm", "--pool-size", "2", "--max-steps", "2", "--batch-size", "4", "--lora-rank", "4",
+            "--lora-targets", "attention"]
+
+
+@pytest.fixture(scope="module")
+def three_stages(tiny, tmp_path_factory):
+    """One infmllm transfer, all three stages: align and multitask on captions, instruct on VQA rows."""
+    out = tmp_path_factory.mktemp("infmllm") / "run"
+    result = CliRunner().invoke(app, ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
+                                      "--data", str(tiny["caption"]), "--instruct-data", str(tiny["vqa"]),
+                                      "--out", str(out), *TRANSFER])
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_infmllm_connector_runs_every_command(three_stages, tiny, tmp_path):
+    runner = CliRunner()
+    out = three_stages
     summary = json.loads((out / "transfer.json").read_text())
-    assert summary["recipe"] == "infmllm" and list(summary["stages"])[:3] == ["inherit", "align", "multitask"]
+    assert summary["recipe"] == "infmllm" and list(summary["stages"]) == ["inherit", "align", "multitask", "instruct"]
     align = json.loads((out / "align" / "manifest.json").read_text())
     assert align["config"]["train"]["trainable"] == ["pool_adapter"] and align["metrics"]["train"]["steps"] == 2
     multitask = json.loads((out / "multitask" / "manifest.json").read_text())
@@ -119,7 +133,7 @@ def test_infmllm_connector_runs_every_command(tiny, tmp_path):
     assert torch.equal(files["inherit"]["ln_vision"]["weight"], files["align"]["ln_vision"]["weight"])
     assert not torch.equal(files["align"]["ln_vision"]["weight"], files["multitask"]["ln_vision"]["weight"])
     assert not torch.equal(files["inherit"]["pool_adapter"]["fc1.weight"], files["align"]["pool_adapter"]["fc1.weight"])
-    final = out / "multitask"
+    final = out / "instruct"
     assert not (final / "vpg.safetensors").exists()
 
     # inspect: the Q-Former is not used
@@ -139,7 +153,8 @@ def test_infmllm_connector_runs_every_command(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((exported / "adapter_config.json").read_text())
     assert config["visual"] == "pool"
-    assert config["parts"] == {"ln_vision": "ln_vision.safetensors", "pool_adapter": "pool_adapter.safetensors"}
+    assert config["parts"] == {"ln_vision": "ln_vision.safetensors", "pool_adapter": "pool_adapter.safetensors",
+                               "lora": "lora.safetensors"}
     model, reloaded = load_model(final, device="cpu"), load_model(exported, device="cpu")
     assert model.num_image_tokens == 4
     from vpgtrans.model.vlm import IMAGE_TOKEN_ID
@@ -170,3 +185,68 @@ def test_warmup_projector_trains_the_pool_adapter_on_refcoco_rows(tiny, tmp_path
     report = json.loads(result.stdout)
     assert set(report["scores"]) == {"acc_iou50", "mean_iou", "parsed", "unparseable", "n"}
     assert report["baselines"]["largest_object"]["n"] == 2  # the two rows of image 0
+
+
+def _text_logits(model_or_llm, ids):
+    with torch.no_grad():
+        return model_or_llm(input_ids=ids).logits
+
+
+def test_stage_three_trains_peft_lora_only_and_exports_a_peft_adapter(three_stages, tiny, inherited, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = three_stages
+    instruct = json.loads((out / "instruct" / "manifest.json").read_text())
+    assert instruct["config"]["train"]["trainable"] == ["lora"] and instruct["config"]["task"] == "vqa"
+    assert instruct["config"]["data"] == str(tiny["vqa"].resolve())
+    # rank 4 on the 4 attention projections (40 x 40) of 2 layers, no base weight
+    assert instruct["metrics"]["train"]["llm_trainable"] == 2 * 4 * (4 * 40 + 40 * 4)
+    lora = {stage: load_file(str(out / stage / "lora.safetensors")) for stage in ("inherit", "multitask", "instruct")}
+    b = "model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert sorted(lora["inherit"]) == sorted(lora["instruct"]) and len(lora["inherit"]) == 16
+    assert not lora["inherit"][b].any() and all(torch.equal(lora["inherit"][k], lora["multitask"][k]) for k in lora["inherit"])
+    assert lora["instruct"][b].abs().sum() > 0
+    for part in ("ln_vision", "pool_adapter"):  # the vision side does not move in stage 3
+        before, after = (load_file(str(out / stage / f"{part}.safetensors")) for stage in ("multitask", "instruct"))
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+    ids = torch.tensor([[1, 7, 12, 30, 5, 9], [1, 4, 4, 8, 21, 2]])
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama"]).eval()
+    # At inherit the LoRA is zero: text-only logits are the base LLM's, bit for bit; after stage 3 they move.
+    assert torch.equal(_text_logits(load_model(out / "multitask", device="cpu"), ids), _text_logits(base, ids))
+    ours = _text_logits(load_model(out / "instruct", device="cpu"), ids)
+    assert not torch.allclose(ours, _text_logits(base, ids))
+
+    # export: a peft adapter directory peft loads onto the base LLM, and the merged LLM.
+    exported = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", str(out / "instruct"), "--format", "adapter", "--merge-lora",
+                                      "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    peft_config = json.loads((exported / "llm_lora" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 4 and peft_config["lora_alpha"] == 16 and peft_config["peft_type"] == "LORA"
+    with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["llama"]), exported / "llm_lora").eval()
+    assert torch.equal(_text_logits(with_peft, ids), ours)
+    merged = AutoModelForCausalLM.from_pretrained(exported / "llm_merged").eval()
+    torch.testing.assert_close(_text_logits(merged, ids), ours, rtol=1e-5, atol=1e-5)
+    assert set(load_file(str(exported / "llm_lora" / "adapter_model.safetensors"))) == {
+        "base_model.model." + key for key in lora["instruct"]}
+    _user_error(CliRunner().invoke(app, ["export", str(inherited), "--format", "adapter", "--merge-lora",
+                                         "--out", str(tmp_path / "x")]), "--merge-lora needs", "the lora adapter")
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_keeps_finished_stages_and_runs_the_rest(three_stages, tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(three_stages, out)
+    shutil.rmtree(out / "instruct")
+    kept = {stage: (out / stage / "manifest.json").read_text() for stage in ("inherit", "align", "multitask")}
+    result = CliRunner().invoke(app, ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
+                                      "--data", str(tiny["caption"]), "--instruct-data", str(tiny["vqa"]),
+                                      "--out", str(out), *TRANSFER, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert all((out / stage / "manifest.json").read_text() == text for stage, text in kept.items())
+    again, first = (load_file(str(path / "instruct" / "lora.safetensors")) for path in (out, three_stages))
+    assert all(torch.equal(again[k], first[k]) for k in first)  # the same stage 3, deterministically

@@ -103,19 +103,30 @@ MmaTau = Annotated[Optional[float], typer.Option(help="lavin: router temperature
                                                       "13B).")]
 MmaScale = Annotated[Optional[float], typer.Option(help="lavin: adapter output scale (default 1).")]
 MmaDropout = Annotated[Optional[float], typer.Option(help="lavin: dropout after the down-projection (default 0.1).")]
-LoraRank = Annotated[Optional[int], typer.Option(help="plora: LoRA rank r (default 8).")]
-LoraAlpha = Annotated[Optional[float], typer.Option(help="plora: LoRA alpha; the delta is scaled by alpha/r (default 16).")]
-LoraDropout = Annotated[Optional[float], typer.Option(help="plora: dropout on the LoRA input (default 0.05).")]
-LoraTargets = Annotated[Optional[str], typer.Option(help="plora: comma-separated groups (attention, mlp: on MoE LLMs "
+LoraRank = Annotated[Optional[int], typer.Option(help="plora, infmllm: LoRA rank r (default 8).")]
+LoraAlpha = Annotated[Optional[float], typer.Option(help="plora, infmllm: LoRA alpha; the delta is scaled by alpha/r "
+                                                         "(default 16).")]
+LoraDropout = Annotated[Optional[float], typer.Option(help="plora, infmllm: dropout on the LoRA input (default 0.05).")]
+LoraTargets = Annotated[Optional[str], typer.Option(help="plora, infmllm: comma-separated groups (attention, mlp: on MoE LLMs "
                                                          "the experts) or layers (self_attn.q_proj, mlp.experts).")]
 
 
-def _adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets) -> dict:
-    """``InheritConfig.adapter_options`` from the friendly --lora-* flags (only those given)."""
+def _lora_adapter(connector: str) -> str:
+    """The LoRA adapter the --lora-* flags set: the connector's ``lora`` (peft, every token: infmllm), else
+    ``plora`` (visual tokens only)."""
+    from vpgtrans.model.connectors import CONNECTORS
+
+    entry = CONNECTORS.get(connector)
+    return "lora" if entry is not None and any(a["type"] == "lora" for a in entry.adapters) else "plora"
+
+
+def _adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets, connector: str = "plora") -> dict:
+    """``InheritConfig.adapter_options`` from the friendly --lora-* flags (only those given), for the
+    connector's LoRA adapter."""
     plora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
              "targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets is not None else None}
     plora = {key: value for key, value in plora.items() if value is not None}
-    return {"plora": plora} if plora else {}
+    return {_lora_adapter(connector): plora} if plora else {}
 
 
 def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len,
@@ -260,7 +271,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     from vpgtrans.outputs import check_out_dir
 
     config = InheritConfig(converter=converter, ridge=ridge, connector=connector,
-                           adapter_options=_adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets))
+                           adapter_options=_adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets,
+                                                            connector))
     config = replace(config, visual_options=_visual_options(pool_size, adaptive_pool))
     config = _with_lavin(config, _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale,
                                               mma_dropout))
@@ -366,6 +378,9 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              data: Annotated[Path, typer.Option(help="Training data (warm-up, and fine-tune unless --finetune-data).")],
              out: Annotated[Path, typer.Option(help="Output directory (one bundle per stage inside).")],
              finetune_data: Annotated[Optional[Path], typer.Option(help="Data for stage 2.")] = None,
+             instruct_data: Annotated[Optional[Path], typer.Option(help="Data for stage 3 where the recipe has one "
+                                                                        "(infmllm: instruct; default --finetune-data)."
+                                                                   )] = None,
              vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
              converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
@@ -417,20 +432,23 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     from vpgtrans.outputs import check_out_dir
 
-    check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, eval_data, vision, source_llm,
+    check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, instruct_data, eval_data, vision,
+                                                source_llm,
                                                 corpus])
     _check_remote_code(target_llm, trust_remote_code)
-    data, finetune_data, eval_data = (_data(path, strict, bbox_format) for path in (data, finetune_data, eval_data))
+    data, finetune_data, instruct_data, eval_data = (_data(path, strict, bbox_format)
+                                                     for path in (data, finetune_data, instruct_data, eval_data))
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len)
     lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
-                             finetune_config=finetune_config, recipe=recipe, configs=configs,
+                             finetune_config=finetune_config, recipe=recipe, configs=configs, instruct_data=instruct_data,
                              inherit_config=_lavin_config(lavin, converter=converter, ridge=ridge, connector=connector,
                                                           visual_options=_visual_options(pool_size, adaptive_pool),
                                                           adapter_options=_adapter_options(lora_rank, lora_alpha,
-                                                                                           lora_dropout, lora_targets)),
+                                                                                           lora_dropout, lora_targets,
+                                                                                           connector)),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
                              progress=progress_bar("train", batch_size), options=options)
@@ -494,7 +512,11 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
 @command()
 def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            out: Annotated[Path, typer.Option(help="Output directory (hf) or .pth file (lavis).")],
-           format: Annotated[str, typer.Option("--format", help="hf, lavis or adapter.")] = "hf", force: Force = False):
+           format: Annotated[str, typer.Option("--format", help="hf, lavis or adapter.")] = "hf",
+           merge_lora: Annotated[bool, typer.Option("--merge-lora", help="adapter export of a bundle with peft's LoRA "
+                                                                        "(infmllm): also write the LLM with the LoRA "
+                                                                        "merged, as a plain HF directory.")] = False,
+           force: Force = False):
     """Write a standalone HF BLIP-2 directory (with processor), a LAVIS .pth, or the trained parts alone
     (adapter: loads with vpgtrans.load_model, for any connector)."""
     quiet_libraries()
@@ -502,7 +524,7 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
 
     if format not in ("hf", "lavis", "adapter"):
         raise VpgtransError(f"--format must be hf, lavis or adapter (got {format!r})")
-    path = export_bundle(bundle, out, format=format, force=force)
+    path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora)
     typer.echo(f"{format} export written to {path}")
 
 

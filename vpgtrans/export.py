@@ -43,9 +43,10 @@ IMAGE_TOKEN = "<image>"
 SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor against the template
 
 
-def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False) -> Path:
+def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, merge_lora: bool = False) -> Path:
     """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf`` and ``adapter``, a ``.pth``
-    file for ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written."""
+    file for ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written.
+    ``merge_lora`` (adapter format, a bundle with the ``lora`` adapter): also the LLM with it merged."""
     from vpgtrans.model.spec import upgrade
 
     if format not in EXPORTERS:
@@ -64,6 +65,11 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False) 
         if why:
             raise VpgtransError(f"{bundle_dir}: cannot be exported as {format}: {why}; use --format adapter "
                                 "(loads with vpgtrans.load_model)")
+    if merge_lora and (format != "adapter" or not any(a["type"] == "lora" for a in model.get("adapters", []))):
+        raise VpgtransError(f"{bundle_dir}: --merge-lora needs --format adapter and a bundle with the lora adapter "
+                            "(--connector infmllm)")
+    if merge_lora:
+        return export_adapter(bundle_dir, {**manifest, "model": model}, out_dir, force, merge_lora=True)
     return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
 
 
@@ -338,12 +344,17 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
 # --------------------------------------------------------------------------------------------- adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
+PEFT_DIR = "llm_lora"  # the lora adapter as peft saves it
+MERGED_DIR = "llm_merged"  # --merge-lora: the LLM with the lora adapter merged
 
 
-def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> Path:
+def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, merge_lora: bool = False) -> Path:
     """The trained parts only, as peft exports an adapter: the bundle's part files and manifest (so the
     directory is itself a bundle ``vpgtrans.load_model`` loads), ``adapter_config.json`` naming the base
-    models (path and fingerprint) and the parts, and a README with the loading snippet."""
+    models (path and fingerprint) and the parts, and a README with the loading snippet. A ``lora``
+    adapter (peft's LoRA on the LLM) is also written as a peft adapter directory ``llm_lora/``
+    (``PeftModel.from_pretrained(llm, OUT/llm_lora)``), and with ``merge_lora`` merged into a plain HF
+    LLM directory ``llm_merged/``."""
     from vpgtrans.bundle import part_files
 
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir])
@@ -358,6 +369,14 @@ def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool)
                               parts=part_files(manifest))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(_adapter_readme(manifest, config))
+        lora = [entry for entry in model.get("adapters", []) if entry["type"] == "lora"]
+        if lora:
+            from vpgtrans.model.adapters.lora import merge_lora as merge, save_peft
+
+            peft_dir = save_peft(tmp / PEFT_DIR, lora[0], load_tensors(bundle_dir, "lora.safetensors"),
+                                 base_model=refs["llm"]["path"])
+            if merge_lora:
+                merge(tmp / MERGED_DIR, Path(refs["llm"]["path"]), peft_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

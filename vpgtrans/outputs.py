@@ -38,6 +38,13 @@ _LEFTOVER = re.compile(r"^\.[^/]+\.(tmp-[^/]*|old-[^/]*|logs-aside)$")
 TRANSFER_ENTRIES = {"inherit", "warmup", "finetune", "scratch", "transfer.json"}  # a transfer run: one dir per stage
 
 
+def _transfer_entries() -> set[str]:
+    """``TRANSFER_ENTRIES`` and the stage directories of every recipe (infmllm's align / multitask / instruct, ...)."""
+    from vpgtrans.recipes import RECIPES
+
+    return TRANSFER_ENTRIES | {stage.name for stages in RECIPES.values() for stage in stages}
+
+
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
@@ -74,7 +81,7 @@ def vpgtrans_output_kind(path: Path) -> str | None:
         return "export"
     if entries <= RUN_ENTRIES and entries & {"checkpoints", "metrics.jsonl"}:
         return "run"
-    if entries <= TRANSFER_ENTRIES and all(vpgtrans_output_kind(path / name) for name in entries - {"transfer.json"}):
+    if entries <= _transfer_entries() and all(vpgtrans_output_kind(path / name) for name in entries - {"transfer.json"}):
         return "transfer"
     return None
 

@@ -9,7 +9,8 @@ Every stage writes its own bundle, named after the stage. No torch import here.
               to 5e-5): VPGTrans (Zhang et al. 2023), as its reference code runs it
     scratch   scratch (VPG + projector freshly initialised, BLIP-2's 1e-4 cosine to 5e-5): the baseline
     infmllm   align (pool-adapter only, 1e-3 constant) -> multitask (pool-adapter + ln_vision, 1e-4 cosine to
-              5e-5): InfMLLM's stages as vpgtrans runs them (the lr values are ours; InfMLLM ships no
+              5e-5) -> instruct (LoRA on the LLM through peft, 2e-4 cosine to 2e-5, on ``instruct_data``):
+              InfMLLM's three stages as vpgtrans runs them (the lr values are ours; InfMLLM ships no
               training code)
     lavin     finetune (LaVIN connector + mixture-of-modality adapters, lr 9e-3 x batch/256, cosine to 0
               after a 10% warm-up, AdamW (0.9, 0.95), wd 0.02, 20 epochs): LaVIN's, on the inherited ViT
@@ -28,7 +29,7 @@ from vpgtrans.errors import VpgtransError
 class Stage:
     name: str  # the stage's bundle directory under transfer's --out, and its manifest "stage"
     train: dict = field(default_factory=dict)  # TrainConfig fields: trainable, lr, min_lr, warmup_steps, epochs, ...
-    data: str = "data"  # "data" or "finetune_data"
+    data: str = "data"  # "data", "finetune_data" or "instruct_data" (each falls back to the one before)
     fresh_init: bool = False  # re-initialise every part first (train-from-scratch)
     lr_batch: int | None = None  # lr (and min_lr) are for this global batch: scaled by batch_size / lr_batch
 
@@ -65,6 +66,7 @@ RECIPES: dict[str, list[Stage]] = {
     "infmllm": [
         Stage("align", {"trainable": ["pool_adapter"], "lr": 1e-3, "min_lr": None}),
         Stage("multitask", {"trainable": ["ln_vision", "pool_adapter"], **BLIP2_SCHEDULE}, data="finetune_data"),
+        Stage("instruct", {"trainable": ["lora"], "lr": 2e-4, "min_lr": 2e-5}, data="instruct_data"),
     ],
     "lavin": [
         Stage("finetune", {"trainable": ["connector", "mma", "mma-vision"], **LAVIN_SCHEDULE}, data="finetune_data",

@@ -53,8 +53,10 @@ class Connector:
 
 CONNECTORS: dict[str, Connector] = {
     "linear": Connector("qformer"),
-    # InfMLLM's pool-adapter on the ViT's patch grid, no Q-Former (vpgtrans.model.visual.pool)
-    "infmllm": Connector("pool", recipe="infmllm"),
+    # InfMLLM's pool-adapter on the ViT's patch grid, no Q-Former (vpgtrans.model.visual.pool), and peft's
+    # LoRA on the LLM for its third stage (vpgtrans.model.adapters.lora; zero at inherit)
+    "infmllm": Connector("pool", ({"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.05,
+                                   "targets": ["attention", "mlp"]},), recipe="infmllm"),
     # BLIP-2's projector + LoRA at visual-token positions only (vpgtrans.model.adapters.plora)
     "plora": Connector("qformer", ({"type": "plora", "rank": 8, "alpha": 16, "dropout": 0.05,
                                     "targets": ["attention", "mlp"]},), recipe="plora"),

@@ -39,6 +39,7 @@ def _combined_curve(stages: list[tuple[str, Path]]) -> list[dict]:
 
 
 def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finetune_data: Path | None = None,
+             instruct_data: Path | None = None,
              recipe: str | None = None, configs: dict[str, TrainConfig] | None = None,
              warmup_config: TrainConfig | None = None, finetune_config: TrainConfig | None = None,
              inherit_config: InheritConfig | None = None, from_scratch: bool = False, eval_data: Path | None = None,
@@ -50,7 +51,8 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     ``recipe``: a ``vpgtrans.recipes.RECIPES`` name (default: the connector's; ``from_scratch`` runs the
     ``scratch`` baseline). ``configs`` replaces a stage's ``TrainConfig`` by stage name;
     ``warmup_config`` / ``finetune_config`` are the names for the VPGTrans stages (``finetune_config``
-    also for ``scratch``). ``skip_warmup`` drops the ``warmup`` stage (the paper's ablation).
+    also for ``scratch``). ``skip_warmup`` drops the ``warmup`` stage (the paper's ablation). A stage reads
+    ``data``, ``finetune_data`` or ``instruct_data`` as its recipe says, each falling back to the one before.
 
     With ``options.resume``, stages whose bundles exist and validate are kept, the stage that was
     running continues from its latest checkpoint, and the rest run as usual."""
@@ -71,13 +73,13 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         raise VpgtransError(f"{out_dir}: nothing to resume (no such directory); run without --resume")
     if out_dir.exists() and not (force or options.resume):
         raise exists_error(out_dir, resumable=True)
-    check_out_dir(out_dir, force=True, inputs=(source, target_llm, data, finetune_data, eval_data, vision,
+    check_out_dir(out_dir, force=True, inputs=(source, target_llm, data, finetune_data, instruct_data, eval_data, vision,
                                                source_llm, corpus))
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
-    for path in (source, target_llm, data, finetune_data, eval_data, vision, source_llm, corpus):
+    for path in (source, target_llm, data, finetune_data, instruct_data, eval_data, vision, source_llm, corpus):
         if path is not None and not Path(path).exists():
             raise VpgtransError(f"{path}: no such file or directory")
-    for path in (data, finetune_data, eval_data):
+    for path in (data, finetune_data, instruct_data, eval_data):
         if path is not None:
             load_rows(path)
     read_source(Path(source), vision, source_llm)  # reads only the VPG and projector tensors
@@ -99,7 +101,8 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         stage_dir = out_dir / stage.name
         resume = options.resume and _resumable(stage_dir)
         stage_options = replace(options, resume=resume)  # a stage that never started starts fresh
-        stage_data = finetune_data if stage.data == "finetune_data" and finetune_data is not None else data
+        stage_data = {"data": data, "finetune_data": finetune_data or data,
+                      "instruct_data": instruct_data or finetune_data or data}[stage.data]
         current = run_stage(current, stage_data, stage_dir, stage_configs[stage.name], stage.name,
                             eval_data=eval_data, fresh_init=stage.fresh_init, progress=progress,
                             force=force or (options.resume and not resume), options=stage_options)

@@ -22,11 +22,13 @@ from torch import nn
 from vpgtrans.errors import VpgtransError
 from vpgtrans.model.adapters.context import AdapterLayer, TokenContext
 from vpgtrans.model.adapters.mma import MixtureOfModalityLayer, VisionMixtureOfModalityLayer
+from vpgtrans.model.adapters.lora import LoRA
 from vpgtrans.model.adapters.plora import PLoRA
 from vpgtrans.model.parts import Part
 
 ADAPTERS: dict[str, type] = {"plora": PLoRA, "mma": MixtureOfModalityLayer,
                              "mma-vision": VisionMixtureOfModalityLayer}
+ADAPTERS["lora"] = LoRA  # peft's LoRA on every token (InfMLLM's third stage)
 
 
 def adapter_kind(name: str) -> type:
