@@ -282,10 +282,5 @@ def reference_errors(manifest: dict):
         yield
     except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
         raise _refused_pickle(llm_path, exc) from None
-    except OSError as exc:  # transformers < 5 wraps that refusal in an OSError
-        cause = exc.__cause__ or exc.__context__
-        if not isinstance(cause, pickle.UnpicklingError):
-            raise
-        raise _refused_pickle(llm_path, cause) from None
     except SafetensorError as exc:
         raise VpgtransError(f"{llm_path}: a referenced safetensors file is unreadable ({first_line(exc)})") from None

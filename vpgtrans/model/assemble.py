@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -58,11 +59,23 @@ def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device=None, quant
         llm = auto.from_pretrained(ref["path"], **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(ref["path"], trust_remote_code=remote)
     except (OSError, ValueError) as exc:
+        refusal = _unpickling_error(exc)  # transformers < 5 wraps its weights_only refusal (twice)
+        if refusal is not None:
+            raise refusal from None  # named as the refusal by bundle.reference_errors
         raise VpgtransError(f"{ref['path']}: cannot load the LLM ({str(exc).splitlines()[0]})") from None
     if gradient_checkpointing:
         checkpoint_layers(llm)
     placed = quantization is not None or device_map is not None  # from_pretrained already put it in place
     return (llm if placed else llm.to(device)), tokenizer
+
+
+def _unpickling_error(exc: BaseException, depth: int = 6) -> pickle.UnpicklingError | None:
+    """The ``UnpicklingError`` an exception was raised from (its cause / context chain), if any."""
+    while exc is not None and depth:
+        if isinstance(exc, pickle.UnpicklingError):
+            return exc
+        exc, depth = exc.__cause__ or exc.__context__, depth - 1
+    return None
 
 
 def quantization_config(quantization: str, dtype=None):
