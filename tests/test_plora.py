@@ -348,3 +348,50 @@ def test_gradient_checkpointing_recomputes_with_the_token_context(plora_inherite
     assert any(theirs[key].any() for key in theirs if key.endswith("_B"))
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+
+
+def test_routing_report_counts_each_tokens_top_k_by_modality(moe, tiny, tmp_path):
+    """Counts against an independent recount from the LLM's own router logits (output_router_logits)."""
+    from vpgtrans.collate import Collator
+    from vpgtrans.config import InheritConfig
+    from vpgtrans.data import load_rows
+    from vpgtrans.routing import routing_report
+    from vpgtrans.stages.inherit import inherit
+
+    bundle = inherit(tiny["source"], moe["mixtral"], tmp_path / "inherit", InheritConfig(connector="plora"))
+    report = routing_report(bundle, tiny["caption"], max_samples=6, batch_size=6)
+    assert (report["num_experts"], report["top_k"], report["samples"]) == (4, 2, 6)
+    assert report["tokens"]["visual"] == 6 * 4  # 4 image slots per sample
+
+    model = load_model(bundle, device="cpu")
+    dataset, task, _ = load_rows(tiny["caption"])
+    batch = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
+                     False, mode="train")([dataset[i] for i in range(6)])
+    kinds = torch.where(batch["attention_mask"] == 0, -1, (batch["input_ids"] == IMAGE_TOKEN_ID).long()).reshape(-1)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                    attention_mask=batch["attention_mask"], output_router_logits=True)
+    assert report["tokens"]["text"] == int((kinds == 0).sum())
+    for layer, logits in zip(report["layers"], out.router_logits):  # (B*T, E) per layer
+        chosen = torch.topk(torch.softmax(logits.float(), -1), 2, dim=-1).indices
+        for kind, key in ((1, "visual"), (0, "text")):
+            expected = torch.bincount(chosen[kinds == kind].reshape(-1), minlength=4).tolist()
+            assert [e[key] for e in layer["experts"]] == expected
+        assert sum(e["visual"] for e in layer["experts"]) == 2 * report["tokens"]["visual"]
+        assert sum(e["visual_load"] for e in layer["experts"]) == pytest.approx(1.0)
+        assert all(e["visual_preference"] is None or 0 <= e["visual_preference"] <= 1 for e in layer["experts"])
+
+    # The command: table, JSON and the heat map; a dense bundle is refused in one line.
+    runner, out_dir = CliRunner(), tmp_path / "routing"
+    result = runner.invoke(app, ["inspect", str(bundle), "--routing", "--data", str(tiny["caption"]), "--out",
+                                 str(out_dir), "--max-samples", "6"])
+    assert result.exit_code == 0, result.output
+    assert "visual load | text load" in result.stdout
+    saved = json.loads((out_dir / "routing.json").read_text())
+    assert [[e["visual"] for e in layer["experts"]] for layer in saved["layers"]] == [
+        [e["visual"] for e in layer["experts"]] for layer in report["layers"]]
+    assert (out_dir / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _user_error(runner.invoke(app, ["inspect", str(bundle.parent / "inherit"), "--routing"]), "--routing needs --data")
+    dense = inherit(tiny["source"], tiny["llama"], tmp_path / "dense", InheritConfig(connector="plora"))
+    _user_error(runner.invoke(app, ["inspect", str(dense), "--routing", "--data", str(tiny["caption"])]),
+                "routing analysis needs an MoE LLM", "'llama'")

@@ -205,8 +205,21 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
                                                           "exit 1 if a connector that promises 0 differs.")] = False,
             text: Annotated[Optional[list[str]], typer.Option(
                 metavar="TEXT", help="--check-text-path: a probe text (repeatable; default: three built-in probes).")] = None,
-            load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False):
-    """Describe a model, checkpoint or bundle without loading it (--check-text-path loads it)."""
+            load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+            routing: Annotated[bool, typer.Option("--routing", help="MoE bundle: how each layer's experts split "
+                                                  "between visual and text tokens on --data (table; JSON and a "
+                                                  "PNG heat map with --out).")] = False,
+            data: Annotated[Optional[Path], typer.Option(help="--routing: data directory to run.")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="--routing: directory for routing.json and "
+                                                             "routing.png.")] = None,
+            max_samples: Annotated[int, typer.Option(help="--routing: rows of --data to run.")] = 64):
+    """Describe a model, checkpoint or bundle without loading it (--check-text-path and --routing load it)."""
+    if check_text_path and routing:
+        raise VpgtransError("--check-text-path and --routing are separate runs: give one")
+    if routing:
+        return _routing(path, data, out, max_samples, as_json)
+    if data is not None or out is not None:
+        raise VpgtransError("--data and --out go with --routing")
     if check_text_path:
         return _check_text_path(path, text, as_json, load_in_8bit, load_in_4bit)
     if text or load_in_8bit or load_in_4bit:
@@ -222,6 +235,24 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
         Console().print(render(info))
     if info.get("valid", True) is not True:
         raise VpgtransError(info["valid"])  # described above; the exit code says it is unusable
+
+
+def _routing(bundle: Path, data: Path | None, out: Path | None, max_samples: int, as_json: bool):
+    quiet_libraries()
+    from vpgtrans.routing import render_routing, routing_report, save_routing
+
+    if data is None:
+        raise VpgtransError("--routing needs --data DIR (rows whose images the model sees)")
+    report = routing_report(bundle, data, max_samples=max_samples)
+    if as_json:
+        _print_json(report)
+    else:
+        from rich.console import Console
+
+        Console().print(render_routing(report))
+    if out is not None:
+        paths = save_routing(report, out)
+        typer.echo(f"routing written to {paths['json']} and {paths['png']}", err=as_json)
 
 
 def _check_text_path(bundle: Path, texts, as_json: bool, load_in_8bit: bool, load_in_4bit: bool):
