@@ -1,0 +1,35 @@
+"""benchmarks/lavin_choice.py at smoke size (tiny random models, a few steps): the plumbing of every arm,
+and the summary's numbers are the runs' numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_lavin_choice_smoke(tmp_path):
+    from benchmarks import lavin_choice
+
+    out = tmp_path / "choice.json"
+    lavin_choice.main(["--smoke", "--no-plot", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    saved = json.loads(out.read_text())
+    cfg = saved["config"]
+    assert {(r["arm"], r["seed"]) for r in saved["runs"]} == {(arm, 0) for arm in lavin_choice.ARMS}
+    by_arm = {r["arm"]: r for r in saved["runs"]}
+    for run in saved["runs"]:
+        steps = [p["step"] for p in run["curve"]]
+        assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == cfg["steps"] == run["steps"]
+        final = run["final"]
+        assert final["samples"] == cfg["n_eval"] and final["samples_image"] + final["samples_text"] == cfg["n_eval"]
+        reached = [p["step"] for p in run["curve"] if p["accuracy"] >= cfg["target_accuracy"]]
+        assert run["steps_to_target"] == (reached[0] if reached else None)
+    # The text-only arm's image questions are the lavin arm's image questions (asked without the image).
+    assert by_arm["text-only"]["final"]["samples_image"] == by_arm["lavin"]["final"]["samples_image"] > 0
+    # Same architecture for lavin and text-only; the BLIP-2 arm trains the VPG + projector instead.
+    assert by_arm["lavin"]["trainable_params"] == by_arm["text-only"]["trainable_params"]
+    assert by_arm["blip2"]["trainable_params"] != by_arm["lavin"]["trainable_params"]
+    for arm, block in saved["summary"].items():
+        assert block["accuracy_image"]["mean"] == pytest.approx(by_arm[arm]["final"]["accuracy_image"])
+        assert block["unparseable"]["mean"] == by_arm[arm]["final"]["unparseable"]
+    assert (tmp_path / "work" / "runs" / "lavin-seed0" / "finetune" / "mma.safetensors").is_file()
