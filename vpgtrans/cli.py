@@ -547,6 +547,11 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            merge_lora: Annotated[bool, typer.Option("--merge-lora", help="adapter export of a bundle with peft's LoRA "
                                                                         "(infmllm): also write the LLM with the LoRA "
                                                                         "merged, as a plain HF directory.")] = False,
+           dtype: Annotated[Optional[str], typer.Option(help="hf: cast every weight to fp32, bf16 or fp16 and load "
+                                                            "in it (default: as stored, loaded in the LLM's dtype).")] = None,
+           push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the export to this Hub model repository "
+                                                                  "(user/name; token from HF_TOKEN or huggingface-cli "
+                                                                  "login).")] = None,
            force: Force = False):
     """Write a standalone HF BLIP-2 directory (with processor), a LAVIS .pth, or the trained parts alone
     (adapter: loads with vpgtrans.load_model, for any connector)."""
@@ -555,8 +560,12 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
 
     if format not in ("hf", "lavis", "adapter"):
         raise VpgtransError(f"--format must be hf, lavis or adapter (got {format!r})")
-    path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora)
+    path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora, dtype=dtype)
     typer.echo(f"{format} export written to {path}")
+    if push_to_hub:
+        from vpgtrans.hub import push_to_hub as push
+
+        typer.echo(f"pushed to {push(path, push_to_hub)}")
 
 
 @command()

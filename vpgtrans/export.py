@@ -43,14 +43,21 @@ IMAGE_TOKEN = "<image>"
 SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor against the template
 
 
-def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, merge_lora: bool = False) -> Path:
+def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, merge_lora: bool = False,
+                  dtype: str | None = None) -> Path:
     """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf`` and ``adapter``, a ``.pth``
     file for ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written.
-    ``merge_lora`` (adapter format, a bundle with the ``lora`` adapter): also the LLM with it merged."""
+    ``merge_lora`` (adapter format, a bundle with the ``lora`` adapter): also the LLM with it merged.
+    ``dtype`` (hf only: fp32 / bf16 / fp16): every weight cast to it, and the dtype transformers loads in;
+    default: each part as stored, loaded in the LLM's dtype."""
     from vpgtrans.model.spec import upgrade
+    from vpgtrans.training import torch_dtype
 
     if format not in EXPORTERS:
         raise VpgtransError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORTERS)}")
+    if dtype is not None and format != "hf":
+        raise VpgtransError(f"--dtype applies to --format hf (the {format} export keeps the trained weights as trained)")
+    torch_dtype(dtype)  # an unknown name is one line before anything is read
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     # The LAVIS file and the adapter export hold only the trained parts: they need no ViT or LLM here.
     manifest = validate_bundle(bundle_dir, check_references=format == "hf")
@@ -70,6 +77,8 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, 
                             "(--connector infmllm)")
     if merge_lora:
         return export_adapter(bundle_dir, {**manifest, "model": model}, out_dir, force, merge_lora=True)
+    if format == "hf":
+        return export_hf(bundle_dir, {**manifest, "model": model}, out_dir, force, dtype=dtype)
     return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
 
 
@@ -242,7 +251,7 @@ def _generation_config(llm, tokenizer, template: PromptTemplate, image_token_id:
     return config
 
 
-def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> Path:
+def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtype: str | None = None) -> Path:
     info, refs = manifest["model"], manifest["references"]
     if info["visual"]["vpg"]["kind"] == "instructblip":
         raise VpgtransError(f"{bundle_dir}: HF export of InstructBLIP VPGs is not supported yet (HF InstructBLIP "
@@ -253,7 +262,7 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> P
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir, refs["vision"]["path"], refs["llm"]["path"]])
     try:
         with reference_errors(manifest):
-            _write_hf(tmp, bundle_dir, manifest, template)
+            _write_hf(tmp, bundle_dir, manifest, template, dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,7 +270,10 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool) -> P
     return commit_out_dir(tmp, out_dir)
 
 
-def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate) -> None:
+MAX_SHARD_SIZE = "5GB"  # as the Hub's own checkpoints: a 7B model in a few files, each under the Hub's limits
+
+
+def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate, dtype: str | None = None) -> None:
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
@@ -282,10 +294,17 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     if image_token_id >= llm.get_input_embeddings().weight.shape[0]:
         _grow_embeddings(llm, image_token_id + 1)
     state.update({LLM_PREFIX + k: v for k, v in llm.state_dict().items()})
-    # Every part keeps the precision it is stored in (a bf16 LLM stays bf16 on disk). transformers records
-    # the dtype of the first parameter, the fp32 query_tokens, so from_pretrained loads in fp32 unless
-    # given dtype=..., as for any HF BLIP-2.
+    # Without --dtype every part keeps the precision it is stored in (a bf16 LLM stays bf16 on disk, the
+    # trained VPG fp32) and config.json names the LLM's dtype, which from_pretrained's default dtype="auto"
+    # loads the whole model in (transformers would otherwise record the first parameter's: fp32 query_tokens,
+    # and a 7B export would load in fp32). With --dtype every floating tensor is cast to it.
     llm_dtype = str(llm.dtype).replace("torch.", "")
+    if dtype is not None:
+        from vpgtrans.training import torch_dtype
+
+        cast = torch_dtype(dtype) or torch.float32
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+    saved_dtype = str(cast).replace("torch.", "") if dtype is not None else llm_dtype
     generation_config = _generation_config(llm, tokenizer, template, image_token_id)
     text_config = {k: v for k, v in llm.config.to_dict().items() if k != "_name_or_path"}
     # HF BLIP-2's generate() runs language_model.generate(), whose generation config comes from
@@ -307,8 +326,9 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     _load_strict(model, state)
     model.generation_config = generation_config
     del llm, state
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
     del model
+    _record_dtype(tmp / "config.json", saved_dtype)
 
     # The processor: BLIP-2 preprocessing + the LLM's tokenizer with <image>, K image tokens per image.
     _fit_special_tokens(tokenizer, template, is_encoder_decoder)
@@ -339,6 +359,34 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
                                image_token=image_token, image_token_id=image_token_id, processor_prompts=prompts,
                                warnings=warnings)
     (tmp / EXPORT_INFO).write_text(json.dumps(export_info, indent=2) + "\n")
+    from vpgtrans.hub import model_card
+
+    model_card(bundle_dir, manifest, "hf", _HF_USAGE.format(
+        prompt=prompts["vqa"].replace("{question}", "what is in the picture?"))).save(tmp / "README.md")
+
+
+_HF_USAGE = """```python
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+model = Blip2ForConditionalGeneration.from_pretrained("path/to/this/directory")  # in the dtype config.json names
+processor = Blip2Processor.from_pretrained("path/to/this/directory")
+inputs = processor(images=Image.open("photo.jpg"), text={prompt!r}, return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, max_new_tokens=20), skip_special_tokens=True))
+```
+
+`vpgtrans_export.json` gives the exact prompt text per task and any difference the export found between
+this processor and the prompts the model was trained with."""
+
+
+def _record_dtype(config_path: Path, dtype: str) -> None:
+    """Name ``dtype`` in an exported config.json (top level and each sub-config that names one)."""
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype
+    for value in config.values():
+        if isinstance(value, dict) and "dtype" in value:
+            value["dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- adapter
@@ -368,7 +416,9 @@ def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool,
                               visual=model["visual"]["type"], adapters=model.get("adapters", []),
                               parts=part_files(manifest))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(_adapter_readme(manifest, config))
+        from vpgtrans.hub import model_card
+
+        model_card(bundle_dir, manifest, "adapter", _adapter_usage(config)).save(tmp / "README.md")
         lora = [entry for entry in model.get("adapters", []) if entry["type"] == "lora"]
         if lora:
             from vpgtrans.model.adapters.lora import merge_lora as merge, save_peft
@@ -384,14 +434,11 @@ def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool,
     return commit_out_dir(tmp, out_dir)
 
 
-def _adapter_readme(manifest: dict, config: dict) -> str:
+def _adapter_usage(config: dict) -> str:
     bases = "\n".join(f"- {role}: `{base['path']}` ({base.get('fingerprint', 'no fingerprint')})"
                       for role, base in config["base_models"].items())
-    return f"""# vpgtrans adapter export
-
-Trained parts ({', '.join(config['parts'].values())}) of a `{manifest['stage']}` bundle: visual kind
-`{config['visual']}`, adapters {[a['type'] for a in config['adapters']] or 'none'}. The frozen base models
-are not included; they are read from:
+    return f"""Trained parts only ({', '.join(config['parts'].values())}): visual kind `{config['visual']}`, adapters
+{[a['type'] for a in config['adapters']] or 'none'}. The frozen base models are not included; they are read from:
 
 {bases}
 
