@@ -281,7 +281,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             out: Annotated[Path, typer.Option(help="Output bundle directory.")],
             vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
             source_llm: Annotated[Optional[Path], typer.Option(help="The source LLM dir (needed for .pth with a converter).")] = None,
-            converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
+            converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
+                                                       "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
@@ -313,7 +314,10 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
                trust_remote_code=trust_remote_code, force=force)
     stats = json.loads((path / "manifest.json").read_text())["metrics"].get("converter")
     if stats:
-        typer.echo(f"converter: {stats['pairs']} token pairs, held-out cosine {stats.get('heldout_cosine', float('nan')):.4f}")
+        retrieval = f", retrieval {stats['retrieval_accuracy']:.3f}" if "retrieval_accuracy" in stats else ""
+        typer.echo(f"converter ({stats.get('method', 'shared-tokens')}): {stats['pairs']} token pairs, held-out cosine "
+                   f"{stats.get('heldout_cosine', float('nan')):.4f}{retrieval}"
+                   + (f" ({stats['reason']})" if "reason" in stats else ""))
     typer.echo(f"bundle written to {path}")
 
 
@@ -414,7 +418,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                    )] = None,
              vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
-             converter: Annotated[str, typer.Option(help="shared-tokens or none.")] = "shared-tokens",
+             converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
+                                                       "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
              connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "

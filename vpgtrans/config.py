@@ -141,11 +141,14 @@ class TrainConfig:
         return stage("vpgtrans", "finetune").config(**overrides)
 
 
+CONVERTERS = ("shared-tokens", "gw", "auto", "none")
+
+
 @dataclass
 class InheritConfig:
     """How ``inherit`` builds the first bundle of a transfer."""
 
-    converter: str = "shared-tokens"  # or "none"
+    converter: str = "shared-tokens"  # or "gw" (no shared tokens needed), "auto" (shared-tokens if enough pairs), "none"
     ridge: float = 1e-3  # relative to the mean diagonal of X^T X
     heldout_fraction: float = 0.1
     lowercase_fallback: bool = True
@@ -153,14 +156,17 @@ class InheritConfig:
     seed: int = 0
     visual_options: dict = field(default_factory=dict)  # the connector's visual kind's options (pool size, ...)
     adapter_options: dict = field(default_factory=dict)  # adapter type -> options over the connector's defaults
+    gw_anchors: int = 2000  # --converter gw: anchor tokens per side (the most frequent in --corpus)
 
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.visual_options, dict) or not isinstance(self.adapter_options, dict) or not all(
                 isinstance(v, dict) for v in self.adapter_options.values()):
             problems.append("visual_options must be an object and adapter_options an object of objects")
-        if self.converter not in ("shared-tokens", "none"):
-            problems.append(f"converter must be 'shared-tokens' or 'none' (got {self.converter!r})")
+        if self.converter not in CONVERTERS:
+            problems.append(f"converter must be one of {', '.join(CONVERTERS)} (got {self.converter!r})")
+        if not isinstance(self.gw_anchors, int) or self.gw_anchors < 4:
+            problems.append(f"gw_anchors must be an integer >= 4 (got {self.gw_anchors!r})")
         if not 0 < self.heldout_fraction < 0.5:
             problems.append(f"heldout_fraction must be in (0, 0.5) (got {self.heldout_fraction})")
         if not self.ridge >= 0:

@@ -158,7 +158,8 @@ def pair_tokens(source_tokenizer, target_tokenizer, lowercase_fallback: bool = T
             pairs[t] = s
             special += 1
     if not pairs:
-        raise VpgtransError("the source and target tokenizers share no tokens; use --converter none")
+        raise VpgtransError("the source and target tokenizers share no tokens; use --converter gw (it needs no "
+                            "shared tokens) or --converter none")
     target_ids = torch.tensor(sorted(pairs), dtype=torch.long)
     source_ids = torch.tensor([pairs[int(t)] for t in target_ids], dtype=torch.long)
     weights = torch.ones(len(target_ids), dtype=torch.float64)

@@ -17,6 +17,7 @@ from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code
 from vpgtrans.sources import SourceVPG, read_source
 
 log = logging.getLogger(__name__)
+AUTO_PAIRS_PER_DIM = 2  # --converter auto: shared tokens when pairs >= 2 x the source width, else GW
 
 def read_target_llm(target_llm: Path, trust_remote_code: bool = False):
     """The target LLM's config (its family comes from here, never from the path)."""
@@ -68,11 +69,47 @@ def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: I
         if not Path(corpus).is_file():
             raise VpgtransError(f"{corpus}: corpus file not found")
         lines = [line for line in Path(corpus).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    pairs = pair_tokens(source_tokenizer, target_tokenizer, config.lowercase_fallback, lines)
-    weight, bias, stats = fit_converter(source_embeddings, target_embeddings, pairs, config.ridge,
-                                        config.heldout_fraction, config.seed)
+    method, reason = config.converter, None
+    try:
+        pairs = pair_tokens(source_tokenizer, target_tokenizer, config.lowercase_fallback, lines)
+    except VpgtransError:
+        if method == "shared-tokens":
+            raise
+        pairs = None  # no shared token at all: GW needs none (and measures on none)
+    if method == "auto":
+        found, needed = (0 if pairs is None else len(pairs.target_ids)), AUTO_PAIRS_PER_DIM * source_embeddings.shape[1]
+        method = "shared-tokens" if found >= needed else "gw"
+        reason = (f"{found} shared-token pairs {'>=' if found >= needed else '<'} {needed} "
+                  f"({AUTO_PAIRS_PER_DIM} x the source width {source_embeddings.shape[1]})")
+    if method == "shared-tokens":
+        weight, bias, stats = fit_converter(source_embeddings, target_embeddings, pairs, config.ridge,
+                                            config.heldout_fraction, config.seed)
+        stats = {"method": "shared-tokens", **stats}
+    else:
+        from vpgtrans.converter_gw import anchor_ids, fit_gw_converter
+
+        anchors = [anchor_ids(min(len(tokenizer), len(table)), set(tokenizer.all_special_ids), config.gw_anchors,
+                              _token_counts(tokenizer, lines, len(table)) if lines else None)
+                   for tokenizer, table in ((source_tokenizer, source_embeddings), (target_tokenizer, target_embeddings))]
+        weight, bias, stats = fit_gw_converter(source_embeddings, target_embeddings, *anchors, pairs, config.ridge)
+        stats["pairs"] = stats["refined_pairs"][-1] if stats["refined_pairs"] else stats["gw_pairs"]
+    if reason:
+        stats["reason"] = reason
     stats["corpus"] = str(corpus) if corpus else None
     return weight, bias, stats
+
+
+def _token_counts(tokenizer, lines: list[str], size: int):
+    """(size,) float64 counts of each token id in ``lines``."""
+    import torch
+
+    counts = torch.zeros(size, dtype=torch.float64)
+    for line in lines:
+        ids = torch.tensor(tokenizer(line, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = ids[ids < size]
+        counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+    return counts
+
 
 def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig | None = None,
             vision: Path | None = None, source_llm: Path | None = None, corpus: Path | None = None,
@@ -102,13 +139,14 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     target_config = read_target_llm(target_llm, trust_remote_code)
     llm = llm_section(target_config)
     metrics, tensors, converter = {}, {}, None
-    if config.converter == "shared-tokens" and kind.uses_converter:
+    if config.converter != "none" and kind.uses_converter:
         conv_w, conv_b, stats = _fit_converter(src, target_llm, target_config, config, corpus)
         converter = conv_w, conv_b
         tensors[CONVERTER_FILE] = {"weight": conv_w, "bias": conv_b}
         metrics["converter"] = stats
-        log.info("converter: %d pairs, held-out cosine %.4f", stats["pairs"], stats.get("heldout_cosine", float("nan")))
-    elif config.converter == "shared-tokens":
+        log.info("converter (%s): %d pairs, held-out cosine %.4f%s", stats["method"], stats["pairs"],
+                 stats.get("heldout_cosine", float("nan")), f"; {stats['reason']}" if "reason" in stats else "")
+    elif config.converter != "none":
         log.info("the %s visual kind does not use a word converter: none fitted", entry.visual)
     visual, states, visual_metrics = kind.inherit(src, llm["hidden_size"], converter, config.seed,
                                                   dict(config.visual_options))
