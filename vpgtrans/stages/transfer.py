@@ -88,14 +88,21 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
     if options.resume:
         _check_resumable(out_dir, [stage.name for stage in stages_to_run])
+    # Under torchrun / accelerate launch every process runs this function: all have checked --out before
+    # any writes to it, only the main process writes what is not a training stage (inherit, transfer.json).
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # as the stages' Accelerator: gloo on CPU-only machines
+    state.wait_for_everyone()
     out_dir.mkdir(parents=True, exist_ok=True)  # with --force, each stage replaces its bundle atomically
 
-    if options.resume and _finished(out_dir / "inherit"):
-        current = inherited = out_dir / "inherit"
-    else:
-        current = inherited = inherit(source, target_llm, out_dir / "inherit", inherit_config, vision=vision,
-                                      source_llm=source_llm, corpus=corpus, template=template,
-                                      trust_remote_code=trust_remote_code, force=force or options.resume)
+    current = inherited = out_dir / "inherit"
+    if not (options.resume and _finished(inherited)):
+        if state.is_main_process:
+            inherit(source, target_llm, inherited, inherit_config, vision=vision, source_llm=source_llm, corpus=corpus,
+                    template=template, trust_remote_code=trust_remote_code, force=force or options.resume)
+        state.wait_for_everyone()
     stages: list[tuple[str, Path]] = []
     for stage in stages_to_run:
         stage_dir = out_dir / stage.name
@@ -116,6 +123,8 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         "curve": _combined_curve(stages),
         "config": {"inherit": to_dict(inherit_config), **{name: to_dict(c) for name, c in stage_configs.items()}},
     }
+    if not state.is_main_process:
+        return summary
     atomic_write_text(out_dir / "transfer.json", json.dumps(summary, indent=2) + "\n")
     # A forced re-run of another recipe leaves the previous run's stage bundles behind: drop them only now,
     # after this run succeeded, so a failed re-run never costs the user the old results.
