@@ -107,3 +107,16 @@ def test_gw_without_pot_is_a_one_line_error(tiny, tmp_path, monkeypatch):
                                          str(tiny["llama"]), "--out", str(tmp_path / "x"), "--converter", "gw"]),
                 "needs POT", ".[gw]")
     assert not (tmp_path / "x").exists()
+
+
+def test_benchmark_smoke_solves_gw_on_the_most_frequent_anchors_only(tmp_path):
+    """benchmarks/converter_gw.py --smoke: GW solved on 80 of 120 anchors whose frequency orders differ, then
+    refined on all of them, still finds the isometry; the few-pair shared-token fit is scored beside it."""
+    from benchmarks import converter_gw
+
+    result = converter_gw.main(["--smoke", "--no-plot", "--out", str(tmp_path / "gw.json")])
+    saved = json.loads((tmp_path / "gw.json").read_text())
+    assert saved["rows"] == result["rows"] and len(result["rows"]) == 4
+    big = next(row for row in result["rows"] if row["anchors"] == 120 and row["distortion"] == 0.0)
+    assert big["gw"]["solved_anchors"] == [80, 80] and big["gw"]["scored_pairs"] == 100
+    assert big["gw"]["retrieval_accuracy"] > 0.95 and big["shared_tokens"]["pairs"] == 20
