@@ -250,3 +250,22 @@ def test_resume_keeps_finished_stages_and_runs_the_rest(three_stages, tiny, tmp_
     assert all((out / stage / "manifest.json").read_text() == text for stage, text in kept.items())
     again, first = (load_file(str(path / "instruct" / "lora.safetensors")) for path in (out, three_stages))
     assert all(torch.equal(again[k], first[k]) for k in first)  # the same stage 3, deterministically
+
+
+def test_stage_trainable_chooses_the_parts_of_a_stage(tiny, tmp_path):
+    runner = CliRunner()
+    common = ["transfer", "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]),
+              "--data", str(tiny["caption"]), "--connector", "infmllm", "--max-steps", "1", "--batch-size", "4"]
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "run"), "--stage-trainable", "multitask=pool_adapter",
+                                 "--stage-trainable", "instruct=lora,ln_vision"])
+    assert result.exit_code == 0, result.output
+    trainable = {stage: json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["config"]["train"]["trainable"]
+                 for stage in ("align", "multitask", "instruct")}
+    assert trainable == {"align": ["pool_adapter"], "multitask": ["pool_adapter"], "instruct": ["lora", "ln_vision"]}
+    _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "finetune=lora"]),
+                "has no stage 'finetune'")
+    _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "multitask"]),
+                "STAGE=part")
+    _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "multitask=vpg"]),
+                "not parts of a 'infmllm' model", "multitask: 'vpg'")
+    assert not (tmp_path / "bad" / "inherit").exists()

@@ -193,6 +193,24 @@ def _stage_configs(recipe_name: str, done: tuple, **overrides) -> dict:
     return {stage.name: stage.config(**overrides) for stage in recipe(recipe_name) if stage.name not in done}
 
 
+def _stage_trainable(configs: dict, specs: list[str] | None, named: dict) -> dict:
+    """``configs`` with ``--stage-trainable STAGE=part,part`` applied (``named``: the configs of the stages
+    with their own flags, warmup / finetune / scratch)."""
+    from vpgtrans.config import replace
+
+    configs = dict(configs)
+    for spec in specs or ():
+        stage, _, parts = spec.partition("=")
+        names = [part.strip() for part in parts.split(",") if part.strip()]
+        if not stage.strip() or not names:
+            raise VpgtransError(f"--stage-trainable takes STAGE=part[,part...] (got {spec!r})")
+        base = configs.get(stage.strip()) or named.get(stage.strip())
+        if base is None:
+            raise VpgtransError(f"--stage-trainable {spec!r}: the recipe has no stage {stage.strip()!r}")
+        configs[stage.strip()] = replace(base, trainable=names)
+    return configs
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -416,6 +434,9 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              instruct_data: Annotated[Optional[Path], typer.Option(help="Data for stage 3 where the recipe has one "
                                                                         "(infmllm: instruct; default --finetune-data)."
                                                                    )] = None,
+             stage_trainable: Annotated[Optional[list[str]], typer.Option(
+                 help="STAGE=part,part: the parts a stage trains instead of its recipe's (repeatable; e.g. "
+                      "multitask=pool_adapter).")] = None,
              vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
              converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
@@ -477,6 +498,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len)
+    configs = _stage_trainable(configs, stage_trainable, {"warmup": warmup_config, "finetune": finetune_config,
+                                                          "scratch": finetune_config})
     lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, recipe=recipe, configs=configs, instruct_data=instruct_data,

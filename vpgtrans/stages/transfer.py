@@ -69,6 +69,7 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     if unknown:
         raise VpgtransError(f"recipe {recipe!r} has no stage {', '.join(map(repr, unknown))}")
     stage_configs = {stage.name: named.get(stage.name) or stage.config() for stage in stages_to_run}
+    _check_trainable(stage_configs, inherit_config)
     if options.resume and not out_dir.is_dir():
         raise VpgtransError(f"{out_dir}: nothing to resume (no such directory); run without --resume")
     if out_dir.exists() and not (force or options.resume):
@@ -135,6 +136,20 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         if (out_dir / stale / MANIFEST).is_file():
             shutil.rmtree(out_dir / stale)
     return summary
+
+
+def _check_trainable(stage_configs: dict[str, TrainConfig], inherit_config: InheritConfig) -> None:
+    """Every stage trains parts the connector's model has: a typo in a later stage must not cost the earlier ones."""
+    from vpgtrans.model.connectors import connector as connector_entry
+    from vpgtrans.model.visual import visual_kind
+
+    entry = connector_entry(inherit_config.connector)
+    known = [*visual_kind(entry.visual).parts, *(adapter["type"] for adapter in entry.adapters)]
+    bad = [f"{name}: {', '.join(map(repr, sorted(set(config.trainable) - set(known))))}"
+           for name, config in stage_configs.items() if set(config.trainable) - set(known)]
+    if bad:
+        raise VpgtransError(f"trainable parts that are not parts of a {inherit_config.connector!r} model (it has "
+                            f"{', '.join(known)}): {'; '.join(bad)}")
 
 
 def _finished(stage_dir: Path) -> bool:
