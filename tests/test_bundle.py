@@ -110,6 +110,8 @@ def test_validate_bundle_reports_missing_references(inherited, tmp_path):
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["references"]["llm"]["path"] = str(tmp_path / "gone-llm")
     manifest["references"]["vision"]["path"] = str(tmp_path / "gone-vit")
+    for role in ("llm", "vision"):  # not beside the bundle either (see test_references.py for that case)
+        manifest["references"][role]["relative_path"] = "../gone"
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(VpgtransError) as err:
         validate_bundle(bundle)

@@ -26,6 +26,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
     if not stage.replace("-", "_").isidentifier():
         raise ValueError(f"a stage name is a plain word (got {stage!r})")
     inputs = [parent] + [ref.get("path") for ref in references.values() if isinstance(ref, dict)]
+    # Each reference also records its path relative to this bundle: a bundle moved with its models resolves.
+    references = {role: {**ref, "relative_path": os.path.relpath(Path(ref["path"]).resolve(), Path(out_dir).resolve())}
+                  if isinstance(ref, dict) and isinstance(ref.get("path"), str) else ref
+                  for role, ref in references.items()}
     tmp = prepare_out_dir(out_dir, force, inputs=inputs)
     try:
         hashes = {}
@@ -148,7 +153,9 @@ def read_manifest(bundle_dir: Path) -> dict:
     if manifest["format_version"] > FORMAT_VERSION:
         raise VpgtransError(f"{path}: bundle format {manifest['format_version']} is newer than this vpgtrans "
                             f"({__version__}) reads; upgrade vpgtrans")
-    return manifest
+    from vpgtrans.references import locate_references
+
+    return locate_references(manifest, bundle_dir)  # the frozen models where they are on this machine
 
 
 def model_problems(manifest: dict) -> list[str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -407,8 +408,15 @@ def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool,
 
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir])
     try:
-        for file_name in [*manifest["files"], MANIFEST]:
+        for file_name in manifest["files"]:
             shutil.copy2(bundle_dir / file_name, tmp / file_name)
+        # The manifest as the bundle's, its references' relative paths from where the export will be.
+        saved = json.loads((bundle_dir / MANIFEST).read_text())
+        for role, ref in saved["references"].items():
+            found = manifest["references"].get(role, {}).get("path")  # where it is on this machine
+            if isinstance(ref, dict) and isinstance(found, str) and found:
+                ref["relative_path"] = os.path.relpath(Path(found).resolve(), Path(out_dir).resolve())
+        (tmp / MANIFEST).write_text(json.dumps(saved, indent=2) + "\n")
         refs, model = manifest["references"], manifest["model"]
         config = _export_info(bundle_dir, manifest, "adapter",
                               base_models={role: {k: refs[role].get(k) for k in ("path", "kind", "fingerprint")

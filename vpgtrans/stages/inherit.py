@@ -14,6 +14,7 @@ from vpgtrans.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
 from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code
+from vpgtrans.references import resolve_model
 from vpgtrans.sources import SourceVPG, read_source
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,13 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     problems += [p for adapter in adapters for p in adapter_kind(adapter["type"]).problems(adapter)]
     if problems:
         raise VpgtransError(f"connector {config.connector!r}: " + "; ".join(problems))
+    # Local paths, or Hub ids resolved through the HF cache (recorded as repo_id + commit in the references).
+    source, source_hub = resolve_model(source, what="source model")
+    target_llm, llm_hub = resolve_model(target_llm, what="target LLM")
+    vision, vision_hub = resolve_model(vision, what="vision model") if vision is not None else (None, source_hub)
+    source_llm, source_llm_hub = (resolve_model(source_llm, what="source LLM") if source_llm is not None
+                                  else (None, source_hub))
     src = read_source(Path(source), vision, source_llm)
-    target_llm = Path(target_llm)
     target_config = read_target_llm(target_llm, trust_remote_code)
     llm = llm_section(target_config)
     metrics, tensors, converter = {}, {}, None
@@ -156,13 +162,14 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
                      image_processor=_image_processor_info(src), adapters=adapters)
     tensors.update({f"{name}.safetensors": state for name, state in states.items()})
     references = {
-        "vision": {**src.vision_ref, "fingerprint": fingerprint(Path(src.vision_ref["path"]))},
-        "llm": {"path": str(target_llm.resolve()), "fingerprint": fingerprint(target_llm),
+        "vision": {**src.vision_ref, **vision_hub, "fingerprint": fingerprint(Path(src.vision_ref["path"]))},
+        "llm": {"path": str(target_llm.resolve()), **llm_hub, "fingerprint": fingerprint(target_llm),
                 "trust_remote_code": trust_remote_code},
-        "source": {"path": str(Path(source).resolve()), "format": src.format, "fingerprint": fingerprint(Path(source))},
+        "source": {"path": str(Path(source).resolve()), **source_hub, "format": src.format,
+                   "fingerprint": fingerprint(Path(source))},
     }
     if src.source_llm:
-        references["source_llm"] = {"path": src.source_llm["path"], "prefix": src.source_llm["prefix"]}
+        references["source_llm"] = {"path": src.source_llm["path"], **source_llm_hub, "prefix": src.source_llm["prefix"]}
     template = template or PromptTemplate.for_llm(llm["is_encoder_decoder"])
     return write_bundle(out_dir, stage="inherit", tensors=tensors, model=to_dict(spec), references=references,
                         template=to_dict(template), config={"inherit": to_dict(config)}, metrics=metrics, force=force)

@@ -15,6 +15,7 @@ from vpgtrans.config import InheritConfig, PromptTemplate, TrainConfig, replace,
 from vpgtrans.data import load_rows
 from vpgtrans.errors import VpgtransError
 from vpgtrans.io import atomic_write_text
+from vpgtrans.references import is_repo_id, resolve_model
 from vpgtrans.outputs import check_out_dir, exists_error
 from vpgtrans.sources import read_source
 from vpgtrans.stages.inherit import inherit, read_target_llm
@@ -78,13 +79,16 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
                                                source_llm, corpus))
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
     for path in (source, target_llm, data, finetune_data, instruct_data, eval_data, vision, source_llm, corpus):
-        if path is not None and not Path(path).exists():
+        if path is not None and not Path(path).exists() and not is_repo_id(str(path).rsplit("@", 1)[0]):
             raise VpgtransError(f"{path}: no such file or directory")
     for path in (data, finetune_data, instruct_data, eval_data):
         if path is not None:
             load_rows(path)
-    read_source(Path(source), vision, source_llm)  # reads only the VPG and projector tensors
-    read_target_llm(Path(target_llm), trust_remote_code)
+    models = {name: None if value is None else resolve_model(value, what=name.replace("_", " "))[0]
+              for name, value in (("source", source), ("target_llm", target_llm), ("vision", vision),
+                                  ("source_llm", source_llm))}  # Hub ids: through the HF cache
+    read_source(models["source"], models["vision"], models["source_llm"])  # reads only the VPG and projector tensors
+    read_target_llm(models["target_llm"], trust_remote_code)
     if any(stage.fresh_init for stage in stages_to_run):
         inherit_config = replace(inherit_config, converter="none")  # the weights are re-initialised anyway
     if options.resume:
