@@ -269,3 +269,30 @@ def test_stage_trainable_chooses_the_parts_of_a_stage(tiny, tmp_path):
     _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "multitask=vpg"]),
                 "not parts of a 'infmllm' model", "multitask: 'vpg'")
     assert not (tmp_path / "bad" / "inherit").exists()
+
+
+def test_grounding_world_names_one_object_by_attributes(tmp_path):
+    from vpgtrans.data import load_rows
+    from vpgtrans.demo.grounding_world import expression_for, make_split
+
+    red_square = {"color": "red", "shape": "square", "size": "small"}
+    assert expression_for(red_square, [{"color": "blue", "shape": "circle", "size": "small"}]) == "the square"
+    assert expression_for(red_square, [{"color": "blue", "shape": "square", "size": "small"}]) == "the red square"
+    assert expression_for(red_square, [{"color": "red", "shape": "square", "size": "large"}]) == "the small square"
+    assert expression_for(red_square, [dict(red_square)]) is None
+    split = make_split(tmp_path / "g", 20, seed=3)
+    assert (split / "data.jsonl").read_bytes() == make_split(tmp_path / "again", 20, seed=3).joinpath("data.jsonl").read_bytes()
+    dataset, task, stats = load_rows(split)
+    assert task == "grounding" and len(dataset) == 20 and stats.rows == stats.lines == 20
+    for row in dataset:
+        assert 1 <= len(row["objects"]) <= 2 and row["question"].startswith("the ")
+        assert not any(word in row["question"] for word in ("left", "right", "top", "bottom", "center"))
+
+
+def test_grounding_benchmark_smoke(tmp_path):
+    from benchmarks.grounding_pool import main
+
+    result = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g.json")])
+    assert json.loads((tmp_path / "g.json").read_text())["smoke"] is True
+    assert set(result["summary"]) == {"pool", "qformer"} and result["baselines"]["largest_object"]["n"] == 6
+    assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2]
