@@ -185,6 +185,30 @@ def test_generation_with_cache_equals_a_greedy_loop(lavin_bundles):
             logits = model(input_ids=sequence, pixel_values=pixels).logits
             sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert generated[0].tolist() == sequence[0, ids.shape[1]:].tolist()
+    with torch.no_grad():  # beams: the modality is repeated with the batch (image sample + text-only sample)
+        text = torch.tensor([[1, 7, 12] + [4] * n])
+        beams = model.generate(torch.cat([ids, text]), pixels, torch.ones(2, ids.shape[1], dtype=torch.long),
+                               max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+        alone = model.generate(text, None, torch.ones_like(text), max_new_tokens=3, num_beams=2, do_sample=False,
+                               pad_token_id=0)
+    assert beams.shape[0] == 2 and beams[1].tolist() == alone[0].tolist()
+
+
+def test_adapter_export_loads_and_computes_the_same(lavin_bundles, tiny, tmp_path):
+    from vpgtrans.export import export_bundle
+    from vpgtrans.recipes import stage
+    from vpgtrans.stages.train import run_stage
+
+    trained = run_stage(lavin_bundles["llama"], tiny["vqa"], tmp_path / "trained", stage("lavin", "finetune").config(
+        max_steps=2, batch_size=4, lr=1e-2, warmup_fraction=0.0), "finetune")
+    assert any(v.any() for k, v in load_file(str(trained / "mma.safetensors")).items() if ".up." in k)
+    exported = export_bundle(trained, tmp_path / "export", format="adapter")
+    model = load_model(trained, device="cpu")
+    ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * model.num_image_tokens + [7, 12, 30], [1, 4, 4, 8, 21, 2]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        assert torch.equal(load_model(exported, device="cpu")(input_ids=ids, pixel_values=pixels).logits, expected)
 
 
 def test_unknown_block_layouts_and_bad_options_are_one_line_errors(tiny, tmp_path):
