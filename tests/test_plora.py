@@ -395,3 +395,18 @@ def test_routing_report_counts_each_tokens_top_k_by_modality(moe, tiny, tmp_path
     dense = inherit(tiny["source"], tiny["llama"], tmp_path / "dense", InheritConfig(connector="plora"))
     _user_error(runner.invoke(app, ["inspect", str(dense), "--routing", "--data", str(tiny["caption"])]),
                 "routing analysis needs an MoE LLM", "'llama'")
+
+
+def test_benchmark_smoke_runs_every_arm_and_checks_the_text_path(tmp_path):
+    """benchmarks/plora.py --smoke (random-weight tiny zoo + MoE, a few steps): plumbing, and the text
+    perplexity it reports is the base LLM's for linear and plora, not for LoRA on every token."""
+    from benchmarks import plora
+
+    result = plora.main(["--smoke", "--no-plot", "--out", str(tmp_path / "plora.json")])
+    rows = {(row["target"], row["arm"]): row for row in result["summary"]}
+    assert set(rows) == {(t, a) for t in ("llama-s", "moe-s") for a in ("linear", "plora", "lora-all")}
+    for target in ("llama-s", "moe-s"):
+        assert rows[target, "linear"]["text_unchanged"] and rows[target, "plora"]["text_unchanged"]
+        assert not rows[target, "lora-all"]["text_unchanged"]
+        assert rows[target, "linear"]["llm_trainable"] == 0 and rows[target, "plora"]["llm_trainable"] > 0
+    assert json.loads((tmp_path / "plora.json").read_text())["summary"] == result["summary"]
