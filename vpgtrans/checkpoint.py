@@ -84,13 +84,50 @@ def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimize
     return final
 
 
+# What state.json must hold for a resume (key -> type); anything else is a damaged checkpoint.
+_STATE_SCHEMA = {"record": dict, "step": int, "scheduler": dict, "position": dict, "losses": list, "curve": list,
+                 "records": list, "skipped": list, "seconds": (int, float), "data_stats": dict, "rng": list,
+                 "num_processes": int}
+
+
+def damaged(path: Path, what: str) -> VpgtransError:
+    """The one-line error for a checkpoint that cannot be resumed from, with what to do."""
+    return VpgtransError(f"{path}: damaged checkpoint ({what}); delete this step directory to resume from the one "
+                         "before it, or run with --force to start over")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json``, checked: a JSON object with every key a resume reads, of its type."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise damaged(path, f"no {STATE_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise damaged(path, f"{STATE_FILE} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise damaged(path, f"{STATE_FILE} is not a JSON object")
+    wrong = [f"{key} ({'missing' if key not in state else type(state[key]).__name__})"
+             for key, kind in _STATE_SCHEMA.items()
+             if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
+    position = state.get("position", {})
+    if isinstance(position, dict) and not all(isinstance(position.get(k), int) and position[k] >= 0
+                                              for k in ("epoch", "cursor")):
+        wrong.append("position (epoch / cursor)")
+    if isinstance(state.get("rng"), list) and (not state["rng"] or not all(isinstance(r, dict) for r in state["rng"])):
+        wrong.append("rng (one state per process)")
+    if wrong:
+        raise damaged(path, f"{STATE_FILE} lacks or mistypes {', '.join(wrong)}")
+    return state
+
+
 def load_checkpoint(path: Path, tensor_files: list[str]) -> dict:
     """``{"tensors": {file: state}, "optimizer": state_dict, "state": dict}`` of a checkpoint."""
     from safetensors.torch import load_file
 
     path = Path(path)
+    state = read_state(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
         tensors = {name: load_file(str(path / name)) for name in tensor_files}
         optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -98,6 +135,29 @@ def load_checkpoint(path: Path, tensor_files: list[str]) -> dict:
     except Exception as exc:  # noqa: BLE001 - a damaged file, or one torch refuses to unpickle safely
         raise VpgtransError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     return {"tensors": tensors, "optimizer": optimizer, "state": state}
+
+
+def check_optimizer_state(saved, optimizer, path: Path) -> None:
+    """The saved optimizer state fits this run's optimizer: the same parameter groups, each moment shaped
+    like its parameter (an optimizer file from another model or other trained parts would otherwise fail
+    at the first step, or worse, not at all)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
+            saved.get("param_groups"), list):
+        raise damaged(path, f"{OPTIMIZER_FILE} is not an optimizer state")
+    groups = [len(group.get("params", [])) if isinstance(group, dict) else -1 for group in saved["param_groups"]]
+    ours = [len(group["params"]) for group in optimizer.param_groups]
+    if groups != ours:
+        raise damaged(path, f"{OPTIMIZER_FILE} holds parameter groups of sizes {groups}, this run trains {ours}: "
+                            "it was saved by a run training other parts")
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, entry in saved["state"].items():
+        param = params[int(index)] if str(index).isdigit() and int(index) < len(params) else None
+        if param is None or not isinstance(entry, dict):
+            raise damaged(path, f"{OPTIMIZER_FILE} has state for a parameter this run does not have ({index})")
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                raise damaged(path, f"{OPTIMIZER_FILE}: {key} of parameter {index} is {tuple(value.shape)}, the "
+                                    f"parameter {tuple(param.shape)}")
 
 
 def clear_checkpoints(out_dir: Path) -> None:
@@ -121,7 +181,15 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, where: Path | None = None) -> None:
+    """Restore what ``rng_state`` saved; a state that is not one (a damaged checkpoint) is one line."""
+    try:
+        _set_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise damaged(where or Path("checkpoint"), f"its RNG state cannot be restored: {type(exc).__name__}") from None
+
+
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from vpgtrans.bundle import MANIFEST, load_model, read_manifest, validate_bundle, write_bundle
-from vpgtrans.checkpoint import (clear_checkpoints, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from vpgtrans.checkpoint import (check_optimizer_state, clear_checkpoints, latest_checkpoint, load_checkpoint,
+                                 read_state, rng_state, save_checkpoint, set_rng_state)
 from vpgtrans.config import TrainConfig, to_dict
 from vpgtrans.data import load_rows
 from vpgtrans.collate import Collator
@@ -107,7 +107,7 @@ def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: 
         if checkpoint is None:
             raise VpgtransError(f"{out_dir}: no checkpoint to resume from (none under {out_dir}/checkpoints); "
                                 f"run without --resume")
-        saved = json.loads((checkpoint / "state.json").read_text())["record"]
+        saved = read_state(checkpoint)["record"]
         changed = sorted(k for k in record if saved.get(k) != record[k])
         if changed:
             raise VpgtransError(f"{checkpoint}: was made with a different {', '.join(changed)} than this call; "
@@ -238,9 +238,10 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
     step, cursor, losses, curve, records, skipped, seconds = 0, DataCursor(len(dataset), config.seed), [], [], [], [], 0.0
     if resumed is not None:
         saved = resumed["state"]
+        check_optimizer_state(resumed["optimizer"], optimizer, checkpoint)
         optimizer.load_state_dict(shard_optimizer_state(optimizer, resumed["optimizer"]))
         scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"][rank % len(saved["rng"])])
+        set_rng_state(saved["rng"][rank % len(saved["rng"])], checkpoint)
         step, losses, curve, records, skipped = saved["step"], saved["losses"], saved["curve"], saved["records"], saved["skipped"]
         cursor, seconds = DataCursor(len(dataset), config.seed, **saved["position"]), saved["seconds"]
         for key, value in saved["data_stats"].items():
