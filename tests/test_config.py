@@ -67,14 +67,14 @@ def test_invalid_train_values_reported_together():
     with pytest.raises(VpgtransError) as err:
         TrainConfig(lr=0.0, batch_size=6, grad_accum=4, max_steps=0, epochs=-1, trainable=["llm"])
     message = str(err.value)
-    for expected in ("lr must be > 0", "batch_size 6 must be divisible by grad_accum 4", "max_steps must be >= 1",
-                     "epochs must be > 0", "trainable parts"):
+    for expected in ("lr must be a finite number > 0", "batch_size 6 must be divisible by grad_accum 4",
+                     "max_steps must be >= 1", "epochs must be a finite number > 0", "trainable parts"):
         assert expected in message, expected
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    ({"lr": -1e-4}, "lr must be > 0"),
-    ({"lr": float("nan")}, "lr must be > 0"),
+    ({"lr": -1e-4}, "lr must be a finite number > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"min_lr": 1e-3}, "min_lr must be in [0, lr]"),
     ({"batch_size": 0}, "batch_size and grad_accum must be >= 1"),
     ({"batch_size": 8, "grad_accum": 3}, "divisible"),
@@ -94,7 +94,7 @@ def test_replace_revalidates():
 
 
 def test_from_dict_validates_values():
-    with pytest.raises(VpgtransError, match="lr must be > 0"):
+    with pytest.raises(VpgtransError, match="lr must be a finite number > 0"):
         from_dict(TrainConfig, {"lr": 0})
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vpgtrans.errors import VpgtransError
 
+MAX_SEED = 2**32  # seeds feed torch / numpy / Python generators and per-epoch permutations (seed * 100003 + epoch)
 IMAGE_SLOT = "{image}"
 BOS_SLOT = "{bos}"
 
@@ -100,8 +102,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
         problems = []
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a finite number > 0 (got {self.lr})")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             problems.append(f"min_lr must be in [0, lr] (got {self.min_lr})")
         if not 0 <= self.warmup_fraction < 1:
@@ -114,8 +116,19 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 (got {value})")
-        if not self.epochs > 0:
-            problems.append(f"epochs must be > 0 (got {self.epochs})")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            problems.append(f"epochs must be a finite number > 0 (got {self.epochs})")
+        for name in ("max_text_len", "eval_max_samples", "max_new_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            problems.append(f"weight_decay must be a finite number >= 0 (got {self.weight_decay})")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1) (got {list(self.betas)})")
+        if not 0 <= self.seed < MAX_SEED:
+            problems.append(f"seed must be in [0, 2**32) (got {self.seed})")
         if (not isinstance(self.trainable, list) or not self.trainable
                 or not all(isinstance(name, str) and name for name in self.trainable)):
             # Which names exist is the model's business (its parts table); the stage checks them.
@@ -169,8 +182,10 @@ class InheritConfig:
             problems.append(f"gw_anchors must be an integer >= 4 (got {self.gw_anchors!r})")
         if not 0 < self.heldout_fraction < 0.5:
             problems.append(f"heldout_fraction must be in (0, 0.5) (got {self.heldout_fraction})")
-        if not self.ridge >= 0:
-            problems.append(f"ridge must be >= 0 (got {self.ridge})")
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            problems.append(f"ridge must be a finite number >= 0 (got {self.ridge})")
+        if not 0 <= self.seed < MAX_SEED:
+            problems.append(f"seed must be in [0, 2**32) (got {self.seed})")
         if problems:
             raise VpgtransError("; ".join(problems))
 

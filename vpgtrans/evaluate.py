@@ -93,6 +93,11 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     from vpgtrans.training import torch_dtype
 
     frozen_dtype = torch_dtype(dtype)
+    bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in
+           (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
+            ("max_samples", max_samples)) if value is not None and value < 1]
+    if bad:
+        raise VpgtransError("; ".join(bad))
     if device is not None:
         try:
             device = torch.device(device)
