@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,8 +117,18 @@ class LoadStats:
 
 # ------------------------------------------------------------------------------------------ rows
 
+def regular_file(path) -> bool:
+    """A regular file (links followed): never a FIFO or a device, which would block or never end when read."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):  # missing, a name over the system's limits, a NUL byte
+        return False
+
+
 def _lines(path: Path):
     """(line number, bytes) of each non-blank line; ``None`` for a line over ``MAX_LINE_BYTES``."""
+    if not regular_file(path):
+        raise VpgtransError(f"{path}: not a regular file (a FIFO, a device or a link to one); give a .jsonl file")
     with open(path, "rb") as fh:
         line_no = 0
         while True:
@@ -298,8 +309,8 @@ def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: Loa
             if not isinstance(clean["image"], str) or not clean["image"]:
                 raise _Bad("bad_row", "'image' must be a non-empty path string")
             image = data_dir / clean["image"]
-            if not image.is_file():
-                raise _Bad("missing_image", f"image {clean['image']!r} not found")
+            if not regular_file(image):  # missing, a FIFO / device, or a name the file system refuses
+                raise _Bad("missing_image", f"image {clean['image']!r:.300} not found (or not a regular file)")
         except _Bad as bad:
             stats.skip(bad.kind, where, str(bad))
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -68,6 +69,11 @@ def open_image(image):
         source = image
     if source is None:
         raise ValueError("no image data")
+    if isinstance(source, (str, os.PathLike)):
+        from vpgtrans.data import regular_file
+
+        if not regular_file(source):  # a FIFO or a device would block or never end
+            raise ValueError("not a regular file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
         try:
