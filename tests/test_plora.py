@@ -410,3 +410,28 @@ def test_benchmark_smoke_runs_every_arm_and_checks_the_text_path(tmp_path):
         assert not rows[target, "lora-all"]["text_unchanged"]
         assert rows[target, "linear"]["llm_trainable"] == 0 and rows[target, "plora"]["llm_trainable"] > 0
     assert json.loads((tmp_path / "plora.json").read_text())["summary"] == result["summary"]
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_dense_text_path_is_exact_and_visual_rows_compute_the_merged_weights(tiny, name):
+    from transformers import AutoModelForCausalLM
+
+    llm, context = _wrapped(tiny[name], {"type": "plora", "rank": 2, "alpha": 4, "dropout": 0.0})
+    wrapped = [n for n, m in llm.named_modules() if isinstance(m, MaskedLoRALinear)]
+    assert len(wrapped) == 2 * (4 + (3 if name == "llama" else 2))  # attention + mlp in both layers
+    base = AutoModelForCausalLM.from_pretrained(tiny[name]).eval()
+    with torch.no_grad():
+        assert torch.equal(llm(input_ids=IDS).logits, base(input_ids=IDS).logits)
+        # First three positions visual: the rest of each wrapped layer's rows keep the base output, so the
+        # positions before the first visual one are the base model's exactly (causal attention).
+        visual = torch.zeros_like(IDS, dtype=torch.bool)
+        visual[:, 3:] = True
+        with context.call(visual):
+            mixed = llm(input_ids=IDS).logits
+        everything = torch.ones_like(IDS, dtype=torch.bool)
+        with context.call(everything):
+            adapted = llm(input_ids=IDS).logits
+        merged = _merged(tiny[name], llm)(input_ids=IDS).logits
+        reference = base(input_ids=IDS).logits
+    assert torch.equal(mixed[:, :3], reference[:, :3]) and not torch.allclose(mixed[:, 3:], reference[:, 3:])
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
