@@ -296,3 +296,43 @@ def test_grounding_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "g.json").read_text())["smoke"] is True
     assert set(result["summary"]) == {"pool", "qformer"} and result["baselines"]["largest_object"]["n"] == 6
     assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2]
+
+
+def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp_path):
+    """torchrun, 2 gloo processes on CPU, the same command: every stage's weights equal the 1-process run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "vpgtrans"
+    if not script.is_file():
+        pytest.skip("the vpgtrans console script is not installed next to this Python (pip install -e .)")
+    out = tmp_path / "two"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "transfer",
+            "--source", str(tiny["source"]), "--target-llm", str(tiny["llama"]), "--data", str(tiny["caption"]),
+            "--instruct-data", str(tiny["vqa"]), "--out", str(out), *TRANSFER, "--lora-dropout", "0"]
+    # (LoRA dropout off: each process draws its own dropout stream, so with dropout 2 processes are not 1.)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("summary written to") == 1  # only rank 0 reports
+
+    def assert_close(a: Path, b: Path, stage: str, parts=("ln_vision", "pool_adapter", "lora")):
+        for part in parts:
+            x, y = (load_file(str(root / f"{part}.safetensors")) for root in (a, b))
+            for key in y:
+                torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=0, msg=f"{stage}/{part}:{key}")
+
+    for stage in ("align", "multitask", "instruct"):
+        assert json.loads((out / stage / "manifest.json").read_text())["config"]["num_processes"] == 2
+    for stage in ("align", "multitask"):  # the LoRA is zero and untrained there: its dropout changes nothing
+        assert_close(out / stage, three_stages / stage, stage, ("ln_vision", "pool_adapter"))
+    # Stage 3 in one process from the 2-process run's stage-2 bundle, with the same config.
+    from vpgtrans.config import TrainConfig, from_dict
+    from vpgtrans.stages.train import run_stage
+
+    config = from_dict(TrainConfig, json.loads((out / "instruct" / "manifest.json").read_text())["config"]["train"])
+    one = run_stage(out / "multitask", tiny["vqa"], tmp_path / "one-instruct", config, "instruct")
+    assert_close(out / "instruct", one, "instruct")
+    assert load_file(str(one / "lora.safetensors"))["model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0
