@@ -435,3 +435,19 @@ def test_dense_text_path_is_exact_and_visual_rows_compute_the_merged_weights(tin
         reference = base(input_ids=IDS).logits
     assert torch.equal(mixed[:, :3], reference[:, :3]) and not torch.allclose(mixed[:, 3:], reference[:, 3:])
     torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_command_trains_the_bundles_lora_too(plora_inherited, tiny, tmp_path):
+    """warmup-projector -> finetune by hand on a plora bundle: stage 2 trains VPG + projector + the LoRA, as the
+    plora recipe's fine-tune stage does (it trained VPG + projector only before)."""
+    runner = CliRunner()
+    warm, tuned = tmp_path / "warm", tmp_path / "tuned"
+    for args in (["warmup-projector", str(plora_inherited), "--out", str(warm)],
+                 ["finetune", str(warm), "--out", str(tuned), "--lr", "3e-3"]):
+        result = runner.invoke(app, [*args, "--data", str(tiny["caption"]), "--max-steps", "2", "--batch-size", "4"])
+        assert result.exit_code == 0, result.output
+    assert json.loads((warm / "manifest.json").read_text())["config"]["train"]["trainable"] == ["connector"]
+    assert json.loads((tuned / "manifest.json").read_text())["config"]["train"]["trainable"] == [
+        "vpg", "connector", "plora"]
+    trained = load_file(str(tuned / "plora.safetensors"))
+    assert all(trained[key].any() for key in trained if key.endswith("_B") and "layers.0." in key)

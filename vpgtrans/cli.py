@@ -360,6 +360,21 @@ def _run_options(**options):
     return RunOptions(**options)
 
 
+def _with_bundle_adapters(config, bundle: Path):
+    """``config`` that also trains the adapter parts the bundle holds inside its LLM (``model.adapters``: plora's
+    LoRA), as the connector's recipe does in its fine-tune stage."""
+    from vpgtrans.bundle import read_manifest
+    from vpgtrans.config import replace
+
+    try:
+        model = read_manifest(Path(bundle)).get("model", {})
+    except VpgtransError:
+        return config  # the stage names what is wrong with the bundle
+    adapters = [entry.get("type") for entry in model.get("adapters", []) if isinstance(entry, dict)]
+    extra = [name for name in adapters if isinstance(name, str) and name not in config.trainable]
+    return replace(config, trainable=[*config.trainable, *extra]) if extra else config
+
+
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, options, *, eval_data: Path | None,
                    strict: bool, force: bool, verbose: bool, bbox_format: str = "xyxy"):
     """Run one training stage (``kind``: warmup / finetune / scratch) from a config and run options."""
@@ -415,9 +430,10 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
-    """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5); ViT and LLM frozen."""
-    config = _train_config("finetune", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
-                           max_text_len)
+    """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
+    (plora's LoRA) where it has some; ViT and LLM base weights frozen."""
+    config = _with_bundle_adapters(_train_config("finetune", lr, max_steps, max_samples, epochs, batch_size,
+                                                 grad_accum, seed, eval_every, max_text_len), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
