@@ -141,6 +141,7 @@ def test_infmllm_connector_runs_every_command(three_stages, tiny, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["visual"] == "pool" and any("Q-Former is not used" in note for note in info["notes"])
+    assert info["pool"] == {"grid": 4, "pool_size": 2, "adaptive": False, "hidden": 64, "init": "converter"}
 
     # eval, then the adapter export, which loads and computes the same.
     scores = tmp_path / "scores.json"

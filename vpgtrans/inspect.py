@@ -329,6 +329,8 @@ def _inspect_bundle(path: Path) -> dict:
         else sum(files[f]["params"] for f in part_file_names),
         "metrics": _obj(manifest.get("metrics")),
         "curve_length": len(manifest["curve"]) if isinstance(manifest.get("curve"), list) else None,
+        **({"pool": {key: visual.get(key) for key in ("grid", "pool_size", "adaptive", "hidden", "init")}}
+           if visual.get("type") == "pool" else {}),
         **({"notes": [f"visual kind {visual.get('type')!r}: the Q-Former is not used (the bundle holds no "
                       f"{VPG_FILE}); trained parts: {', '.join(part_names(model)) or 'none'}"]}
            if visual.get("type") not in (None, "qformer") else {}),
