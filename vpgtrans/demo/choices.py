@@ -6,7 +6,7 @@ needs the image, and text-only questions (no image) whose answer is in their con
     text-only question  {"question": "what color is the ball?", "context": "The ball is red.", "choices": [...],
                          "answer": i, "answer_type": "text-color"}
 
-Options are the right answer and up to three wrong values of the same attribute, in random order, so
+Options are the right answer and up to two wrong values of the same attribute, in random order, so
 every letter is right equally often. Deterministic: the same arguments write the same files.
 """
 
@@ -22,7 +22,7 @@ from vpgtrans.errors import VpgtransError
 
 VALUES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS}
 THINGS = ("ball", "kite", "hat", "cup", "box", "flag")  # text-only questions are about these
-MAX_OPTIONS = 4
+MAX_OPTIONS = 3  # short prompts: the demo LLMs have 64 positions
 
 
 def _options(answer: str, values: tuple[str, ...], rng: random.Random) -> tuple[list[str], int]:
