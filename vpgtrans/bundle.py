@@ -32,7 +32,7 @@ from pathlib import Path
 
 from vpgtrans import __version__
 from vpgtrans.errors import VpgtransError
-from vpgtrans.outputs import commit_out_dir, prepare_out_dir
+from vpgtrans.outputs import commit_out_dir, output_errors, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,34 +99,36 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
                   for role, ref in references.items()}
     tmp = prepare_out_dir(out_dir, force, inputs=inputs)
     try:
-        hashes = {}
-        for file_name, state in tensors.items():
-            state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-            save_file(state, str(tmp / file_name), metadata={"format": "pt", "vpgtrans_stage": stage})
-            hashes[file_name] = file_sha256(tmp / file_name)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "vpgtrans_version": __version__,
-            "stage": stage,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "parent": None if parent is None else {
-                "path": str(Path(parent).resolve()),
-                "manifest_sha256": file_sha256(Path(parent) / MANIFEST)},
-            "references": references,
-            "model": model,
-            "template": template,
-            "config": config,
-            "files": hashes,
-            "metrics": metrics or {},
-            "curve": curve or [],
-            "data": data or {},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with output_errors(out_dir, tmp):
+            hashes = {}
+            for file_name, state in tensors.items():
+                state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+                save_file(state, str(tmp / file_name), metadata={"format": "pt", "vpgtrans_stage": stage})
+                hashes[file_name] = file_sha256(tmp / file_name)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "vpgtrans_version": __version__,
+                "stage": stage,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "parent": None if parent is None else {
+                    "path": str(Path(parent).resolve()),
+                    "manifest_sha256": file_sha256(Path(parent) / MANIFEST)},
+                "references": references,
+                "model": model,
+                "template": template,
+                "config": config,
+                "files": hashes,
+                "metrics": metrics or {},
+                "curve": curve or [],
+                "data": data or {},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return commit_out_dir(tmp, out_dir)
+    with output_errors(out_dir, tmp):
+        return commit_out_dir(tmp, out_dir)
 
 
 def read_manifest(bundle_dir: Path) -> dict:

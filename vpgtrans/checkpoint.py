@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vpgtrans.io import fsync_path, fsync_tree
+from vpgtrans.outputs import output_errors
 from vpgtrans.errors import VpgtransError
 
 CHECKPOINTS = "checkpoints"
@@ -59,23 +60,26 @@ def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimize
     from safetensors.torch import save_file
 
     root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    with output_errors(final):
+        root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     for stale in root.glob(".step-*.tmp-*"):  # left by a run killed mid-save (one run writes here at a time)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+    with output_errors(final):
+        tmp.mkdir()
     try:
-        for file_name, tensor_state in tensors.items():
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_state.items()}, str(tmp / file_name),
-                      metadata={"format": "pt", "vpgtrans_checkpoint_step": str(step)})
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}) + "\n")
-        fsync_tree(tmp)
-        if final.exists():  # a re-run of the same step (after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
+        with output_errors(final, tmp):
+            for file_name, tensor_state in tensors.items():
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_state.items()}, str(tmp / file_name),
+                          metadata={"format": "pt", "vpgtrans_checkpoint_step": str(step)})
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}) + "\n")
+            fsync_tree(tmp)
+            if final.exists():  # a re-run of the same step (after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

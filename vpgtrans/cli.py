@@ -52,6 +52,10 @@ def cli_command(func):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # what the library did not name itself (a disk failing mid-write, ...)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}".replace("\n", "\\n"), err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

@@ -88,7 +88,7 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated. ``device`` None: accelerate's
     device for this process (the GPU where there is one)."""
     from vpgtrans.bundle import load_model
-    from vpgtrans.outputs import check_out_dir
+    from vpgtrans.outputs import check_out_dir, check_writable
 
     from vpgtrans.training import torch_dtype
 
@@ -107,6 +107,7 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
             raise VpgtransError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     if out is not None:
         check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
+        check_writable(out)
     dataset, found_task, stats = load_rows(data, task, strict=strict)
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
@@ -121,7 +122,10 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     if out is not None:
         from vpgtrans.io import atomic_write_text
 
+        from vpgtrans.outputs import output_errors
+
         samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
-        atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
+        with output_errors(out):
+            atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
     return report
 

@@ -36,7 +36,7 @@ from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, check_reference
                              fingerprint, load_tensors, prepare_out_dir, reference_errors, validate_bundle)
 from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate, from_dict
 from vpgtrans.errors import VpgtransError
-from vpgtrans.outputs import EXPORT_INFO, check_out_dir
+from vpgtrans.outputs import EXPORT_INFO, check_out_dir, output_errors
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, 
         return export_adapter(bundle_dir, {**manifest, "model": model}, out_dir, force, merge_lora=True)
     if format == "hf":
         return export_hf(bundle_dir, {**manifest, "model": model}, out_dir, force, dtype=dtype)
-    return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
+    with output_errors(out_dir):  # these read only the (validated) bundle: a failed write is the output's
+        return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
 
 
 def _trained_parts(bundle_dir: Path) -> dict:
@@ -263,7 +264,7 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtyp
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir, refs["vision"]["path"], refs["llm"]["path"]])
     try:
         with reference_errors(manifest):
-            _write_hf(tmp, bundle_dir, manifest, template, dtype)
+            _write_hf(tmp, bundle_dir, manifest, template, dtype, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -274,7 +275,8 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtyp
 MAX_SHARD_SIZE = "5GB"  # as the Hub's own checkpoints: a 7B model in a few files, each under the Hub's limits
 
 
-def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate, dtype: str | None = None) -> None:
+def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate, dtype: str | None = None,
+              out_dir: Path | None = None) -> None:
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
@@ -327,7 +329,8 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     _load_strict(model, state)
     model.generation_config = generation_config
     del llm, state
-    model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+    with output_errors(out_dir or tmp, tmp):  # a full disk is the output's fault, never the input model's
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
     del model
     _record_dtype(tmp / "config.json", saved_dtype)
 
@@ -336,8 +339,9 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     processor_info = info["image_processor"]
     image_processor = build_image_processor(processor_info["image_size"], processor_info["image_mean"],
                                             processor_info["image_std"])
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                   num_query_tokens=num_query_tokens).save_pretrained(tmp)
+    with output_errors(out_dir or tmp, tmp):
+        Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                       num_query_tokens=num_query_tokens).save_pretrained(tmp)
 
     # Check what a user of the export gets against what the bundle's model is given.
     prompts, warnings = _processor_prompts(template)

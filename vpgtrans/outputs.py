@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
@@ -134,8 +135,56 @@ def prepare_out_dir(out_dir: Path, force: bool, inputs=()) -> Path:
     """Check ``out_dir`` (``check_out_dir``); return a new hidden temporary directory beside it to write into."""
     out_dir = check_out_dir(out_dir, force, inputs)
     parent = _absolute(out_dir).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+    with output_errors(out_dir):
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+
+
+# What a write can fail with that is the output's fault: a read-only or full file system (or quota), no
+# permission, a name or file too large.
+WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EFBIG}
+
+
+def write_error(exc: BaseException) -> str | None:
+    """What went wrong on the output side, in a few words, when ``exc`` is a failed write (a read-only or
+    full file system, no permission, a name too long — also as safetensors reports them); else None."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and ("IoError" in text or "os error" in text.lower()):
+        found = re.search(r"os error (\d+)|code: (\d+)", text)  # "I/O error: ... (os error 28)"
+        code = int(found.group(1) or found.group(2)) if found else None
+        return os.strerror(code) if code in WRITE_ERRNOS else None
+    return None
+
+
+def check_writable(out: Path) -> None:
+    """Before the work that produces ``out``: its directory can be created and written in (a read-only or full
+    file system is one line now, not after an evaluation or a training step). Leaves nothing behind but the
+    directory ``out`` goes in."""
+    parent = _absolute(Path(out)).parent
+    with output_errors(out):
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{Path(out).name}.probe-")
+        os.close(fd)
+        os.unlink(probe)
+
+
+@contextmanager
+def output_errors(out: Path, partial: Path | None = None):
+    """Around writing an output: a failed write is one line naming ``out`` (never blamed on an input), and
+    the ``partial`` output (a temporary directory or file) is removed."""
+    try:
+        yield
+    except VpgtransError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only write failures are turned into a line; the rest re-raised
+        reason = write_error(exc)
+        if reason is None:
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True) if Path(partial).is_dir() else Path(partial).unlink(missing_ok=True)
+        raise VpgtransError(f"{out}: cannot write ({reason}); nothing was written there") from None
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -27,7 +27,7 @@ from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
 from vpgtrans.model.spec import upgrade
-from vpgtrans.outputs import check_out_dir, exists_error
+from vpgtrans.outputs import check_out_dir, check_writable, exists_error
 from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_engine, shard_optimizer_state,
                                sharding_summary, whole_parameters)
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
@@ -200,6 +200,8 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
         if main:
             log.warning("%s: already complete; nothing to resume", out_dir)
         return out_dir
+    if main:  # where metrics.jsonl and checkpoints go: a read-only or full file system fails here, not after a step
+        check_writable(out_dir)
     accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
     frozen_dtype = torch_dtype(precision)
     # FSDP: load on the CPU and let prepare() move each process's shard to its device, one unit at a time.
