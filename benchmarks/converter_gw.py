@@ -9,8 +9,9 @@ order, and the target rows are the same tokens through a random map into the tar
 isometry plus ``distortion`` times a random matrix (0: distances are kept exactly, which GW assumes), plus
 noise, in a frequency order that differs from the source's by a rank jitter of ``rank_noise`` x anchors
 (std): GW is solved on the first ``solve`` anchors of each side, which are then only partly the same tokens,
-as the most frequent tokens of two tokenizers are. All anchors are true pairs, unknown to GW. The shared-token fit (``vpgtrans.converter.fit_ridge``) is given
-``few_pairs`` of them, as when two tokenizers share few tokens. Both are scored on the pairs neither used:
+as the most frequent tokens of two tokenizers are. All anchors are true pairs, unknown to GW. The
+shared-token fit (``vpgtrans.converter.fit_ridge``) is given ``few_pairs`` of them, as when two tokenizers
+share few tokens. Both are scored on the pairs neither used:
 mean cosine of converted vs true target rows, and retrieval accuracy (the converted row's nearest target row
 among those pairs is the right one). Times are wall clock of the fit only, ``torch.set_num_threads`` as given
 (POT's exact solver is single-threaded).
@@ -56,7 +57,8 @@ def make_tables(n: int, cfg: GwBenchConfig, distortion: float) -> dict:
     isometry, _ = torch.linalg.qr(torch.randn(cfg.target_dim, cfg.source_dim, generator=g))  # (D_t, D_s)
     mapping = isometry + distortion * torch.randn(cfg.target_dim, cfg.source_dim, generator=g) / cfg.source_dim ** 0.5
     signal = source @ mapping.T
-    jittered = torch.arange(n, dtype=torch.float64) + cfg.rank_noise * n * torch.randn(n, generator=g, dtype=torch.float64)
+    jitter = cfg.rank_noise * n * torch.randn(n, generator=g, dtype=torch.float64)
+    jittered = torch.arange(n, dtype=torch.float64) + jitter
     perm = torch.empty(n, dtype=torch.long)
     perm[torch.argsort(jittered)] = torch.arange(n)  # source row i is the target's perm[i]-th most frequent
     target = torch.empty(n, cfg.target_dim)
@@ -91,7 +93,8 @@ def run_one(n: int, distortion: float, cfg: GwBenchConfig) -> dict:
     shared_w, shared_b = fit_ridge(source[few], target[perm[few]], None, cfg.ridge)
     shared_seconds = time.perf_counter() - started
     return {"anchors": n, "distortion": distortion,
-            "gw": {"seconds": round(gw_seconds, 3), "solver_seconds": stats["gw_seconds"], "gw_pairs": stats["gw_pairs"],
+            "gw": {"seconds": round(gw_seconds, 3), "solver_seconds": stats["gw_seconds"],
+                   "gw_pairs": stats["gw_pairs"],
                    "solved_anchors": stats["solved_anchors"],
                    "refined_pairs": stats["refined_pairs"],
                    **_scores(weight, bias, source, target, ids[rest], perm[rest])},
@@ -106,7 +109,8 @@ def run(cfg: GwBenchConfig) -> dict:
         rows = [run_one(n, distortion, cfg) for distortion in cfg.distortion for n in cfg.anchors]
     finally:
         torch.set_num_threads(threads)
-    return {"benchmark": "converter_gw", "config": asdict(cfg), "machine": {**machine_info(), "torch_threads": cfg.threads},
+    return {"benchmark": "converter_gw", "config": asdict(cfg),
+            "machine": {**machine_info(), "torch_threads": cfg.threads},
             "rows": rows}
 
 

@@ -151,12 +151,14 @@ def run_arm(cfg: PloraBenchConfig, zoo: dict, target: str, arm: str, seed: int, 
     finetune = stage(recipe, "finetune").config(lr=cfg.lr, min_lr=cfg.lr / 2, max_steps=cfg.finetune_steps, **common)
     started = time.perf_counter()
     summary = transfer(zoo["source"], zoo[target], world / "caption_train", out_dir, warmup_config=warmup,
-                       finetune_config=finetune, inherit_config=InheritConfig(connector=connector, adapter_options=adapter),
+                       finetune_config=finetune,
+                       inherit_config=InheritConfig(connector=connector, adapter_options=adapter),
                        eval_data=world / "caption_eval", force=True)
     seconds = time.perf_counter() - started
     model = load_model(summary["final_bundle"], device="cpu")
     base = AutoModelForCausalLM.from_pretrained(zoo[target]).eval()
-    perplexity = {"base": text_perplexity(base, model.tokenizer, text), "final": text_perplexity(model, model.tokenizer, text)}
+    perplexity = {"base": text_perplexity(base, model.tokenizer, text),
+                  "final": text_perplexity(model, model.tokenizer, text)}
     curve = [{"step": p["step"], "stage": p["stage"], METRIC: p[METRIC]} for p in summary["curve"]]
     return {"target": target, "arm": arm, "seed": seed, "curve": curve, "final": curve[-1][METRIC],
             "best": max(p[METRIC] for p in curve), "text_perplexity": perplexity,
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("plora", __doc__, "random-weight tiny zoo and MoE, a few steps (plumbing only)",
                            PloraBenchConfig)
     parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
     args = parser.parse_args(argv)
     cfg = result_config(args, PloraBenchConfig, SMOKE)
     logging.getLogger("vpgtrans").setLevel(logging.WARNING)

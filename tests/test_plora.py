@@ -219,8 +219,9 @@ def test_plora_transfer_keeps_the_text_path_exact_and_changes_visual_positions(t
         for _ in range(4):
             logits = model(input_ids=sequence, pixel_values=pixels).logits
             sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        beams = model.generate(ids.repeat(2, 1), pixels.repeat(2, 1, 1, 1), torch.ones(2, ids.shape[1], dtype=torch.long),
-                               max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+        beams = model.generate(ids.repeat(2, 1), pixels.repeat(2, 1, 1, 1),
+                               torch.ones(2, ids.shape[1], dtype=torch.long), max_new_tokens=3, num_beams=2,
+                               do_sample=False, pad_token_id=0)
     assert generated[0].tolist() == sequence[0, ids.shape[1]:].tolist()
     assert beams.shape[0] == 2 and torch.equal(beams[0], beams[1])
 

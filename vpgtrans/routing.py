@@ -165,5 +165,6 @@ def render_routing(report: dict):
     for expert in range(report["num_experts"]):
         table.add_column(f"e{expert}", justify="right")
     for layer in report["layers"]:
-        table.add_row(str(layer["layer"]), *(f"{e['visual_load']:.0%} | {e['text_load']:.0%}" for e in layer["experts"]))
+        table.add_row(str(layer["layer"]),
+                      *(f"{e['visual_load']:.0%} | {e['text_load']:.0%}" for e in layer["experts"]))
     return table

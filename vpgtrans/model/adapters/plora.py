@@ -146,7 +146,8 @@ class MaskedLoRAExperts(AdapterLayer):
             gate_up = F.linear(h, base.gate_up_proj[expert]).float() + lora.delta(h, expert, "gate_up")
             gate, up = gate_up.chunk(2, dim=-1)
             inner = base.act_fn(gate) * up  # (n, I)
-            y = F.linear(inner.to(base.down_proj.dtype), base.down_proj[expert]).float() + lora.delta(inner, expert, "down")
+            y = F.linear(inner.to(base.down_proj.dtype), base.down_proj[expert]).float()  # (n, D)
+            y = y + lora.delta(inner, expert, "down")
             mixed = mixed.index_add(0, token, y * weights[token, slot, None].float())
         return out.index_copy(0, rows, mixed.to(out.dtype))
 
