@@ -204,7 +204,7 @@ def test_stage_three_trains_peft_lora_only_and_exports_a_peft_adapter(three_stag
     # rank 4 on the 4 attention projections (40 x 40) of 2 layers, no base weight
     assert instruct["metrics"]["train"]["llm_trainable"] == 2 * 4 * (4 * 40 + 40 * 4)
     lora = {stage: load_file(str(out / stage / "lora.safetensors")) for stage in ("inherit", "multitask", "instruct")}
-    b = "model.layers.0.self_attn.q_proj.lora_B.weight"
+    b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"  # peft's own key names
     assert sorted(lora["inherit"]) == sorted(lora["instruct"]) and len(lora["inherit"]) == 16
     assert not lora["inherit"][b].any() and all(torch.equal(lora["inherit"][k], lora["multitask"][k]) for k in lora["inherit"])
     assert lora["instruct"][b].abs().sum() > 0
@@ -230,8 +230,17 @@ def test_stage_three_trains_peft_lora_only_and_exports_a_peft_adapter(three_stag
     assert torch.equal(_text_logits(with_peft, ids), ours)
     merged = AutoModelForCausalLM.from_pretrained(exported / "llm_merged").eval()
     torch.testing.assert_close(_text_logits(merged, ids), ours, rtol=1e-5, atol=1e-5)
-    assert set(load_file(str(exported / "llm_lora" / "adapter_model.safetensors"))) == {
-        "base_model.model." + key for key in lora["instruct"]}
+    assert set(load_file(str(exported / "llm_lora" / "adapter_model.safetensors"))) == set(lora["instruct"])
+    # The bundle's own lora.safetensors is peft's adapter file: peft loads it as it is.
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from vpgtrans.model.adapters.lora import peft_adapter
+
+    config, _ = peft_adapter(instruct["model"]["adapters"][0], lora["instruct"])
+    direct = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llama"]), config)
+    loaded = set_peft_model_state_dict(direct, load_file(str(out / "instruct" / "lora.safetensors")))
+    assert not loaded.unexpected_keys
+    assert torch.equal(_text_logits(direct.eval(), ids), ours)
     _user_error(CliRunner().invoke(app, ["export", str(inherited), "--format", "adapter", "--merge-lora",
                                          "--out", str(tmp_path / "x")]), "--merge-lora needs", "the lora adapter")
     assert not (tmp_path / "x").exists()
@@ -336,4 +345,4 @@ def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp
     config = from_dict(TrainConfig, json.loads((out / "instruct" / "manifest.json").read_text())["config"]["train"])
     one = run_stage(out / "multitask", tiny["vqa"], tmp_path / "one-instruct", config, "instruct")
     assert_close(out / "instruct", one, "instruct")
-    assert load_file(str(one / "lora.safetensors"))["model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0
+    assert load_file(str(one / "lora.safetensors"))["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0

@@ -57,7 +57,7 @@ def insert_adapters(llm: nn.Module, entries: list[dict], context: TokenContext, 
             if device.type != "meta":  # (a meta-device skeleton keeps real adapter weights on the CPU)
                 wrapper.adapter.to(device)
             setattr(parent, attr, wrapper)
-        parts.append(Part(name, host, in_llm=True))
+        parts.append(getattr(kind, "part_type", Part)(name, host, in_llm=True))  # (peft's lora: its own key prefix)
     return parts
 
 

@@ -5,11 +5,11 @@ Each target is wrapped by peft's own ``lora.Linear`` (it keeps the layer as ``ba
 ``lora_A`` / ``lora_B`` / ``lora_dropout`` under the adapter name ``default``), so the computation is
 peft's: ``W x + (alpha / r) B A drop(x)``, B starting at zero (the LLM unchanged at inherit).
 
-Bundle file ``lora.safetensors``: ``<layer path>.lora_A.weight`` / ``.lora_B.weight`` — peft's adapter
-keys without peft's fixed ``base_model.model.`` prefix. ``peft_adapter`` gives peft's ``LoraConfig`` and
-keys, ``save_peft`` writes a directory ``PeftModel.from_pretrained(llm, dir)`` loads, ``merge_lora`` a
-plain HF LLM with the LoRA merged (peft's ``merge_and_unload``); ``vpgtrans export --format adapter`` uses
-them.
+Bundle file ``lora.safetensors``: peft's adapter weights exactly as peft saves them
+(``base_model.model.<layer path>.lora_A.weight`` / ``.lora_B.weight``: the part's keys carry peft's prefix,
+``PeftPart``), so with the ``LoraConfig`` of the manifest entry (``lora_config``) peft loads the file as it
+is. ``save_peft`` writes a directory ``PeftModel.from_pretrained(llm, dir)`` loads, ``merge_lora`` a plain
+HF LLM with the LoRA merged (peft's ``merge_and_unload``); ``vpgtrans export --format adapter`` uses them.
 
 Targets: the ``plora`` table's groups (``attention``, ``mlp``) or single entries (``self_attn.q_proj``) of the
 LLM's ``model_type``; only linear layers (MoE LLMs' fused experts are refused: peft's LoRA has no layer
@@ -21,12 +21,14 @@ from __future__ import annotations
 import functools
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vpgtrans.errors import VpgtransError
+from vpgtrans.model.parts import Part
 
 DEFAULTS = {"rank": 8, "alpha": 16, "dropout": 0.05, "targets": ["attention", "mlp"]}
 KEYS = {"type", *DEFAULTS}
@@ -77,6 +79,15 @@ def _layer_class():
     return PeftLoraLinear
 
 
+@dataclass(frozen=True)
+class PeftPart(Part):
+    """The ``lora`` part with its keys under peft's ``base_model.model.`` prefix (the wrappers' paths in the
+    LLM follow it, as in a ``PeftModel``)."""
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {PEFT_PREFIX + prefix: module for prefix, module in super().modules(model).items()}
+
+
 def lora_config(entry: dict, target_modules: list[str] | None = None, base_model: str | None = None):
     """peft's ``LoraConfig`` of a manifest entry (``target_modules``: the resolved module paths)."""
     from peft import LoraConfig
@@ -89,6 +100,8 @@ def lora_config(entry: dict, target_modules: list[str] | None = None, base_model
 
 class LoRA:
     """The ``lora`` adapter kind (``ADAPTERS["lora"]``)."""
+
+    part_type = PeftPart  # the parts table entry insert_adapters makes for it
 
     @staticmethod
     def problems(entry: dict) -> list[str]:
@@ -157,10 +170,10 @@ class LoRA:
 # --------------------------------------------------------------------------------------------- peft export
 
 def peft_adapter(entry: dict, state: dict, base_model: str | None = None):
-    """``(LoraConfig, {peft key: tensor})`` of a bundle's ``lora`` entry and its ``lora.safetensors`` state."""
-    paths = sorted({key.rsplit(".lora_", 1)[0] for key in state})
-    tensors = {PEFT_PREFIX + key: value for key, value in state.items()}
-    return lora_config(entry, target_modules=paths, base_model=base_model), tensors
+    """``(LoraConfig, {peft key: tensor})`` of a bundle's ``lora`` entry and its ``lora.safetensors`` state
+    (already in peft's names)."""
+    paths = sorted({key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in state})
+    return lora_config(entry, target_modules=paths, base_model=base_model), dict(state)
 
 
 def save_peft(out_dir: Path, entry: dict, state: dict, base_model: str | None = None) -> Path:
