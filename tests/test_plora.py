@@ -452,3 +452,26 @@ def test_finetune_command_trains_the_bundles_lora_too(plora_inherited, tiny, tmp
         "vpg", "connector", "plora"]
     trained = load_file(str(tuned / "plora.safetensors"))
     assert all(trained[key].any() for key in trained if key.endswith("_B") and "layers.0." in key)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_the_other_llama_layout_types_of_the_table(tmp_path, model_type):
+    """The table's other dense types (LLaMA's module names) wrap every attention + MLP linear and keep the
+    text path exact; visual rows compute the merged weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=64, head_dim=16,
+                                  max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    llm, context = _wrapped(tmp_path / model_type, {"type": "plora", "rank": 2, "alpha": 4, "dropout": 0.0})
+    assert sum(isinstance(m, MaskedLoRALinear) for m in llm.modules()) == 2 * 7
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / model_type).eval()
+    ids = IDS % 64
+    with torch.no_grad():
+        assert torch.equal(llm(input_ids=ids).logits, base(input_ids=ids).logits)
+        with context.call(torch.ones_like(ids, dtype=torch.bool)):
+            adapted = llm(input_ids=ids).logits
+        merged = _merged(tmp_path / model_type, llm)(input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
