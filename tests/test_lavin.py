@@ -396,3 +396,38 @@ def test_two_processes_equal_one_process(tiny, tmp_path):
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0, msg=f"{name}:{key}")
     start = load_file(str(tmp_path / "one" / "inherit" / "mma.safetensors"))
     assert any(not torch.equal(start[k], x) for k, x in load_file(str(one / "mma.safetensors")).items())
+
+
+def test_8bit_training_step(lavin_bundles, tiny, tmp_path):
+    """A LaVIN step on an 8-bit (LLM.int8, bitsandbytes on the CPU) frozen LLM trains the adapters."""
+    from vpgtrans.recipes import stage
+    from vpgtrans.stages.train import run_stage
+    from vpgtrans.training import RunOptions
+
+    out = run_stage(lavin_bundles["opt"], tiny["vqa"], tmp_path / "run", stage("lavin", "finetune").config(
+        max_steps=1, batch_size=4, lr=1e-2, warmup_fraction=0.0), "finetune", options=RunOptions(load_in_8bit=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["run"]["load_in_8bit"] is True and math.isfinite(manifest["metrics"]["train"]["final_loss"])
+    trained = load_file(str(out / "mma.safetensors"))
+    assert all(trained[k].any() for k in trained if k.endswith("up.0.weight"))
+    model = load_model(out, device="cpu", quantization="8bit")
+    assert any(type(m).__name__ == "Linear8bitLt" for m in model.llm.modules())
+
+
+def test_gradient_checkpointing_gives_the_same_step(lavin_bundles, tmp_path):
+    """With --gradient-checkpointing the backward pass recomputes the blocks after the call that set the
+    modality has returned: the step must still route every sample by its own modality (mixed rows)."""
+    from vpgtrans.demo.choices import make_choice_split
+    from vpgtrans.recipes import stage
+    from vpgtrans.stages.train import run_stage
+    from vpgtrans.training import RunOptions
+
+    data = make_choice_split(tmp_path / "mc", 8, seed=4, text_fraction=0.5)
+    config = stage("lavin", "finetune").config(max_steps=2, batch_size=8, lr=1e-2, warmup_fraction=0.0)
+    plain = run_stage(lavin_bundles["llama"], data, tmp_path / "plain", config, "finetune")
+    ckpt = run_stage(lavin_bundles["llama"], data, tmp_path / "ckpt", config, "finetune",
+                     options=RunOptions(gradient_checkpointing=True))
+    for name in ("connector", "mma", "mma-vision"):
+        x, y = load_file(str(plain / f"{name}.safetensors")), load_file(str(ckpt / f"{name}.safetensors"))
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
