@@ -276,6 +276,18 @@ def test_stage_trainable_chooses_the_parts_of_a_stage(tiny, tmp_path):
                 "has no stage 'finetune'")
     _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "multitask"]),
                 "STAGE=part")
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "set"), "--stage-set", "align.max_steps=2",
+                                 "--stage-set", "instruct.lr=3e-4", "--stage-set", "instruct.min_lr=none"])
+    assert result.exit_code == 0, result.output
+    manifests = {stage: json.loads((tmp_path / "set" / stage / "manifest.json").read_text())
+                 for stage in ("align", "multitask", "instruct")}
+    assert [manifests[s]["metrics"]["train"]["steps"] for s in ("align", "multitask", "instruct")] == [2, 1, 1]
+    assert (manifests["instruct"]["config"]["train"]["lr"], manifests["instruct"]["config"]["train"]["min_lr"]) == \
+        (3e-4, None)
+    for spec, fragment in (("align.lr", "STAGE.FIELD=VALUE"), ("align.trainable=[]", "not a stage setting"),
+                           ("nope.lr=1", "has no stage 'nope'"), ("align.lr=fast", "not a number"),
+                           ("align.lr=-1", "lr must be")):
+        _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-set", spec]), fragment)
     _user_error(runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--stage-trainable", "multitask=vpg"]),
                 "not parts of a 'infmllm' model", "multitask: 'vpg'")
     assert not (tmp_path / "bad" / "inherit").exists()

@@ -215,6 +215,34 @@ def _stage_trainable(configs: dict, specs: list[str] | None, named: dict) -> dic
     return configs
 
 
+def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
+    """``configs`` with ``--stage-set STAGE.FIELD=VALUE`` applied: a stage's own lr, budget, schedule
+    (``TrainConfig`` fields; VALUE read as JSON, ``none`` for None)."""
+    from dataclasses import fields
+
+    from vpgtrans.config import TrainConfig, replace
+
+    settable = sorted(f.name for f in fields(TrainConfig) if f.name != "trainable")
+    configs = dict(configs)
+    for spec in specs or ():
+        target, _, text = spec.partition("=")
+        stage, _, name = target.strip().partition(".")
+        if not stage or not name or not text.strip():
+            raise VpgtransError(f"--stage-set takes STAGE.FIELD=VALUE, e.g. instruct.lr=1e-4 (got {spec!r})")
+        if name not in settable:
+            raise VpgtransError(f"--stage-set {spec!r}: {name!r} is not a stage setting (settable: {', '.join(settable)}; "
+                                "parts: --stage-trainable)")
+        base = configs.get(stage) or named.get(stage)
+        if base is None:
+            raise VpgtransError(f"--stage-set {spec!r}: the recipe has no stage {stage!r}")
+        try:
+            value = None if text.strip().lower() == "none" else json.loads(text)
+        except ValueError:
+            raise VpgtransError(f"--stage-set {spec!r}: {text!r} is not a number, true/false or none") from None
+        configs[stage] = replace(base, **{name: value})
+    return configs
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -458,6 +486,9 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              stage_trainable: Annotated[Optional[list[str]], typer.Option(
                  help="STAGE=part,part: the parts a stage trains instead of its recipe's (repeatable; e.g. "
                       "multitask=pool_adapter).")] = None,
+             stage_set: Annotated[Optional[list[str]], typer.Option(
+                 help="STAGE.FIELD=VALUE: one stage's own lr, min_lr, max_steps, epochs, warmup_steps, ... "
+                      "(repeatable; e.g. instruct.lr=1e-4, align.max_steps=200).")] = None,
              vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
              converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
@@ -520,8 +551,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len)
-    configs = _stage_trainable(configs, stage_trainable, {"warmup": warmup_config, "finetune": finetune_config,
-                                                          "scratch": finetune_config})
+    named = {"warmup": warmup_config, "finetune": finetune_config, "scratch": finetune_config}
+    configs = _stage_set(_stage_trainable(configs, stage_trainable, named), stage_set, named)
     lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
     summary = until_stopped(run, source, target_llm, data, out, finetune_data=finetune_data, warmup_config=warmup_config,
                              finetune_config=finetune_config, recipe=recipe, configs=configs, instruct_data=instruct_data,
