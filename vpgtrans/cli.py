@@ -336,8 +336,8 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                        "projector; lavin: LaVIN's adapters; infmllm: pool-adapter + "
-                                                        "LoRA; see docs/connectors.md)."
+                                                        "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
+                                                        "adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md)."
                                                    )] = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
@@ -496,8 +496,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
              connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                         "projector; lavin: LaVIN's adapters; infmllm: pool-adapter + "
-                                                         "LoRA; see docs/connectors.md)."
+                                                         "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
+                                                         "adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md)."
                                                     )] = "linear",
              recipe: Annotated[Optional[str], typer.Option(help="Stages to run after inherit (default: the "
                                                                 "connector's; vpgtrans: warm-up -> fine-tune).")] = None,
