@@ -358,3 +358,29 @@ def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp
     one = run_stage(out / "multitask", tiny["vqa"], tmp_path / "one-instruct", config, "instruct")
     assert_close(out / "instruct", one, "instruct")
     assert load_file(str(one / "lora.safetensors"))["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0
+
+
+def test_stage_three_resumes_from_a_checkpoint_bit_for_bit(three_stages, tiny, tmp_path):
+    """peft's LoRA (dropout on) through a checkpoint: stopping after step 1 and resuming gives the same weights."""
+    import shutil
+
+    from vpgtrans.config import TrainConfig, from_dict
+    from vpgtrans.stages.train import run_stage
+    from vpgtrans.training import RunOptions
+
+    config = from_dict(TrainConfig, {**json.loads((three_stages / "instruct" / "manifest.json").read_text())
+                                     ["config"]["train"], "max_steps": 3})
+    first = tmp_path / "full" / "checkpoints" / "step-000001"
+
+    def keep_first_checkpoint(step, *_):  # as if the run were killed after step 1
+        if step == 2:
+            shutil.copytree(first, tmp_path / "cut" / "checkpoints" / first.name)
+
+    full = run_stage(three_stages / "multitask", tiny["vqa"], tmp_path / "full", config, "instruct",
+                     options=RunOptions(save_every=1), progress=keep_first_checkpoint)
+    assert (tmp_path / "cut" / "checkpoints" / first.name / "lora.safetensors").is_file()
+    resumed = run_stage(three_stages / "multitask", tiny["vqa"], tmp_path / "cut", config, "instruct",
+                        options=RunOptions(save_every=1, resume=True))
+    a, b = (load_file(str(path / "lora.safetensors")) for path in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["train"]["resumed"] is True
