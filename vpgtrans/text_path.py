@@ -3,9 +3,9 @@ and through the untouched LLM, and the largest absolute difference of their logi
 
 A connector *promises* an exact text path when every adapter it puts inside the LLM declares
 ``text_path_exact = True`` (its wrappers call the base layer's own forward where no position is visual, as
-plora's do); a connector with no adapters (linear, infmllm's pool kind) never touches the LLM's text
-computation. Other adapters (LaVIN's mixture-of-modality routes text through its own "text" mixture) are
-measured but promise nothing: they are exact at their initial value only.
+plora's do); a connector with no adapters (linear) never touches the LLM's text computation. Other adapters
+(LaVIN's mixture-of-modality routes text through its own "text" mixture; infmllm's peft ``lora`` adapts every
+token) are measured but promise nothing: they are exact at their initial value only.
 """
 
 from __future__ import annotations
