@@ -431,3 +431,20 @@ def test_gradient_checkpointing_gives_the_same_step(lavin_bundles, tmp_path):
         x, y = load_file(str(plain / f"{name}.safetensors")), load_file(str(ckpt / f"{name}.safetensors"))
         for key in x:
             torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_a_text_only_batch_gives_the_visual_parts_zero_gradients(lavin_bundles):
+    """Under DDP every process must give every trained parameter a gradient, even when its micro-batch has
+    no image: the visual parts get exact zeros and the logits keep their values."""
+    from vpgtrans.training import set_trainable
+
+    model = load_model(lavin_bundles["llama"], device="cpu")
+    set_trainable(model, ["connector", "mma", "mma-vision"])
+    out = model(input_ids=IDS)
+    out.logits.float().sum().backward()
+    for name in ("connector", "mma-vision"):
+        grads = [p.grad for p in model.part(name).parameters(model)]
+        assert all(g is not None and not g.any() for g in grads), name
+    assert any(p.grad.any() for p in model.part("mma").parameters(model))
+    with torch.no_grad():
+        assert torch.equal(out.logits, model(input_ids=IDS).logits)

@@ -109,9 +109,27 @@ class VisionLanguageModel(nn.Module):
         image_mask = input_ids == IMAGE_TOKEN_ID
         with self.token_context.call(image_mask):
             if pixel_values is None and not image_mask.any():  # text only: exactly the LLM's own computation
-                return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            inputs_embeds = self.embed(input_ids, pixel_values)
-            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+                out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            else:
+                inputs_embeds = self.embed(input_ids, pixel_values)
+                out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return out if bool(image_mask.any()) else self._keep_visual_in_graph(out)
+
+    def _keep_visual_in_graph(self, out):
+        """A batch without an image (text-only multiple-choice rows) leaves the trained visual parts out of
+        the autograd graph, and under DDP every process must give every trained parameter a gradient (the
+        others' batches may hold images): add 0 x one element of each. The logits keep their values
+        (x + 0.0 == x); nothing is added when no gradient is being recorded."""
+        if not torch.is_grad_enabled():
+            return out
+        params = [p for module in (self.visual, self.vision) for p in module.parameters() if p.requires_grad]
+        if not params:
+            return out
+        zero = torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+        out.logits = out.logits + zero.to(out.logits.device, out.logits.dtype)
+        if getattr(out, "loss", None) is not None:
+            out.loss = out.loss + zero.to(out.loss.device, out.loss.dtype)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **generate_kwargs):
