@@ -448,3 +448,18 @@ def test_a_text_only_batch_gives_the_visual_parts_zero_gradients(lavin_bundles):
     assert any(p.grad.any() for p in model.part("mma").parameters(model))
     with torch.no_grad():
         assert torch.equal(out.logits, model(input_ids=IDS).logits)
+
+
+def test_lavin_llm_has_no_vit_adapters(tiny, tmp_path):
+    """``--connector lavin-llm``: LaVIN without the ViT adapters; its recipe trains connector + mma."""
+    from vpgtrans.recipes import stage
+
+    out = inherit(tiny["source"], tiny["llama"], tmp_path / "o", InheritConfig(connector="lavin-llm"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["type"] for a in manifest["model"]["adapters"]] == ["mma"]
+    assert set(manifest["files"]) == {"connector.safetensors", "mma.safetensors"}
+    assert stage("lavin-llm", "finetune").config().trainable == ["connector", "mma"]
+    model = load_model(out, device="cpu")
+    assert not any(isinstance(m, MixtureOfModalityLayer) for m in model.vision.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, _base_logits(tiny["llama"], IDS))

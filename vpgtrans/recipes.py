@@ -72,6 +72,9 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("finetune", {"trainable": ["connector", "mma", "mma-vision"], **LAVIN_SCHEDULE}, data="finetune_data",
               lr_batch=256),
     ],
+    "lavin-llm": [
+        Stage("finetune", {"trainable": ["connector", "mma"], **LAVIN_SCHEDULE}, data="finetune_data", lr_batch=256),
+    ],
     "plora": [
         Stage("warmup", {"trainable": ["connector"], "lr": 5e-4, "min_lr": None}),
         Stage("finetune", {"trainable": ["vpg", "connector", "plora"], **BLIP2_SCHEDULE}, data="finetune_data"),

@@ -60,10 +60,13 @@ CONNECTORS: dict[str, Connector] = {
     # BLIP-2's projector + LoRA at visual-token positions only (vpgtrans.model.adapters.plora)
     "plora": Connector("qformer", ({"type": "plora", "rank": 8, "alpha": 16, "dropout": 0.05,
                                     "targets": ["attention", "mlp"]},), recipe="plora"),
-    # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block
+    # LaVIN: multi-layer [CLS] connector + mixture-of-modality adapters in every decoder block and ViT block;
+    # lavin-llm: the same without the ViT adapters (LaVIN's "optionally also in the ViT")
     "lavin": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0, "dropout": 0.1},
                                 {"type": "mma-vision", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0,
                                  "dropout": 0.1}), recipe="lavin"),
+    "lavin-llm": Connector("lavin", ({"type": "mma", "rank": 8, "groups": 2, "tau": 10.0, "scale": 1.0,
+                                      "dropout": 0.1},), recipe="lavin-llm"),
 }
 
 
