@@ -176,3 +176,15 @@ def assert_curves_close(ours: list[dict], theirs: list[dict], abs: float = 1e-6)
     assert [sorted(point) for point in ours] == [sorted(point) for point in theirs]
     for mine, other in zip(ours, theirs):
         assert mine == pytest.approx(other, abs=abs), (mine, other)
+
+
+class StopHere(Exception):
+    """Raised by a ``stop_at`` progress callback: an interrupted run, after its checkpoints were written."""
+
+
+def stop_at(step: int):
+    """A training progress callback that interrupts the run when it reports ``step`` as done."""
+    def progress(done, total, loss, lr):
+        if done == step:
+            raise StopHere(f"stopped after step {done}")
+    return progress

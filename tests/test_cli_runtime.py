@@ -49,3 +49,21 @@ def test_eval_device_is_checked_before_anything_loads(inherited, tiny, tmp_path)
                 "is not a device")
     _user_error(_run(runner, "eval", inherited, "--data", tiny["caption"], "--device", "cuda:99"),
                 "--device cuda:99: no such CUDA device")
+
+
+def test_eval_records_the_caption_tokenizer(inherited, tiny, tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    if shutil.which("java") is None:
+        pytest.skip("COCO's PTB tokenizer needs java")
+    runner = CliRunner()
+    for name in ("regex", "ptb"):
+        _ok(_run(runner, "eval", inherited, "--data", tiny["caption"], "--max-samples", "3", "--max-new-tokens", "3",
+                 "--tokenizer", name, "--out", tmp_path / f"{name}.json"))
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["tokenizer"] == name and {"cider", "bleu4"} <= set(report["scores"])
+    _user_error(_run(runner, "eval", inherited, "--data", tiny["caption"], "--tokenizer", "nltk"),
+                "--tokenizer must be regex or ptb")

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import StopHere, stop_at
 from safetensors.torch import load_file
 
 from vpgtrans.bundle import CONNECTOR_FILE, load_model
@@ -97,12 +98,8 @@ def test_resume_restores_the_cuda_rng_state(inherited, tiny, tmp_path):
     config = TrainConfig.finetune(**FINETUNE)
     reference = train_module.finetune(inherited, tiny["caption"], tmp_path / "ref", config)
 
-    def fail_at_5(done, steps, loss, lr):  # (called before step 5's checkpoint would be due)
-        if done == 5:
-            raise RuntimeError("injected")
-
-    with pytest.raises(RuntimeError, match="injected"):
-        train_module.finetune(inherited, tiny["caption"], tmp_path / "run", config, progress=fail_at_5,
+    with pytest.raises(StopHere):  # after step 5: checkpoints at steps 2 and 4
+        train_module.finetune(inherited, tiny["caption"], tmp_path / "run", config, progress=stop_at(5),
                               options=RunOptions(save_every=2))
     (checkpoint,) = [c for c in list_checkpoints(tmp_path / "run") if c.name == "step-000004"]
     saved = json.loads((checkpoint / "state.json").read_text())["rng"][0]

@@ -266,3 +266,27 @@ def test_reference_captions_without_words_are_refused():
 def test_vqa_accuracy_needs_answers():
     with pytest.raises(VpgtransError):
         vqa_accuracy("cat", [])
+
+
+def test_ptb_tokenizer_is_cocos_and_needs_java(monkeypatch):
+    import shutil
+
+    from vpgtrans.errors import VpgtransError
+    from vpgtrans.metrics import caption_scores
+
+    predictions = ["A dog's toy, red!", "two cats on a mat."]
+    references = [["a dog 's red toy", "the dog's toy is red"], ["Two cats sit on a mat", "cats on the mat"]]
+    if shutil.which("java"):
+        from vpgtrans.metrics import ptb_tokenize
+
+        ptb = caption_scores(predictions, references, tokenizer="ptb")
+        regex = caption_scores(predictions, references)
+        # On plain captions the Java-free tokenisation matches COCO's PTB one, so the scores agree ...
+        assert ptb == pytest.approx(regex, abs=1e-9)
+        # ... but COCO's pipeline lower-cases before it drops "-LRB-" / "-RRB-", so brackets stay as tokens there.
+        assert ptb_tokenize({0: ["a toy (red)"]}) == {0: ["a toy -lrb- red -rrb-"]}
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(VpgtransError, match="--tokenizer ptb .* needs Java"):
+        caption_scores(predictions, references, tokenizer="ptb")
+    with pytest.raises(VpgtransError, match="--tokenizer must be one of regex, ptb"):
+        caption_scores(predictions, references, tokenizer="nltk")

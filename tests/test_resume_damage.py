@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import StopHere, stop_at
 from test_cli import _run, _user_error
 from vpgtrans.config import TrainConfig
 from vpgtrans.stages import train as train_module
@@ -17,15 +18,6 @@ from vpgtrans.training import RunOptions
 BUDGET = ["--max-steps", "6", "--batch-size", "4", "--seed", "42"]
 
 
-class Stop(Exception):
-    pass
-
-
-def _stop_at(step):
-    def progress(done, total, loss, lr):
-        if done == step:
-            raise Stop()
-    return progress
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +27,8 @@ def interrupted(inherited, tiny, tmp_path_factory):
     runs = {}
     for name, run, config in (("warmup", train_module.warmup_projector, TrainConfig.warmup(max_steps=6, batch_size=4)),
                               ("finetune", train_module.finetune, TrainConfig.finetune(max_steps=6, batch_size=4))):
-        with pytest.raises(Stop):
-            run(inherited, tiny["caption"], root / name, config, progress=_stop_at(5), options=RunOptions(save_every=2))
+        with pytest.raises(StopHere):
+            run(inherited, tiny["caption"], root / name, config, progress=stop_at(5), options=RunOptions(save_every=2))
         runs[name] = root / name
     return runs
 

@@ -70,6 +70,11 @@ def fingerprint(path: Path) -> str:
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pth", ".pt")
                                                       or p.name in ("config.json", "model.safetensors.index.json")))
+    return fingerprint_files(files)
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """``fingerprint`` of a list of files (names, sizes, contents as described there)."""
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size

@@ -591,7 +591,10 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           device_map: Annotated[Optional[str], typer.Option(help="Spread the LLM over the available devices "
                                                                 "(auto, balanced, sequential).")] = None,
           device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: accelerate's device: "
-                                                            "the GPU when there is one).")] = None):
+                                                            "the GPU when there is one).")] = None,
+          tokenizer: Annotated[str, typer.Option(help="Caption tokenisation for CIDEr / BLEU: regex (no Java) or ptb "
+                                                      "(COCO's own, needs java; comparable with published scores).")]
+          = "regex"):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU; multiple-choice: accuracy, by image / text-only, and the
     count of unparseable answers)."""
@@ -608,7 +611,7 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     report = evaluate(bundle, _data(data, strict, bbox_format), task, batch_size, max_samples, max_new_tokens, num_beams,
                       out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
-                      progress=progress_bar("eval"))
+                      progress=progress_bar("eval"), tokenizer=tokenizer)
     if as_json:
         _print_json(report)
     else:

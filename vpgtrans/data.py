@@ -117,6 +117,18 @@ class LoadStats:
 
 # ------------------------------------------------------------------------------------------ rows
 
+def data_fingerprint(path) -> str:
+    """A content fingerprint of a data location: the rows' files (``*.jsonl``, a ``datasets`` directory's
+    ``*.arrow`` / ``*.json``), hashed like model files (whole up to 256 MiB, else size + first and last MiB).
+    Images are not read: an image replaced in place under the same name is not noticed."""
+    from vpgtrans.bundle import fingerprint_files
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".arrow", ".json")
+                                                 and regular_file(p))
+    return fingerprint_files(files)
+
+
 def regular_file(path) -> bool:
     """A regular file (links followed): never a FIFO or a device, which would block or never end when read."""
     try:

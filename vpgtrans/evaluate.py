@@ -17,7 +17,7 @@ from vpgtrans.errors import VpgtransError
 from vpgtrans.prompting import clean_generation, stop_token_ids
 
 
-def score(task: str, predictions: list[str], references: list) -> dict:
+def score(task: str, predictions: list[str], references: list, tokenizer: str = "regex") -> dict:
     """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM; grounding -> accuracy at
     IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes); multiple-choice -> accuracy overall,
     with / without an image, unparseable answers counted."""
@@ -27,7 +27,9 @@ def score(task: str, predictions: list[str], references: list) -> dict:
 
     if task not in TASKS:
         raise VpgtransError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return {"caption": caption_scores, "vqa": vqa_scores, "grounding": grounding_accuracy,
+    if task == "caption":  # (tokenizer: regex, or COCO's Java PTB tokenizer)
+        return caption_scores(predictions, references, tokenizer)
+    return {"vqa": vqa_scores, "grounding": grounding_accuracy,
             "multiple-choice": multiple_choice_scores}[task](predictions, references)
 
 
@@ -44,7 +46,8 @@ def group_caption_rows(dataset) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
-                   max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None) -> dict:
+                   max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None,
+                   tokenizer: str = "regex") -> dict:
     """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task).
     ``progress(done, total)``: called after each batch with the rows done so far."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
@@ -74,14 +77,15 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     model.train(was_training)
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
-    scores = score(task, predictions, references)
+    scores = score(task, predictions, references, tokenizer)
     return {"scores": scores, "predictions": predictions, "references": references}
 
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
              out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
-             dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None) -> dict:
+             dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None,
+             tokenizer: str = "regex") -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
     ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
@@ -93,6 +97,12 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     from vpgtrans.training import torch_dtype
 
     frozen_dtype = torch_dtype(dtype)
+    if tokenizer == "ptb":
+        from vpgtrans.metrics import ptb_tokenize
+
+        ptb_tokenize({0: ["a check that java runs"]})  # before any model is loaded
+    elif tokenizer != "regex":
+        raise VpgtransError(f"--tokenizer must be regex or ptb (got {tokenizer!r})")
     bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in
            (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
             ("max_samples", max_samples)) if value is not None and value < 1]
@@ -112,9 +122,11 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
-                            progress=progress)
+                            progress=progress, tokenizer=tokenizer)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
+    if found_task == "caption":
+        report["tokenizer"] = tokenizer  # which caption tokenisation the scores used (ptb: COCO's own)
     if found_task == "grounding":  # what ignoring the expression scores on the same rows, beside the model
         from vpgtrans.grounding import grounding_baselines
 

@@ -53,24 +53,47 @@ def normalize_caption(text: str) -> str:
     return " ".join(tokens)
 
 
-def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:
+CAPTION_TOKENIZERS = ("regex", "ptb")
+
+
+def ptb_tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """COCO's own tokenisation: pycocoevalcap's ``PTBTokenizer`` (Stanford CoreNLP's PTB tokenizer, run with
+    Java), for scores comparable with published COCO numbers."""
+    import shutil
+
+    if shutil.which("java") is None:
+        raise VpgtransError("--tokenizer ptb runs COCO's PTB tokenizer, which needs Java (java on PATH); the "
+                            "default regex tokenizer needs none")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
+
+
+def caption_scores(predictions: list[str], references: list[list[str]], tokenizer: str = "regex") -> dict:
     """Corpus CIDEr-D, BLEU-4 and BLEU-1 of ``predictions`` against their reference captions.
 
     ``references[i]`` is the list of reference captions for ``predictions[i]`` (COCO has five). Both
-    sides go through ``normalize_caption``. An empty prediction is scored as it is, a hypothesis with no
+    sides go through ``normalize_caption`` (``tokenizer="regex"``) or COCO's Java PTB tokenizer (``"ptb"``). An empty prediction is scored as it is, a hypothesis with no
     words: it matches nothing and counts towards BLEU's brevity penalty (pycocoevalcap handles it
     without error). CIDEr's idf comes from the references of this corpus, so a one-image corpus scores 0.
 
     Returns ``{"cider": float, "bleu4": float, "bleu1": float, "n": int}``.
     """
     _check_pairs(predictions, references, "reference captions")
-    gts = {i: [normalize_caption(ref) for ref in refs] for i, refs in enumerate(references)}
+    if tokenizer not in CAPTION_TOKENIZERS:
+        raise VpgtransError(f"--tokenizer must be one of {', '.join(CAPTION_TOKENIZERS)} (got {tokenizer!r})")
+    if tokenizer == "ptb":
+        gts = ptb_tokenize({i: list(refs) for i, refs in enumerate(references)})
+        res = ptb_tokenize({i: [prediction] for i, prediction in enumerate(predictions)})
+    else:
+        gts = {i: [normalize_caption(ref) for ref in refs] for i, refs in enumerate(references)}
+        res = {i: [normalize_caption(prediction)] for i, prediction in enumerate(predictions)}
     # Without one worded reference a sample cannot be scored (and CIDEr's idf table would be empty).
     wordless = [i for i, refs in gts.items() if not any(refs)]
     if wordless:
         raise VpgtransError(f"no reference caption with any words for sample(s) {_list_indices(wordless)}; "
                             "drop those samples or fix their captions")
-    res = {i: [normalize_caption(prediction)] for i, prediction in enumerate(predictions)}
     # Bleu prints its counts ("{'testlen': ...}") to stdout; keep a library call quiet.
     with contextlib.redirect_stdout(io.StringIO()):
         bleu, _ = Bleu(4).compute_score(gts, res)

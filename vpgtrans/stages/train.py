@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.bundle import MANIFEST, load_model, read_manifest, validate_bundle, write_bundle
+from vpgtrans.bundle import MANIFEST, file_sha256, load_model, read_manifest, validate_bundle, write_bundle
 from vpgtrans.checkpoint import (check_optimizer_state, clear_checkpoints, latest_checkpoint, load_checkpoint,
                                  read_state, rng_state, save_checkpoint, set_rng_state)
 from vpgtrans.config import TrainConfig, to_dict
-from vpgtrans.data import load_rows
+from vpgtrans.data import data_fingerprint, load_rows
 from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
@@ -88,10 +88,21 @@ def _accelerator(options: RunOptions, out_dir: Path):
 
 def _run_record(bundle_dir: Path, data: Path, config: TrainConfig, stage: str, fresh_init: bool, precision: str,
                 options: RunOptions) -> dict:
-    """What a checkpoint must have been made with to be resumed by this call."""
+    """What a checkpoint (or a finished run) must have been made with to be resumed by this call: the same
+    paths and options, and the same contents behind the paths (the input bundle's manifest, the data's rows)."""
     return {"stage": stage, "input": str(bundle_dir.resolve()), "data": str(Path(data).resolve()),
             "train": to_dict(config), "fresh_init": fresh_init, "precision": precision,
-            "quantization": options.quantization}
+            "quantization": options.quantization, "input_manifest": file_sha256(bundle_dir / MANIFEST),
+            "data_fingerprint": data_fingerprint(data)}
+
+
+RECORD_WORDS = {"input_manifest": "input bundle (its content changed)", "data_fingerprint": "data (its rows changed)"}
+
+
+def _changed(saved: dict, record: dict) -> list[str]:
+    """What differs between a saved run record and this call's, in words (keys an older record lacks are
+    not compared)."""
+    return sorted(RECORD_WORDS.get(k, k) for k in record if k in saved and saved[k] != record[k])
 
 
 def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: bool):
@@ -100,15 +111,17 @@ def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: 
     if options.resume:
         if (out_dir / MANIFEST).is_file():
             manifest = validate_bundle(out_dir)
-            if manifest["config"].get("train") != record["train"]:
-                raise VpgtransError(f"{out_dir}: holds a finished run with another config; use a new --out or --force")
+            saved = manifest["config"].get("record") or {"train": manifest["config"].get("train")}
+            changed = _changed(saved, record)
+            if changed:
+                raise VpgtransError(f"{out_dir}: holds a finished run made with a different {', '.join(changed)}; "
+                                    "use a new --out, or --force to redo it")
             return "done", None
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise VpgtransError(f"{out_dir}: no checkpoint to resume from (none under {out_dir}/checkpoints); "
                                 f"run without --resume")
-        saved = read_state(checkpoint)["record"]
-        changed = sorted(k for k in record if saved.get(k) != record[k])
+        changed = _changed(read_state(checkpoint)["record"], record)
         if changed:
             raise VpgtransError(f"{checkpoint}: was made with a different {', '.join(changed)} than this call; "
                                 f"resume with the same options, or use --force to start over")
@@ -354,7 +367,7 @@ def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, 
         result = out_dir
         tensors = {part.file: part.state_dict(core, gather=full_state_dict) for part in core.parts}
         if main:
-            config_record = {**run_config, "stage_input": str(bundle_dir.resolve()), "task": task,
+            config_record = {**run_config, "record": record, "stage_input": str(bundle_dir.resolve()), "task": task,
                              "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
                              "fresh_init": fresh_init, "num_processes": world, "parent_config": parent["config"]}
             logs = _set_aside(out_dir / "logs")

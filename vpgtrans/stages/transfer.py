@@ -103,7 +103,9 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     out_dir.mkdir(parents=True, exist_ok=True)  # with --force, each stage replaces its bundle atomically
 
     current = inherited = out_dir / "inherit"
-    if not (options.resume and _finished(inherited)):
+    if options.resume and _finished(inherited):
+        _check_same_inherit(inherited, models, inherit_config)
+    else:
         if state.is_main_process:
             inherit(source, target_llm, inherited, inherit_config, vision=vision, source_llm=source_llm, corpus=corpus,
                     template=template, trust_remote_code=trust_remote_code, force=force or options.resume)
@@ -154,6 +156,24 @@ def _check_trainable(stage_configs: dict[str, TrainConfig], inherit_config: Inhe
     if bad:
         raise VpgtransError(f"trainable parts that are not parts of a {inherit_config.connector!r} model (it has "
                             f"{', '.join(known)}): {'; '.join(bad)}")
+
+
+def _check_same_inherit(inherited: Path, models: dict, inherit_config: InheritConfig) -> None:
+    """``--resume`` keeps a finished inherit bundle only if this call would make the same one: the same source
+    and target LLM (by content) and the same inherit settings."""
+    from vpgtrans.bundle import fingerprint
+
+    manifest = read_manifest(inherited)
+    refs, changed = manifest["references"], []
+    for role, model in (("source", models["source"]), ("llm", models["target_llm"])):
+        recorded = refs.get(role, {}).get("fingerprint")
+        if recorded and recorded != fingerprint(Path(model)):
+            changed.append({"source": "--source", "llm": "--target-llm"}[role])
+    if manifest["config"].get("inherit") != to_dict(inherit_config):
+        changed.append("inherit settings (converter, connector, ridge, ...)")
+    if changed:
+        raise VpgtransError(f"{inherited}: was made with a different {', '.join(changed)} than this call; resume "
+                            "with the same inputs, use a new --out, or --force to start over")
 
 
 def _finished(stage_dir: Path) -> bool:
