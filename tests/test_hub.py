@@ -55,7 +55,8 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub >= 1.0's HTTP client
+    pytest.importorskip("huggingface_hub", minversion="2.0")  # whose HTTP client is httpx2 (mocked here)
+    httpx2 = pytest.importorskip("httpx2")
     from huggingface_hub import constants, set_client_factory
     from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 

@@ -192,6 +192,7 @@ def test_damaged_bundle_is_described(inherited, tmp_path):
     (damaged / "vpg.safetensors").write_bytes(b"not a safetensors file")
     manifest = json.loads((damaged / "manifest.json").read_text())
     manifest["references"]["llm"]["path"] = str(tmp_path / "gone-llm")
+    manifest["references"]["llm"]["relative_path"] = "../gone-llm"  # not beside the bundle either
     (damaged / "manifest.json").write_text(json.dumps(manifest))
 
     info = inspect_path(damaged)

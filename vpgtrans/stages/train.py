@@ -99,10 +99,15 @@ def _run_record(bundle_dir: Path, data: Path, config: TrainConfig, stage: str, f
 RECORD_WORDS = {"input_manifest": "input bundle (its content changed)", "data_fingerprint": "data (its rows changed)"}
 
 
+# Paths whose contents the record also holds: a run directory copied or moved with its inputs still resumes.
+CONTENT_OF = {"input": "input_manifest", "data": "data_fingerprint"}
+
+
 def _changed(saved: dict, record: dict) -> list[str]:
     """What differs between a saved run record and this call's, in words (keys an older record lacks are
-    not compared)."""
-    return sorted(RECORD_WORDS.get(k, k) for k in record if k in saved and saved[k] != record[k])
+    not compared; a path is not compared where both records hold the content behind it)."""
+    moved = {path for path, content in CONTENT_OF.items() if content in saved and content in record}
+    return sorted(RECORD_WORDS.get(k, k) for k in record if k in saved and k not in moved and saved[k] != record[k])
 
 
 def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: bool):
