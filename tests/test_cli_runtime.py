@@ -67,3 +67,29 @@ def test_eval_records_the_caption_tokenizer(inherited, tiny, tmp_path):
         assert report["tokenizer"] == name and {"cider", "bleu4"} <= set(report["scores"])
     _user_error(_run(runner, "eval", inherited, "--data", tiny["caption"], "--tokenizer", "nltk"),
                 "--tokenizer must be regex or ptb")
+
+
+def test_template_by_name_or_file_on_the_cli(tiny, tmp_path):
+    import json
+
+    from vpgtrans.bundle import read_manifest
+    from vpgtrans.config import TEMPLATES, PromptTemplate, to_dict
+
+    runner = CliRunner()
+    common = ["inherit", "--source", tiny["source"], "--target-llm", tiny["llama"]]
+    _ok(_run(runner, *common, "--out", tmp_path / "chat", "--template", "vl-vicuna"))
+    assert read_manifest(tmp_path / "chat")["template"] == to_dict(PromptTemplate(**TEMPLATES["vl-vicuna"]))
+    # The chat template trains and evaluates: the image slots sit inside the human turn.
+    _ok(_run(runner, "warmup-projector", tmp_path / "chat", "--data", tiny["caption"], "--out", tmp_path / "w",
+             "--max-steps", "1", "--batch-size", "4"))
+    _ok(_run(runner, "eval", tmp_path / "w", "--data", tiny["vqa"], "--max-samples", "2", "--max-new-tokens", "2"))
+    mine = {"caption": "<img>{image}</img>{bos}", "vqa": "<img>{image}</img>{bos}Q: {question} A:"}
+    (tmp_path / "t.json").write_text(json.dumps(mine))
+    _ok(_run(runner, *common, "--out", tmp_path / "file", "--template", tmp_path / "t.json"))
+    assert read_manifest(tmp_path / "file")["template"]["vqa"] == mine["vqa"]
+    _user_error(_run(runner, *common, "--out", tmp_path / "x", "--template", "alpaca"),
+                "--template 'alpaca': neither a template name")
+    (tmp_path / "bad.json").write_text(json.dumps({"caption": "no image slot"}))
+    _user_error(_run(runner, *common, "--out", tmp_path / "x", "--template", tmp_path / "bad.json"),
+                "must contain {image} exactly once")
+    assert not (tmp_path / "x").exists()

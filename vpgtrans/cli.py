@@ -243,6 +243,17 @@ def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
     return configs
 
 
+Template = Annotated[Optional[str], typer.Option(help="Prompt template: blip2, blip2-t5, vl-vicuna (the image inside "
+                                                     "a ###Human/###Assistant chat turn) or a JSON file of its fields "
+                                                     "(default: BLIP-2's for the LLM's kind).")]
+
+
+def _template(name_or_path: str | None):
+    from vpgtrans.config import load_template
+
+    return None if name_or_path is None else load_template(name_or_path)
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -334,6 +345,7 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
             converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
                                                        "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
+            template: Template = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
                                                         "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
@@ -362,7 +374,7 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     check_out_dir(out, force, inputs=[source, target_llm, vision, source_llm, corpus])
     _check_remote_code(target_llm, trust_remote_code)
     path = run(source, target_llm, out, config, vision=vision, source_llm=source_llm, corpus=corpus,
-               trust_remote_code=trust_remote_code, force=force)
+               trust_remote_code=trust_remote_code, force=force, template=_template(template))
     stats = json.loads((path / "manifest.json").read_text())["metrics"].get("converter")
     if stats:
         retrieval = f", retrieval {stats['retrieval_accuracy']:.3f}" if "retrieval_accuracy" in stats else ""
@@ -494,6 +506,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
                                                        "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
+             template: Template = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
              connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
                                                          "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
@@ -563,6 +576,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                                            connector)),
                              from_scratch=from_scratch, eval_data=eval_data, vision=vision, source_llm=source_llm,
                              corpus=corpus, skip_warmup=skip_warmup, trust_remote_code=trust_remote_code, force=force,
+                             template=_template(template),
                              progress=progress_bar("train", batch_size), options=options)
     if not is_main_process():
         return

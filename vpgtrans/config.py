@@ -75,6 +75,38 @@ class PromptTemplate:
         return cls()
 
 
+# Named prompt templates (``--template NAME``); any other value of ``--template`` is a JSON file of the fields.
+TEMPLATES = {
+    # BLIP-2 (LAVIS) for decoder-only LLMs (OPT, LLaMA): image first, then BOS and the prompt; "\n" ends answers.
+    "blip2": {},
+    # BLIP-2 FlanT5: the prompt on the encoder side, "Short answer:".
+    "blip2-t5": {"caption": "{image}", "vqa": "{image}Question: {question} Short answer:",
+                 "grounding": "{image}Where is {question}? Box:", "target_suffix": "", "stop": ""},
+    # VPGTrans's VL-Vicuna (MiniGPT-4 style chat): the image inside the human turn, "###" ends the answer.
+    "vl-vicuna": {"caption": "{bos}###Human: <Img>{image}</Img> Describe this image in one sentence. ###Assistant: ",
+                  "vqa": "{bos}###Human: <Img>{image}</Img> {question} Answer briefly. ###Assistant: ",
+                  "grounding": "{bos}###Human: <Img>{image}</Img> Where is {question}? Give the box. ###Assistant: ",
+                  "target_suffix": "###", "stop": "###"},
+}
+
+
+def load_template(name_or_path: str) -> "PromptTemplate":
+    """``--template``: a name in ``TEMPLATES``, or a JSON file with ``PromptTemplate`` fields (validated)."""
+    from pathlib import Path
+
+    if name_or_path in TEMPLATES:
+        return PromptTemplate(**TEMPLATES[name_or_path])
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise VpgtransError(f"--template {name_or_path!r}: neither a template name ({', '.join(TEMPLATES)}) nor a "
+                            "JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VpgtransError(f"{path}: not a JSON template ({str(exc).splitlines()[0]})") from None
+    return from_dict(PromptTemplate, data, str(path))
+
+
 @dataclass
 class TrainConfig:
     """One training stage. Budgets are in samples or optimizer steps, so a run means the same on any
