@@ -158,6 +158,47 @@ def write_error(exc: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def output_lock(out: Path):
+    """Hold an advisory lock on ``out`` (a hidden ``.NAME.lock`` file beside it, removed when released) for one
+    writer: a second run on the same output is one line at once, instead of the two deleting each other's
+    temporaries. Under torchrun / accelerate launch only the main process (``RANK`` 0) locks."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    lock = _absolute(Path(out)).parent / f".{Path(out).name}.lock"
+    with output_errors(out):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # the file a holder removes on release may be replaced under us: lock the one on disk
+        with output_errors(out):
+            handle = open(lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise VpgtransError(f"{out}: another vpgtrans run is writing it (lock {lock}); wait for that run to end, "
+                                "or choose another --out") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    else:
+        raise VpgtransError(f"{out}: could not take its lock {lock} (another run keeps replacing it)")
+    try:
+        yield
+    finally:
+        try:
+            lock.unlink()  # while still holding it: nobody locks a file that is being removed
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
 def check_writable(out: Path) -> None:
     """Before the work that produces ``out``: its directory can be created and written in (a read-only or full
     file system is one line now, not after an evaluation or a training step). Leaves nothing behind but the

@@ -171,5 +171,11 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
         problems.append(f"projector input {proj_w.shape[1]} != Q-Former width {vpg_state['query_tokens'].shape[2]}")
     if problems:
         raise VpgtransError(f"{source}: VPG does not fit its vision encoder: " + "; ".join(problems))
+    tensors = {**vpg_state, "language_projection.weight": proj_w, "language_projection.bias": proj_b}
+    nonfinite = sorted(name for name, tensor in tensors.items()
+                       if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if nonfinite:  # else a stage would fail later and blame the learning rate
+        raise VpgtransError(f"{source}: the source's VPG / projector holds NaN or Inf values in "
+                            f"{', '.join(nonfinite[:5])}{' ...' if len(nonfinite) > 5 else ''}; the checkpoint is damaged")
     return SourceVPG(source, fmt, kind, vpg_state, proj_w.float(), proj_b.float(), qformer_config,
                      vision_config, vision_ref, ln_eps, llm)

@@ -27,7 +27,7 @@ from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
 from vpgtrans.model.spec import upgrade
-from vpgtrans.outputs import check_out_dir, check_writable, exists_error
+from vpgtrans.outputs import check_out_dir, check_writable, exists_error, output_lock
 from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_engine, shard_optimizer_state,
                                sharding_summary, whole_parameters)
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
@@ -186,7 +186,15 @@ def _forward_backward(accelerator, model, core, batches: list, last_good: tuple,
 def run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, stage: str,
               eval_data: Path | None = None, fresh_init: bool = False, force: bool = False,
               progress=None, options: RunOptions | None = None) -> Path:
-    """Train the parts ``config.trainable`` names on ``data`` and write the result as a new bundle."""
+    """Train the parts ``config.trainable`` names on ``data`` and write the result as a new bundle. One run
+    writes an output at a time (an advisory lock beside it)."""
+    with output_lock(out_dir):
+        return _run_stage(bundle_dir, data, out_dir, config, stage, eval_data, fresh_init, force, progress, options)
+
+
+def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig, stage: str,
+               eval_data: Path | None = None, fresh_init: bool = False, force: bool = False,
+               progress=None, options: RunOptions | None = None) -> Path:
     options = options or RunOptions()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     if out_dir.resolve() == bundle_dir.resolve():
