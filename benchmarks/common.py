@@ -84,3 +84,39 @@ def save_result(name: str, args: argparse.Namespace, result: dict, plot) -> Path
     if not args.no_plot:
         result["plot"] = str(plot(result, args.plot or out.with_suffix(".png")))
     return write_json(out, result)
+
+
+def quiet_libraries() -> None:
+    """Benchmarks print their own tables: vpgtrans logs warnings only, transformers errors only, no bars."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("vpgtrans").setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def plot_curves_by_target(result: dict, path: Path, metric: str, colors: dict | None = None) -> Path:
+    """One panel per target, every run's eval curve (``result["runs"]``: target, arm, curve) coloured by arm
+    (``colors``: arm -> matplotlib colour; default one per arm in order)."""
+    plt = require_matplotlib()
+    runs = result["runs"]
+    targets = list(dict.fromkeys(r["target"] for r in runs))
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    colors = colors or {arm: f"C{k}" for k, arm in enumerate(arms)}
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for arm in arms:
+            for i, run_ in enumerate(r for r in runs if r["target"] == target and r["arm"] == arm):
+                ax.plot([p["step"] for p in run_["curve"]], [p[metric] for p in run_["curve"]], color=colors[arm],
+                        alpha=0.7, label=arm if i == 0 else None)
+        ax.set_title(target)
+        ax.set_xlabel("optimizer steps (warm-up included)")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+

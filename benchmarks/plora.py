@@ -21,7 +21,6 @@ caption or question/answer), loss on the text after BOS, the model's text-only p
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import tempfile
@@ -31,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, require_matplotlib, result_config, result_parser, save_result
+from benchmarks.common import (machine_info, plot_curves_by_target, quiet_libraries, result_config,
+                               result_parser, save_result)
 
 METRIC = "cider"
 ARMS = ("linear", "plora", "lora-all")
@@ -232,23 +232,7 @@ def render(result: dict):
 
 
 def plot(result: dict, path: Path) -> Path:
-    plt = require_matplotlib()
-    targets = list(dict.fromkeys(r["target"] for r in result["runs"]))
-    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
-    for ax, target in zip(axes[0], targets):
-        for arm in dict.fromkeys(r["arm"] for r in result["runs"]):
-            for i, run_ in enumerate(r for r in result["runs"] if r["target"] == target and r["arm"] == arm):
-                ax.plot([p["step"] for p in run_["curve"]], [p[METRIC] for p in run_["curve"]],
-                        color={"linear": "C0", "plora": "C1", "lora-all": "C2"}[arm], alpha=0.7,
-                        label=arm if i == 0 else None)
-        ax.set_title(target)
-        ax.set_xlabel("optimizer steps (warm-up included)")
-        ax.set_ylabel(METRIC)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_curves_by_target(result, path, METRIC, colors={"linear": "C0", "plora": "C1", "lora-all": "C2"})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,11 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
     args = parser.parse_args(argv)
     cfg = result_config(args, PloraBenchConfig, SMOKE)
-    logging.getLogger("vpgtrans").setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-plora-") as tmp:
         if args.smoke:
             from vpgtrans.demo.zoo2 import build_tiny_zoo_v2

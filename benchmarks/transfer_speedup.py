@@ -24,7 +24,6 @@ eval split: the budgets and learning rates are fixed in ``SpeedupConfig`` before
 
 from __future__ import annotations
 
-import logging
 import statistics
 import tempfile
 import time
@@ -32,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import curves
-from benchmarks.common import machine_info, require_matplotlib, result_config, result_parser, save_result
+from benchmarks.common import (machine_info, quiet_libraries, require_matplotlib, result_config,
+                               result_parser, save_result)
 
 ARMS = ("scratch", "vpgtrans")
 ABLATIONS = ("no-converter", "no-warmup", "warmup-1x")
@@ -291,11 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(cfg.ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown ablations {unknown}; known: {list(ABLATIONS)}")
-    logging.getLogger("vpgtrans").setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-speedup-") as tmp:
         if args.smoke:
             from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
