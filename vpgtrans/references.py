@@ -90,6 +90,7 @@ def locate_references(manifest: dict, bundle_dir: Path) -> dict:
     where it is not found: validation then names it)."""
     references = {}
     for role, ref in manifest.get("references", {}).items():
-        found = locate(ref, bundle_dir) if isinstance(ref, dict) else None
+        # (a reference without a path string is a damaged manifest: validation names it, nothing is guessed)
+        found = locate(ref, bundle_dir) if isinstance(ref, dict) and isinstance(ref.get("path"), str) and ref["path"] else None
         references[role] = {**ref, "path": found} if found and found != ref.get("path") else ref
     return {**manifest, "references": references}
