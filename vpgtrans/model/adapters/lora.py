@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,35 +123,14 @@ class LoRA:
 
     @staticmethod
     def targets(llm, entry: dict) -> list[str]:
-        """The module paths of the LLM's linear layers the entry's targets name."""
-        from vpgtrans.model.adapters.plora import TARGETS
+        """The module paths of the LLM's linear layers the entry's targets name (plora's target table)."""
+        from vpgtrans.model.adapters.plora import target_modules
 
-        model_type = llm.config.model_type
-        if model_type not in TARGETS:
-            raise VpgtransError(f"lora has no target table for LLMs of model type {model_type!r} "
-                                f"(known: {', '.join(TARGETS)})")
-        prefix, groups = TARGETS[model_type]
-        known = {name for names in groups.values() for name in names}
-        wanted, unknown = [], []
-        for target in {**DEFAULTS, **entry}["targets"]:
-            if target in groups:
-                wanted += groups[target]
-            elif target in known:
-                wanted.append(target)
-            else:
-                unknown.append(target)
-        if unknown:
-            raise VpgtransError(f"lora targets {unknown} are not known for {model_type} (groups: {', '.join(groups)}; "
-                                f"layers: {', '.join(sorted(known))})")
-        pattern = re.compile(prefix + "(" + "|".join(re.escape(name) for name in sorted(set(wanted))) + ")$")
-        matched = [(name, module) for name, module in llm.named_modules() if pattern.match(name)]
+        matched = target_modules(llm, entry, "lora")
         not_linear = sorted({type(module).__name__ for _, module in matched if type(module) is not nn.Linear})
         if not_linear:
             raise VpgtransError(f"lora (peft) wraps plain nn.Linear layers only; the targets also match {not_linear} "
                                 "(MoE experts or a quantized LLM): name linear targets, or use --connector plora")
-        if not matched:
-            raise VpgtransError(f"lora targets {entry.get('targets', DEFAULTS['targets'])} match no module of this "
-                                f"{model_type} LLM")
         return [name for name, _ in matched]
 
     @classmethod

@@ -64,6 +64,35 @@ def _kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Gener
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+
+def target_modules(llm, entry: dict, adapter: str) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the LLM's layers an entry's ``targets`` name (groups like ``attention`` / ``mlp``
+    or single layer names, from the literal table of its model type); one line for an unknown type, unknown
+    names, or names that match nothing. Shared by ``plora`` and peft's ``lora``."""
+    model_type = llm.config.model_type
+    if model_type not in TARGETS:
+        raise VpgtransError(f"{adapter} has no target table for LLMs of model type {model_type!r} "
+                            f"(known: {', '.join(TARGETS)})")
+    prefix, groups = TARGETS[model_type]
+    known = {name for names in groups.values() for name in names}
+    wanted, unknown = [], []
+    for target in {**DEFAULTS, **entry}["targets"]:
+        if target in groups:
+            wanted += groups[target]
+        elif target in known:
+            wanted.append(target)
+        else:
+            unknown.append(target)
+    if unknown:
+        raise VpgtransError(f"{adapter} targets {unknown} are not known for {model_type} (groups: "
+                            f"{', '.join(groups)}; layers: {', '.join(sorted(known))})")
+    pattern = re.compile(prefix + "(" + "|".join(re.escape(name) for name in sorted(set(wanted))) + ")$")
+    matched = [(name, module) for name, module in llm.named_modules() if pattern.match(name)]
+    if not matched:
+        raise VpgtransError(f"{adapter} targets {entry.get('targets', DEFAULTS['targets'])} match no module of this "
+                            f"{model_type} LLM")
+    return matched
+
 class LoRA(nn.Module):
     """``(α/r) B A drop(x)``: (..., d_in) -> (..., d_out); B starts at zero."""
 
@@ -177,29 +206,7 @@ class PLoRA(AdapterLayer):
 
     @staticmethod
     def targets(llm, entry: dict) -> list[str]:
-        model_type = llm.config.model_type
-        if model_type not in TARGETS:
-            raise VpgtransError(f"plora has no target table for LLMs of model type {model_type!r} "
-                                f"(known: {', '.join(TARGETS)})")
-        prefix, groups = TARGETS[model_type]
-        known = {name for names in groups.values() for name in names}
-        wanted, unknown = [], []
-        for target in {**DEFAULTS, **entry}["targets"]:
-            if target in groups:
-                wanted += groups[target]
-            elif target in known:
-                wanted.append(target)
-            else:
-                unknown.append(target)
-        if unknown:
-            raise VpgtransError(f"plora targets {unknown} are not known for {model_type} (groups: "
-                                f"{', '.join(groups)}; layers: {', '.join(sorted(known))})")
-        pattern = re.compile(prefix + "(" + "|".join(re.escape(name) for name in sorted(set(wanted))) + ")$")
-        paths = [name for name, _ in llm.named_modules() if pattern.match(name)]
-        if not paths:
-            raise VpgtransError(f"plora targets {entry.get('targets', DEFAULTS['targets'])} match no module of this "
-                                f"{model_type} LLM")
-        return paths
+        return [name for name, _ in target_modules(llm, entry, "plora")]
 
     @classmethod
     def wrap(cls, base_layer, entry, part, context):
