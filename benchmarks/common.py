@@ -120,3 +120,22 @@ def plot_curves_by_target(result: dict, path: Path, metric: str, colors: dict | 
     plt.close(fig)
     return path
 
+
+def add_zoo_options(parser: argparse.ArgumentParser) -> None:
+    """``--work-dir`` and ``--cache-dir`` of the benchmarks that train on the tiny zoo."""
+    parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
+
+
+def zoo_v2(args: argparse.Namespace, seed: int, tmp: Path) -> dict:
+    """The zoo a run trains on: ``--smoke`` a random-weight tiny zoo built in ``tmp``, else the pre-trained
+    zoo v2 from the cache (built once when missing)."""
+    if args.smoke:
+        from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
+
+        return build_tiny_zoo_v2(Path(tmp) / "zoo", seed=seed)
+    from vpgtrans.demo.zoo2 import build_zoo_v2
+
+    return build_zoo_v2(args.cache_dir, seed=seed, log=print)
+

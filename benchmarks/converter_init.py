@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (machine_info, plot_curves_by_target, quiet_libraries, result_config,
-                               result_parser, save_result)
+from benchmarks.common import (add_zoo_options, machine_info, plot_curves_by_target, quiet_libraries,
+                               result_config, result_parser, save_result, zoo_v2)
 
 METRIC = "cider"
 ARMS = ("shared-all", "shared-few", "gw", "none")
@@ -202,21 +202,12 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("converter_init", __doc__, "random-weight tiny zoo, a few steps (plumbing only)",
                            InitBenchConfig)
-    parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
+    add_zoo_options(parser)
     args = parser.parse_args(argv)
     cfg = result_config(args, InitBenchConfig, SMOKE)
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-converter-init-") as tmp:
-        if args.smoke:
-            from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
-
-            zoo = build_tiny_zoo_v2(Path(tmp) / "zoo", seed=cfg.zoo_seed)
-        else:
-            from vpgtrans.demo.zoo2 import build_zoo_v2
-
-            zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
+        zoo = zoo_v2(args, cfg.zoo_seed, Path(tmp))
         result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs")
     out = save_result("converter_init", args, result, plot)
     from rich.console import Console

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (machine_info, plot_curves_by_target, quiet_libraries, result_config,
-                               result_parser, save_result)
+from benchmarks.common import (add_zoo_options, machine_info, plot_curves_by_target, quiet_libraries,
+                               result_config, result_parser, save_result, zoo_v2)
 
 METRIC = "cider"
 ARMS = ("linear", "plora", "lora-all")
@@ -238,23 +238,18 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("plora", __doc__, "random-weight tiny zoo and MoE, a few steps (plumbing only)",
                            PloraBenchConfig)
-    parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
+    add_zoo_options(parser)
     args = parser.parse_args(argv)
     cfg = result_config(args, PloraBenchConfig, SMOKE)
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-plora-") as tmp:
+        zoo = zoo_v2(args, cfg.zoo_seed, Path(tmp))
         if args.smoke:
-            from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
-
-            zoo = build_tiny_zoo_v2(Path(tmp) / "zoo", seed=cfg.zoo_seed)
             moe_dir = Path(tmp) / "moe-s"
         else:
             from vpgtrans.demo.zoo import default_cache_dir
-            from vpgtrans.demo.zoo2 import ZOO_VERSION, build_zoo_v2
+            from vpgtrans.demo.zoo2 import ZOO_VERSION
 
-            zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
             moe_dir = Path(args.cache_dir or default_cache_dir()) / ZOO_VERSION / f"seed{cfg.zoo_seed}-moe-s"
         moe_dir.mkdir(parents=True, exist_ok=True)
         result = run(cfg, zoo, moe_dir, args.work_dir or Path(tmp) / "runs")
