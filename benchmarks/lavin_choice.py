@@ -15,10 +15,21 @@ on the same training split in the same data order per seed, evaluated on the sam
 - **text-only**: the lavin arm's recipe on the same rows with every image removed (LaVIN's "Image: N/A"),
   evaluated on the eval rows without images too: what the questions give away without vision.
 
+Each arm gets its own learning-rate search: every lr of its grid (``lavin_lrs`` for lavin and
+text-only, ``blip2_lrs`` for blip2) trains with seed ``seeds[0]`` and is scored on a **dev** split (its own
+seed, disjoint from train and eval); the best dev accuracy picks the lr, then every seed trains at that lr
+and is scored on the eval split. Nothing is tuned on the eval split.
+
+Answers are read by **likelihood** (``eval --choice-scoring likelihood``, lm-evaluation-harness's ``acc``):
+the option whose ``The answer is X`` the model finds most likely. The zoo's tiny LLMs were pre-trained on
+the demo world's lower-case captions, so capital letters are SentencePiece byte-fallback tokens whose rows
+never trained: their models cannot *say* "The answer is B" with a few thousand adapter parameters (every
+generated answer of a first run was unparseable), but they can prefer it. Generation accuracy and the
+unparseable count are reported beside it.
+
 Reported per arm (mean, min, max over seeds): final accuracy on image questions, on text-only questions
-and overall, unparseable answers, trainable parameters, wall seconds, and the optimizer steps to reach
-``target_accuracy`` overall on the eval curve (None when never reached). Budgets and learning rates are
-fixed in ``ChoiceConfig`` before any run; nothing is tuned on the eval split.
+and overall, the same by generation with its unparseable answers, trainable parameters, wall seconds,
+and the optimizer steps to reach ``target_accuracy`` overall on the eval curve (None when never reached).
 """
 
 from __future__ import annotations
@@ -47,48 +58,51 @@ class ChoiceConfig:
     text_fraction: float = 0.3
     batch_size: int = 16
     steps: int = 300  # optimizer steps of every arm (blip2: warm-up included)
-    warmup_steps: int = 30  # blip2's projector warm-up
-    lavin_lr: float = 3e-3  # lavin and text-only (the recipe's 9e-3 x batch/256 would be 5.6e-4 at batch 16)
-    blip2_lr: float = 1e-3  # as benchmarks.transfer_speedup (warm-up at 5x)
+    warmup_steps: int = 30  # blip2's projector warm-up (at 5x its lr, as the vpgtrans recipe)
+    lavin_lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])  # lavin and text-only
+    blip2_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    n_dev: int = 120  # the lr search's split
     eval_every: int = 50
     target_accuracy: float = 0.6
     max_new_tokens: int = 24
 
 
-SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1, "eval_every": 1,
-         "max_new_tokens": 4}
+SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "n_dev": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1,
+         "eval_every": 1, "max_new_tokens": 4, "lavin_lrs": [1e-2], "blip2_lrs": [1e-3]}
 
 
 def make_splits(root: Path, cfg: ChoiceConfig) -> dict[str, Path]:
     from vpgtrans.demo.choices import make_choice_split, strip_images
 
-    splits = {"train": make_choice_split(root / "train", cfg.n_train, 2 * cfg.zoo_seed, text_fraction=cfg.text_fraction),
-              "eval": make_choice_split(root / "eval", cfg.n_eval, 2 * cfg.zoo_seed + 1, text_fraction=cfg.text_fraction)}
-    splits["train-text"] = strip_images(splits["train"], root / "train-text")
-    splits["eval-text"] = strip_images(splits["eval"], root / "eval-text")
+    splits = {name: make_choice_split(root / name, n, 3 * cfg.zoo_seed + offset, text_fraction=cfg.text_fraction)
+              for offset, (name, n) in enumerate((("train", cfg.n_train), ("eval", cfg.n_eval), ("dev", cfg.n_dev)))}
+    for name in ("train", "eval", "dev"):
+        splits[f"{name}-text"] = strip_images(splits[name], root / f"{name}-text")
     return splits
 
 
-def run_arm(arm: str, seed: int, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> dict:
-    """One arm, one seed: train, then score the final bundle on the eval questions by question kind."""
+def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig,
+            scored_on: str = "eval") -> dict:
+    """One arm, one seed, one lr: train (eval curve on ``scored_on``), then score the final bundle there
+    by question kind."""
     from vpgtrans.config import InheritConfig
     from vpgtrans.recipes import stage
     from vpgtrans.stages.transfer import transfer
 
     text = arm == "text-only"
-    train, evaluation = (splits["train-text"], splits["eval-text"]) if text else (splits["train"], splits["eval"])
+    suffix = "-text" if text else ""
+    train, evaluation = splits["train" + suffix], splits[scored_on + suffix]
     common = {"batch_size": cfg.batch_size, "seed": seed, "eval_every": cfg.eval_every, "eval_max_samples": cfg.n_eval,
-              "max_new_tokens": cfg.max_new_tokens}
+              "max_new_tokens": cfg.max_new_tokens, "choice_scoring": "likelihood"}
     if arm == "blip2":
-        configs = {"warmup_config": stage("vpgtrans", "warmup").config(lr=5 * cfg.blip2_lr, max_steps=cfg.warmup_steps,
-                                                                       **common),
+        configs = {"warmup_config": stage("vpgtrans", "warmup").config(lr=5 * lr, max_steps=cfg.warmup_steps, **common),
                    "finetune_config": stage("vpgtrans", "finetune").config(
-                       lr=cfg.blip2_lr, min_lr=cfg.blip2_lr / 2, max_steps=cfg.steps - cfg.warmup_steps, **common)}
+                       lr=lr, min_lr=lr / 2, max_steps=cfg.steps - cfg.warmup_steps, **common)}
         inherit_config = InheritConfig(connector="linear")
     else:
-        configs = {"finetune_config": stage("lavin", "finetune").config(lr=cfg.lavin_lr, max_steps=cfg.steps, **common)}
+        configs = {"finetune_config": stage("lavin", "finetune").config(lr=lr, max_steps=cfg.steps, **common)}
         inherit_config = InheritConfig(connector="lavin", seed=seed)
-    out = work / f"{arm}-seed{seed}"
+    out = work / f"{arm}-seed{seed}-lr{lr:g}"
     started = time.perf_counter()
     summary = transfer(zoo["source"], zoo[cfg.target], train, out, eval_data=evaluation, inherit_config=inherit_config,
                        force=True, **configs)
@@ -98,25 +112,39 @@ def run_arm(arm: str, seed: int, zoo: dict, splits: dict, work: Path, cfg: Choic
     curve = [{"step": p["step"], "accuracy": p["accuracy"], "accuracy_image": p.get("accuracy_image")}
              for p in summary["curve"]]
     reached = next((p["step"] for p in curve if p["accuracy"] >= cfg.target_accuracy), None)
-    return {"arm": arm, "seed": seed, "curve": curve, "final": final_scores(final, splits, text, cfg),
+    return {"arm": arm, "seed": seed, "lr": lr, "scored_on": scored_on, "curve": curve,
+            "final": final_scores(final, splits, scored_on, text, cfg),
             "trainable_params": manifest["metrics"]["train"]["trainable"], "steps": curve[-1]["step"],
             "seconds": round(seconds, 1), "steps_to_target": reached}
 
 
-def final_scores(bundle: Path, splits: dict, text: bool, cfg: ChoiceConfig) -> dict:
-    """Scores on the eval questions, split by whether the question came with an image (the text-only
-    arm sees none, but its image questions are still the image questions)."""
+def final_scores(bundle: Path, splits: dict, split: str, text: bool, cfg: ChoiceConfig) -> dict:
+    """Scores on ``split``'s questions, split by whether the question came with an image (the text-only
+    arm sees none, but its image questions are still the image questions): by likelihood, and by
+    generation (``generated_*``, with the unparseable answers)."""
     from vpgtrans import load_model
     from vpgtrans.data import load_rows
     from vpgtrans.evaluate import evaluate_model
     from vpgtrans.multiple_choice import multiple_choice_scores
 
-    rows = list(load_rows(splits["eval-text"] if text else splits["eval"])[0])
-    had_image = [r["image"] is not None for r in load_rows(splits["eval"])[0]]
-    result = evaluate_model(load_model(bundle, device="cpu"), rows, "multiple-choice", batch_size=32,
-                            max_new_tokens=cfg.max_new_tokens)
-    references = [{**ref, "image": image} for ref, image in zip(result["references"], had_image)]
-    return multiple_choice_scores(result["predictions"], references)
+    rows = list(load_rows(splits[split + ("-text" if text else "")])[0])
+    had_image = [r["image"] is not None for r in load_rows(splits[split])[0]]
+    model = load_model(bundle, device="cpu")
+    scores = {}
+    for how, prefix in (("likelihood", ""), ("generate", "generated_")):
+        result = evaluate_model(model, rows, "multiple-choice", batch_size=32, max_new_tokens=cfg.max_new_tokens,
+                                choice_scoring=how)
+        references = [{**ref, "image": image} for ref, image in zip(result["references"], had_image)]
+        scores.update({prefix + k: v for k, v in multiple_choice_scores(result["predictions"], references).items()})
+    return scores
+
+
+def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> tuple[float, list[dict]]:
+    """The arm's lr: the best final dev accuracy over its grid, seed ``seeds[0]`` (ties: the smaller lr)."""
+    grid = cfg.blip2_lrs if arm == "blip2" else cfg.lavin_lrs
+    trials = [run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg, scored_on="dev") for lr in sorted(grid)]
+    best = max(trials, key=lambda t: t["final"]["accuracy"])  # max keeps the first (smallest lr) of equals
+    return best["lr"], trials
 
 
 def _spread(values: list) -> dict:
@@ -131,8 +159,9 @@ def summarize(runs: list[dict]) -> dict:
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
     return {arm: {"seeds": [r["seed"] for r in rs],
+                  "lr": rs[0]["lr"],
                   **{key: _spread([r["final"][key] for r in rs]) for key in
-                     ("accuracy", "accuracy_image", "accuracy_text", "unparseable")},
+                     ("accuracy", "accuracy_image", "accuracy_text", "generated_accuracy", "generated_unparseable")},
                   "trainable_params": rs[0]["trainable_params"],
                   "seconds": _spread([r["seconds"] for r in rs]),
                   "steps_to_target": _spread([r["steps_to_target"] for r in rs])}
@@ -179,9 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
 
             zoo = build_zoo(args.cache_dir, seed=cfg.zoo_seed)
         splits = make_splits(work / "splits", cfg)
-        runs = [run_arm(arm, seed, zoo, splits, work / "runs", cfg) for seed in cfg.seeds for arm in cfg.arms]
+        search = {arm: search_lr(arm, zoo, splits, work, cfg) for arm in cfg.arms}
+        runs = [run_arm(arm, seed, search[arm][0], zoo, splits, work / "runs", cfg)
+                for seed in cfg.seeds for arm in cfg.arms]
+    lr_search = {arm: {"chosen": lr, "trials": [{"lr": t["lr"], **{k: t["final"][k] for k in
+                                                                   ("accuracy", "accuracy_image", "accuracy_text")}}
+                                                 for t in trials]}
+                 for arm, (lr, trials) in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "runs": runs, "summary": summarize(runs), "seconds": round(time.perf_counter() - started, 1)}
+              "lr_search": lr_search, "runs": runs, "summary": summarize(runs),
+              "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("lavin_choice", args, result, plot)
     print(json.dumps(result["summary"], indent=2))
     print(f"written to {path}")

@@ -31,5 +31,10 @@ def test_lavin_choice_smoke(tmp_path):
     assert by_arm["blip2"]["trainable_params"] != by_arm["lavin"]["trainable_params"]
     for arm, block in saved["summary"].items():
         assert block["accuracy_image"]["mean"] == pytest.approx(by_arm[arm]["final"]["accuracy_image"])
-        assert block["unparseable"]["mean"] == by_arm[arm]["final"]["unparseable"]
-    assert (tmp_path / "work" / "runs" / "lavin-seed0" / "finetune" / "mma.safetensors").is_file()
+        assert block["generated_unparseable"]["mean"] == by_arm[arm]["final"]["generated_unparseable"]
+        assert by_arm[arm]["final"]["unparseable"] == 0  # likelihood scoring always names an option
+        # The lr search ran on the dev split and chose the lr every seed then trained with.
+        search = saved["lr_search"][arm]
+        assert block["lr"] == search["chosen"] == max(search["trials"], key=lambda t: t["accuracy"])["lr"]
+    assert (tmp_path / "work" / "runs" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()
+    assert (tmp_path / "work" / "search" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()

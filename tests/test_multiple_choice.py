@@ -140,3 +140,56 @@ def test_lavin_trains_and_evaluates_on_multiple_choice(choices, tiny, tmp_path):
     assert scores["unparseable"] == sum(p is None for p in parsed)
     assert scores["accuracy"] == sum(p == s["references"]["answer"] for p, s in zip(parsed, samples)) / 24
     assert scores["samples_text"] == sum(not s["references"]["image"] for s in samples)
+
+
+@pytest.mark.parametrize("target", ["llama", "t5"])
+def test_likelihood_scoring_ranks_options_by_the_models_own_loss(choices, tiny, tmp_path, target):
+    """``--choice-scoring likelihood``: each option's score is the summed log-probability of its answer
+    text, checked against the LLM's own loss (mean over the target tokens) x the target-token count for
+    that option alone; the prediction is the best option; a bad image is skipped and counted."""
+    import torch
+
+    from vpgtrans import load_model
+    from vpgtrans.collate import Collator
+    from vpgtrans.data import LoadStats, load_rows
+    from vpgtrans.evaluate import answer_log_likelihoods, evaluate_model
+    from vpgtrans.prompting import IGNORE_INDEX
+    from vpgtrans.stages.inherit import inherit
+
+    bundle = inherit(tiny["source"], tiny[target], tmp_path / "bundle")
+    model = load_model(bundle, device="cpu")
+    rows = list(load_rows(choices)[0])[:6]
+    collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
+                       model.image_processor, model.is_encoder_decoder, mode="train")
+    expected = []
+    with torch.no_grad():
+        for row in rows:
+            scores = []
+            for option in range(len(row["choices"])):
+                one = collate([{**row, "answer": option}])
+                loss = model(one["input_ids"], one["pixel_values"], one["attention_mask"], labels=one["labels"]).loss
+                labels = one["labels"] if model.is_encoder_decoder else one["labels"][:, 1:]
+                scores.append(-float(loss) * int((labels != IGNORE_INDEX).sum()))
+            batch = collate([{**row, "answer": option} for option in range(len(row["choices"]))])
+            ours = answer_log_likelihoods(model, batch).tolist()
+            assert ours == pytest.approx(scores, abs=1e-4)
+            expected.append(max(range(len(scores)), key=scores.__getitem__))
+    broken = {**next(r for r in rows if r["image"] is not None), "image": str(tmp_path / "missing.png")}
+    stats = LoadStats()
+    result = evaluate_model(model, [*rows, broken], "multiple-choice", stats=stats, choice_scoring="likelihood")
+    assert [parse_answer(p, 4) for p in result["predictions"]] == expected
+    assert stats.skipped_unreadable_image == 1 and result["scores"]["samples"] == len(rows)
+    assert result["scores"]["unparseable"] == 0
+    assert result["scores"]["accuracy"] == sum(e == r["answer"] for e, r in zip(expected, rows)) / len(rows)
+
+
+def test_eval_choice_scoring_on_the_cli(choices, inherited):
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--max-samples", "4",
+                                 "--choice-scoring", "likelihood", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["choice_scoring"] == "likelihood" and report["scores"]["unparseable"] == 0
+    assert report["scores"]["samples"] == 4
+    result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--choice-scoring", "vote"])
+    assert result.exit_code == 2 and "--choice-scoring" in result.output

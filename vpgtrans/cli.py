@@ -608,7 +608,10 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
                                                             "the GPU when there is one).")] = None,
           tokenizer: Annotated[str, typer.Option(help="Caption tokenisation for CIDEr / BLEU: regex (no Java) or ptb "
                                                       "(COCO's own, needs java; comparable with published scores).")]
-          = "regex"):
+          = "regex",
+          choice_scoring: Annotated[str, typer.Option(help="multiple-choice: generate (parse the generated answer, "
+                                                           "LaVIN's way) or likelihood (the option whose answer the "
+                                                           "model finds most likely).")] = "generate"):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU; multiple-choice: accuracy, by image / text-only, and the
     count of unparseable answers)."""
@@ -625,7 +628,7 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     report = evaluate(bundle, _data(data, strict, bbox_format), task, batch_size, max_samples, max_new_tokens, num_beams,
                       out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
-                      progress=progress_bar("eval"), tokenizer=tokenizer)
+                      progress=progress_bar("eval"), tokenizer=tokenizer, choice_scoring=choice_scoring)
     if as_json:
         _print_json(report)
     else:

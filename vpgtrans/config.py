@@ -128,6 +128,7 @@ class TrainConfig:
     eval_every: int | None = None  # optimizer steps between evaluations (None: only at the end)
     eval_max_samples: int = 200
     max_new_tokens: int = 20
+    choice_scoring: str = "generate"  # multiple-choice eval points: "generate" (parse the answer) or "likelihood"
     trainable: list[str] = field(default_factory=lambda: ["connector"])
     log_every: int = 10
 
@@ -153,6 +154,8 @@ class TrainConfig:
         for name in ("max_text_len", "eval_max_samples", "max_new_tokens", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.choice_scoring not in ("generate", "likelihood"):
+            problems.append(f"choice_scoring must be generate or likelihood (got {self.choice_scoring!r})")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):

@@ -47,12 +47,18 @@ def group_caption_rows(dataset) -> list[dict]:
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
                    max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None,
-                   tokenizer: str = "regex") -> dict:
+                   tokenizer: str = "regex", choice_scoring: str = "generate") -> dict:
     """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task).
-    ``progress(done, total)``: called after each batch with the rows done so far."""
+    ``progress(done, total)``: called after each batch with the rows done so far. ``choice_scoring``
+    (multiple-choice only): "generate" parses the generated answer (LaVIN's way); "likelihood" picks the
+    option whose answer text the model finds most likely (see ``_rank_choices``)."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
+    if choice_scoring not in CHOICE_SCORING:
+        raise VpgtransError(f"--choice-scoring must be {' or '.join(CHOICE_SCORING)} (got {choice_scoring!r})")
+    if task == "multiple-choice" and choice_scoring == "likelihood":
+        return _rank_choices(model, rows, stats, progress)
     collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
                        model.is_encoder_decoder, mode="generate", stats=stats)
     device = next(model.visual.parameters()).device
@@ -81,11 +87,60 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     return {"scores": scores, "predictions": predictions, "references": references}
 
 
+CHOICE_SCORING = ("generate", "likelihood")
+
+
+def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
+    """Sum over each sample's target tokens of log p(token | prompt, image, earlier tokens), from one
+    forward pass of a ``Collator(mode="train")`` batch (the training loss's own tokens and alignment)."""
+    from vpgtrans.prompting import IGNORE_INDEX
+
+    labels = batch["labels"]
+    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=labels).logits
+    if not model.is_encoder_decoder:  # a decoder-only LLM's logits at t predict the token at t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    chosen = labels != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (log_probs * chosen).sum(dim=-1)
+
+
+def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress) -> dict:
+    """Multiple-choice by likelihood (lm-evaluation-harness's ``acc``): each option's training target
+    (``The answer is X``) is scored after the row's prompt and image, and the most likely option is the
+    prediction, written as that target so ``multiple_choice_scores`` reads it. No answer is unparseable by
+    construction, so this measures what the model prefers, not whether it can say it; the prompts are
+    exactly the training prompts. One forward pass per row (its options as one batch); rows whose image
+    cannot be used are skipped and counted as in generation."""
+    from vpgtrans.multiple_choice import target_text
+
+    collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
+                       model.image_processor, model.is_encoder_decoder, mode="train", stats=stats)
+    device = next(model.visual.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions, references = [], []
+    for done, row in enumerate(rows, 1):
+        batch = collate([{**row, "answer": i} for i in range(len(row["choices"]))])
+        if batch:
+            batch = {k: v if v is None else v.to(device) for k, v in batch.items()}
+            best = int(answer_log_likelihoods(model, batch).argmax())
+            predictions.append(target_text(best))
+            references.append({"answer": row["answer"], "num_choices": len(row["choices"]),
+                               "image": row.get("image") is not None})
+        if progress is not None:
+            progress(done, len(rows))
+    model.train(was_training)
+    if not predictions:
+        raise VpgtransError("no sample could be evaluated: every image was unreadable")
+    return {"scores": score("multiple-choice", predictions, references), "predictions": predictions,
+            "references": references}
+
+
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
              out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
              dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None,
-             tokenizer: str = "regex") -> dict:
+             tokenizer: str = "regex", choice_scoring: str = "generate") -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
     ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
@@ -103,6 +158,8 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         ptb_tokenize({0: ["a check that java runs"]})  # before any model is loaded
     elif tokenizer != "regex":
         raise VpgtransError(f"--tokenizer must be regex or ptb (got {tokenizer!r})")
+    if choice_scoring not in CHOICE_SCORING:
+        raise VpgtransError(f"--choice-scoring must be {' or '.join(CHOICE_SCORING)} (got {choice_scoring!r})")
     bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in
            (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
             ("max_samples", max_samples)) if value is not None and value < 1]
@@ -122,11 +179,13 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
-                            progress=progress, tokenizer=tokenizer)
+                            progress=progress, tokenizer=tokenizer, choice_scoring=choice_scoring)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
     if found_task == "caption":
         report["tokenizer"] = tokenizer  # which caption tokenisation the scores used (ptb: COCO's own)
+    if found_task == "multiple-choice":
+        report["choice_scoring"] = choice_scoring  # how the answer was read: generated text or likelihood
     if found_task == "grounding":  # what ignoring the expression scores on the same rows, beside the model
         from vpgtrans.grounding import grounding_baselines
 

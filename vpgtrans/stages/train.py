@@ -52,7 +52,8 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
     if mine:  # (a process may have no eval rows when there are fewer rows than processes)
         with whole_parameters(core):  # under FSDP: each process generates alone, with whole weights
             result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
-                                    max_new_tokens=config.max_new_tokens, stats=stats)
+                                    max_new_tokens=config.max_new_tokens, stats=stats,
+                                    choice_scoring=config.choice_scoring)
     shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
     predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
     references = [r for _, refs in shards for r in refs]
