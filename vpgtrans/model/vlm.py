@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from vpgtrans.errors import VpgtransError
 from vpgtrans.model.adapters.context import TokenContext
 from vpgtrans.model.parts import Part
 
@@ -105,7 +106,21 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"each sample needs exactly {visual_tokens.shape[1]} image slots, or none")
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens)  # fills samples in batch order
 
+    def check_length(self, tokens: int, new_tokens: int = 0) -> None:
+        """A decoder-only LLM with a position limit (``max_position_embeddings``) cannot take a longer
+        sequence: OPT's learned positions fail with an IndexError deep in torch, RoPE models run past what
+        they were trained on. Refused in one line instead."""
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        if self.is_encoder_decoder or not isinstance(limit, int) or tokens + new_tokens <= limit:
+            return
+        asked = f"{tokens} tokens" + (f" + up to {new_tokens} new tokens" if new_tokens else "")
+        raise VpgtransError(f"a prompt of {asked} (image slots included) exceeds the LLM's {limit} positions "
+                            "(max_position_embeddings): shorten the question / context text"
+                            + (", or lower --max-new-tokens" if new_tokens else " (--max-text-len caps the answer's tokens)"))
+
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+        if "past_key_values" not in kwargs:
+            self.check_length(input_ids.shape[1])
         image_mask = input_ids == IMAGE_TOKEN_ID
         with self.token_context.call(image_mask):
             if pixel_values is None and not image_mask.any():  # text only: exactly the LLM's own computation
@@ -134,6 +149,7 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **generate_kwargs):
         """Greedy/beam generation from the (left-padded) prompt; returns only the new tokens."""
+        self.check_length(input_ids.shape[1], int(generate_kwargs.get("max_new_tokens") or 0))
         inputs_embeds = self.embed(input_ids, pixel_values)
         with self.token_context.generation(self.llm, input_ids == IMAGE_TOKEN_ID):
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
