@@ -405,6 +405,30 @@ def _run_options(**options):
     return RunOptions(**options)
 
 
+def _finetune_recipe(bundle: Path) -> str:
+    """The recipe whose ``finetune`` stage ``vpgtrans finetune`` runs on ``bundle``: its connector's (recorded
+    at inherit, found through the stages' ``parent_config``) when that recipe has a finetune stage (lavin's
+    trains connector + adapters, not a VPG it does not have), else vpgtrans'."""
+    from vpgtrans.bundle import read_manifest
+    from vpgtrans.model.connectors import CONNECTORS
+    from vpgtrans.recipes import recipe
+
+    try:
+        config = read_manifest(Path(bundle)).get("config")
+    except VpgtransError:
+        return "vpgtrans"  # the stage names what is wrong with the bundle
+    for _ in range(64):  # parent_config nests one level per stage
+        if not isinstance(config, dict):
+            break
+        inherit = config.get("inherit")
+        connector = inherit.get("connector") if isinstance(inherit, dict) else None
+        if connector in CONNECTORS:
+            name = CONNECTORS[connector].recipe
+            return name if any(stage.name == "finetune" for stage in recipe(name)) else "vpgtrans"
+        config = config.get("parent_config")
+    return "vpgtrans"
+
+
 def _with_bundle_adapters(config, bundle: Path):
     """``config`` that also trains the adapter parts the bundle holds inside its LLM (``model.adapters``: plora's
     LoRA), as the connector's recipe does in its fine-tune stage."""
@@ -476,9 +500,11 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
-    (plora's LoRA) where it has some; ViT and LLM base weights frozen."""
+    (plora's LoRA) where it has some; ViT and LLM base weights frozen. A bundle of another connector runs its
+    recipe's fine-tune stage (lavin: connector + adapters, LaVIN's schedule)."""
     config = _with_bundle_adapters(_train_config("finetune", lr, max_steps, max_samples, epochs, batch_size,
-                                                 grad_accum, seed, eval_every, max_text_len), bundle)
+                                                 grad_accum, seed, eval_every, max_text_len,
+                                                 _finetune_recipe(bundle)), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)

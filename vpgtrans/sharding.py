@@ -44,7 +44,7 @@ def launch_engine(quantization: str | None = None) -> str:
     return "fsdp"
 
 
-def _is_sharded(value) -> bool:
+def is_sharded(value) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support: nothing can be sharded
@@ -54,7 +54,7 @@ def _is_sharded(value) -> bool:
 
 def _whole(value):
     """A sharded tensor gathered whole (a collective: every process must call it), else the value."""
-    return value.full_tensor() if _is_sharded(value) else value
+    return value.full_tensor() if is_sharded(value) else value
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ def shard_optimizer_state(optimizer, saved: dict) -> dict:
     state = {}
     for index, entry in saved["state"].items():
         param = params[int(index)]
-        if _is_sharded(param):
+        if is_sharded(param):
             entry = {key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
                      if torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape) else value
                      for key, value in entry.items()}
@@ -94,7 +94,7 @@ def sharding_summary(model: torch.nn.Module, world: int) -> str:
     from torch.distributed.fsdp import FSDPModule
 
     units = sum(isinstance(module, FSDPModule) for module in model.modules())
-    held = sum((param.to_local() if _is_sharded(param) else param).numel() for param in model.llm.parameters())
+    held = sum((param.to_local() if is_sharded(param) else param).numel() for param in model.llm.parameters())
     total = sum(param.numel() for param in model.llm.parameters())
     return f"FSDP over {world} processes, {units} units: this process holds {held:,} of the LLM's {total:,} parameters"
 

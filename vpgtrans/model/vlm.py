@@ -122,13 +122,32 @@ class VisionLanguageModel(nn.Module):
         if "past_key_values" not in kwargs:
             self.check_length(input_ids.shape[1])
         image_mask = input_ids == IMAGE_TOKEN_ID
+        text_only = pixel_values is None and not bool(image_mask.any())
         with self.token_context.call(image_mask):
-            if pixel_values is None and not image_mask.any():  # text only: exactly the LLM's own computation
+            if text_only and torch.is_grad_enabled() and self._vision_side_sharded():
+                inputs_embeds = self.llm.get_input_embeddings()(input_ids) + self._blank_image_zero(input_ids.device)
+                out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            elif text_only:  # exactly the LLM's own computation
                 out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             else:
                 inputs_embeds = self.embed(input_ids, pixel_values)
                 out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        return out if bool(image_mask.any()) else self._keep_visual_in_graph(out)
+        return self._keep_visual_in_graph(out) if text_only and not self._vision_side_sharded() else out
+
+    def _vision_side_sharded(self) -> bool:
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch without FSDP2
+            return False
+        return any(isinstance(module, FSDPModule) for side in (self.vision, self.visual) for module in side.modules())
+
+    def _blank_image_zero(self, device) -> torch.Tensor:
+        """Under FSDP each ViT / Q-Former layer is a unit whose forward (and backward) all-gathers its
+        weights with the other processes: a process whose batch has no image runs the visual side on one
+        blank image, as the others do on theirs, and feeds 0 x the result into the LLM's input embeddings
+        (x + 0.0 == x), so its graph, and the order of the collectives in backward, is theirs."""
+        size = self.vision.config.image_size
+        return self.encode_images(torch.zeros(1, 3, size, size, device=device)).float().sum() * 0.0
 
     def _keep_visual_in_graph(self, out):
         """A batch without an image (text-only multiple-choice rows) leaves the trained visual parts out of

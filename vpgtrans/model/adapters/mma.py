@@ -95,7 +95,29 @@ class MixtureOfModality(nn.Module):
 
     def weights(self, modality: torch.Tensor) -> torch.Tensor:
         """(B,) long -> (B, 2) the experts' mixture of each sample."""
-        return self.route(self.modality_embedding()(modality))  # e_m: (B, D)
+        return self.route(self.modality_rows(modality))
+
+    def modality_rows(self, modality: torch.Tensor) -> torch.Tensor:
+        """e_m (B, D): each sample's row of the shared modality embedding. Under FSDP the table lives in the
+        first wrapper's unit (the first decoder block), which is sharded again while later blocks run: the
+        owner, always the first wrapper a call reaches, leaves the rows it looked up on the table, and the
+        others take them from there while the table is sharded (same values, gradients through the owner's
+        lookup). Elsewhere every wrapper looks its rows up itself."""
+        from vpgtrans.sharding import is_sharded
+
+        own = self._modules.get("modality")
+        if own is not None:
+            rows = own(modality)
+            own.__dict__["_rows"] = (modality, rows)
+            return rows
+        shared = self.__dict__["shared_modality"]
+        if not is_sharded(shared.weight):
+            return shared(modality)
+        modality_seen, rows = shared.__dict__.get("_rows", (None, None))
+        if modality_seen is not modality:
+            raise RuntimeError("the mma modality embedding is sharded and its owner (the first wrapper) did not run "
+                               "first in this call")
+        return rows
 
     def route(self, token: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, 2): ``softmax(Router(token) / tau)``."""
