@@ -207,18 +207,23 @@ def test_unicode_paths_end_to_end_and_inputs_never_modified(tiny, tmp_path):
 
 
 def test_a_prompt_longer_than_the_llms_positions_is_one_line(inherited, tiny, tmp_path):
-    """The tiny LLaMA has 96 positions: a question that does not fit is refused in one line at eval and in
-    training (prompts are never truncated; OPT used to fail with an IndexError inside torch.embedding)."""
+    """The tiny OPT and LLaMA have 96 positions. OPT's are a learned table: a question that does not fit is
+    refused in one line at eval and in training (prompts are never truncated; it used to fail with an
+    IndexError inside torch.embedding). LLaMA's are rotary: it runs past them, with one warning."""
+    from vpgtrans.stages.inherit import inherit
+
     data = tmp_path / "long"
     shutil.copytree(tiny["vqa"], data)
     rows = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
     for row in rows:
         row["question"] = " ".join(["what colour is the circle"] * 30)
     (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = _cli("eval", inherited, "--data", data, "--max-new-tokens", "4")
-    message = _user_error(result)
+    opt = inherit(tiny["source"], tiny["opt"], tmp_path / "opt-bundle")
+    message = _user_error(_cli("eval", opt, "--data", data, "--max-new-tokens", "4"))
     assert "exceeds the LLM's 96 positions" in message and "--max-new-tokens" in message
-    result = _cli("warmup-projector", inherited, "--data", data, "--out", tmp_path / "w", "--max-steps", "1",
+    result = _cli("warmup-projector", opt, "--data", data, "--out", tmp_path / "w", "--max-steps", "1",
                   "--batch-size", "2")
     assert "exceeds the LLM's 96 positions" in _user_error(result)
     assert not (tmp_path / "w").exists()
+    result = _ok(_cli("eval", inherited, "--data", data, "--max-new-tokens", "4", "--max-samples", "2"))
+    assert " ".join(result.stderr.split()).count("runs past the 96 positions") == 1, result.stderr

@@ -8,6 +8,7 @@ LLM call the token context says which positions are visual, for the adapters ins
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from vpgtrans.errors import VpgtransError
 from vpgtrans.model.adapters.context import TokenContext
 from vpgtrans.model.parts import Part
+
+log = logging.getLogger(__name__)
 
 IMAGE_TOKEN_ID = -200
 VISION_SIDE_LAYERS = ("Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer")
@@ -107,16 +110,29 @@ class VisionLanguageModel(nn.Module):
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens)  # fills samples in batch order
 
     def check_length(self, tokens: int, new_tokens: int = 0) -> None:
-        """A decoder-only LLM with a position limit (``max_position_embeddings``) cannot take a longer
-        sequence: OPT's learned positions fail with an IndexError deep in torch, RoPE models run past what
-        they were trained on. Refused in one line instead."""
+        """A sequence longer than a decoder-only LLM's ``max_position_embeddings``: with a learned position
+        table (OPT, GPT-2) it cannot run (an IndexError deep in torch) and is refused in one line; rotary or
+        relative positions (LLaMA, Mistral...) run past the length they were trained on, which is warned
+        about once."""
         limit = getattr(self.llm.config, "max_position_embeddings", None)
         if self.is_encoder_decoder or not isinstance(limit, int) or tokens + new_tokens <= limit:
             return
-        asked = f"{tokens} tokens" + (f" + up to {new_tokens} new tokens" if new_tokens else "")
-        raise VpgtransError(f"a prompt of {asked} (image slots included) exceeds the LLM's {limit} positions "
+        asked = f"a prompt of {tokens} tokens" + (f" + up to {new_tokens} new tokens" if new_tokens else "")
+        if not self._learned_positions(limit):
+            if not getattr(self, "_warned_length", False):
+                self._warned_length = True
+                log.warning("%s (image slots included) runs past the %d positions the LLM was trained on "
+                            "(max_position_embeddings)", asked, limit)
+            return
+        raise VpgtransError(f"{asked} (image slots included) exceeds the LLM's {limit} positions "
                             "(max_position_embeddings): shorten the question / context text"
                             + (", or lower --max-new-tokens" if new_tokens else " (--max-text-len caps the answer's tokens)"))
+
+    def _learned_positions(self, limit: int) -> bool:
+        """Whether the LLM looks positions up in a table of ``limit`` rows (OPT keeps 2 more)."""
+        words = self.llm.get_input_embeddings()
+        return any(isinstance(module, nn.Embedding) and module is not words and module.num_embeddings in (limit, limit + 2)
+                   for module in self.llm.modules())
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, **kwargs):
         if "past_key_values" not in kwargs:
