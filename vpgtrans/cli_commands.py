@@ -164,7 +164,7 @@ class ConfigCommand(Command):
     def invoke(self, ctx):
         settings = settings_of(self)
         if ctx.meta.get(PRINT_CONFIG):
-            typer.echo(dump_config(effective_config(ctx.params, settings), ctx.command_path.split(" ", 1)[-1]),
+            typer.echo(dump_config(effective_config(ctx.params, settings), ctx.info_name),
                        nl=False)
             return None
         from_file = tuple(s.key for s in settings if _from_file(ctx, s.name))
