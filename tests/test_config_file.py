@@ -200,7 +200,7 @@ def test_the_example_config_is_valid():
     example = yaml.safe_load(EXAMPLE.read_text())
     assert printed["source"] == example["source"] == "Salesforce/blip2-opt-2.7b"
     assert printed["data"] == str(EXAMPLE.parent / example["data"])
-    for key in ("batch_size", "grad_accum", "finetune_max_steps", "dtype", "template", "eval_every"):
+    for key in ("batch_size", "grad_accum", "finetune_max_steps", "dtype", "save_every", "eval_every"):
         assert printed[key] == example[key]
 
 
