@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from vpgtrans.config import TEMPLATES
 from vpgtrans.config_file import Setting, dump_config, effective_config, read_config
 from vpgtrans.errors import VpgtransError
 
@@ -164,8 +165,7 @@ class ConfigCommand(Command):
     def invoke(self, ctx):
         settings = settings_of(self)
         if ctx.meta.get(PRINT_CONFIG):
-            typer.echo(dump_config(effective_config(ctx.params, settings), ctx.info_name),
-                       nl=False)
+            typer.echo(dump_config(effective_config(ctx.params, settings), ctx.info_name), nl=False)
             return None
         from_file = tuple(s.key for s in settings if _from_file(ctx, s.name))
         token = _FROM_FILE.set((ctx.meta[CONFIG_FILE], from_file) if from_file else None)
@@ -183,9 +183,7 @@ def _from_file(ctx, name: str) -> bool:
 
 def settings_of(command) -> list[Setting]:
     """The command's options as a config file sees them (its own parameters, not --config / --help)."""
-    from vpgtrans.config import TEMPLATES
-
-    hints = typing.get_type_hints(inspect.unwrap(command.callback), include_extras=True)
+    hints = _annotations(command)
     settings = []
     for param in command.params:
         if not param.expose_value or not param.name:
@@ -209,9 +207,14 @@ def settings_of(command) -> list[Setting]:
 def _choice_problem(command, name: str, problem: str) -> str | None:
     """``must be one of a, b (got 'x')`` for Typer's "'x' is not one of 'a', 'b'" on a choice option (the
     wording of the library's own choice errors), else None."""
-    choices = _choices(typing.get_type_hints(inspect.unwrap(command.callback), include_extras=True).get(name))
+    choices = _choices(_annotations(command).get(name))
     found = re.match(r"(.*) is not one of ", problem)
     return f"must be one of {', '.join(choices)} (got {found.group(1)})" if choices and found else None
+
+
+def _annotations(command) -> dict:
+    """The annotations of the function behind a command (through its wrappers), by parameter name."""
+    return typing.get_type_hints(inspect.unwrap(command.callback), include_extras=True)
 
 
 def _choices(annotation) -> tuple:
