@@ -134,6 +134,8 @@ def test_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
 BAD = [  # (file text, what the one line names besides the file)
     ("max_step: 3\n", ["unknown key 'max_step'", "did you mean 'max_steps'"]),
     ("max_steps: 1\nmax-steps: 2\n", ["key 'max_steps' is given twice"]),
+    ("max_steps: 1\nmax_steps: 2\n", ["not valid YAML", "key 'max_steps' is given twice", "line 2"]),
+    ("stage_set: {a: 1}\n", ["unknown key 'stage_set'"]),  # a transfer key: files are per command
     ("batch_size: abc\n", ["key 'batch_size'", "(got 'abc')"]),
     ("batch_size: 2.5\n", ["key 'batch_size'", "'2.5'"]),
     ("batch_size: [1, 2]\n", ["key 'batch_size'", "not a list"]),
@@ -236,6 +238,10 @@ def test_choice_options_show_and_check_their_choices(option, tmp_path):
     if option == "--template":  # names or a FILE
         assert listed == (*choices, "FILE")
         _user_error(_cli(command, *args, option, "no-such-template"), "neither a template name")
+    elif option in ("--connector", "--recipe"):  # registries Python code may extend: the library checks
+        assert listed == choices
+        _user_error(_cli(command, *args, option, "bogus"), f"unknown {option[2:]} 'bogus'; available: "
+                                                           f"{', '.join(choices)}")
     else:
         assert listed == choices
         _user_error(_cli(command, *args, option, "bogus"), f"{option} must be one of {', '.join(choices)} (got 'bogus')")
@@ -258,10 +264,22 @@ def test_usage_errors_are_one_line():
     _user_error(_cli("no-such-command"), "No such command")
 
 
-def test_shell_completion_is_offered_and_completes_choices():
+def test_shell_completion_is_offered_installs_and_completes_choices(tmp_path, monkeypatch):
     assert "--install-completion" in _ok(_cli("--help", env={"COLUMNS": "250"})).stdout
+    # installed for bash into a home of our own (shell named, not detected from the test's parent process)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    installed = CliRunner().invoke(app, ["--install-completion", "bash"], prog_name="vpgtrans")
+    assert installed.exit_code == 0, installed.output
+    script = tmp_path / ".bash_completions" / "vpgtrans.sh"
+    assert f"source '{script}'" in (tmp_path / ".bashrc").read_text()
+    assert "complete -o default -F _vpgtrans_completion vpgtrans" in script.read_text()
+    monkeypatch.delenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION")
     script = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="vpgtrans")
     assert script.exit_code == 0 and "_VPGTRANS_COMPLETE=complete_bash" in script.stdout
     completed = CliRunner().invoke(app, [], prog_name="vpgtrans", env={
         "_VPGTRANS_COMPLETE": "complete_bash", "COMP_WORDS": "vpgtrans eval b --dtype ", "COMP_CWORD": "4"})
     assert completed.stdout.split() == list(cli.DTYPES)
+    completed = CliRunner().invoke(app, [], prog_name="vpgtrans", env={
+        "_VPGTRANS_COMPLETE": "complete_bash", "COMP_WORDS": "vpgtrans transfer --connector l", "COMP_CWORD": "3"})
+    assert completed.stdout.split() == ["linear", "lavin", "lavin-llm"]

@@ -29,6 +29,8 @@ from vpgtrans.refexp import BBOX_FORMATS
 # these are spelled out (their modules import torch) and tests/test_config_file.py checks them against it.
 DTYPES = ("fp32", "bf16", "fp16")  # vpgtrans.training.DTYPES
 REPORT_TO = ("none", "tensorboard", "wandb")  # vpgtrans.training.REPORT_TO
+# Connectors and recipes are registries Python code may extend (a connector registered in a script runs
+# through the CLI): the built-in names are shown and completed, and the library checks the value.
 CONNECTORS = ("linear", "infmllm", "plora", "lavin", "lavin-llm")  # vpgtrans.model.connectors.CONNECTORS
 CAPTION_TOKENIZERS = ("regex", "ptb")  # vpgtrans.metrics.CAPTION_TOKENIZERS
 EXPORT_FORMATS = ("hf", "lavis", "adapter")  # vpgtrans.export.EXPORTERS
@@ -259,17 +261,27 @@ def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
     return configs
 
 
+def _completes(names):
+    """Shell completion of an option from ``names`` (nothing matching: the shell completes file names)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [name for name in names if name.startswith(incomplete)]
+
+    return complete
+
+
 Template = Annotated[Optional[str], typer.Option(
-    metavar=f"<{'|'.join(TEMPLATES)}|FILE>", help="Prompt template: a name (vl-vicuna: the image inside a "
+    metavar=f"<{'|'.join(TEMPLATES)}|FILE>", autocompletion=_completes(TEMPLATES), help="Prompt template: a name (vl-vicuna: the image inside a "
     "###Human/###Assistant chat turn) or a JSON file of its fields (default: BLIP-2's for the LLM's kind).")]
 
 Converter = Annotated[Literal[CONVERTERS], typer.Option(help="Word converter: shared-tokens, gw (no shared tokens "
                                                            "needed; POT), auto (shared-tokens if enough pairs, else "
                                                            "gw) or none.")]
-Connector = Annotated[Literal[CONNECTORS], typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                             "projector; plora: + LoRA at visual tokens only; lavin: "
-                                                             "LaVIN's adapters; infmllm: pool-adapter + LoRA; see "
-                                                             "docs/connectors.md).")]
+Connector = Annotated[str, typer.Option(
+    metavar=f"<{'|'.join(CONNECTORS)}>", autocompletion=_completes(CONNECTORS),
+    help="How vision attaches to the LLM (linear: BLIP-2's VPG + projector; plora: + LoRA at visual tokens only; "
+         "lavin: LaVIN's adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md), or one registered in "
+         "vpgtrans.model.connectors.CONNECTORS.")]
 
 
 def _template(name_or_path: str | None):
@@ -528,8 +540,10 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              template: Template = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
              connector: Connector = "linear",
-             recipe: Annotated[Optional[Literal[tuple(RECIPES)]], typer.Option(help="Stages to run after inherit (default: the "
-                                                                "connector's; vpgtrans: warm-up -> fine-tune).")] = None,
+             recipe: Annotated[Optional[str], typer.Option(
+                 metavar=f"<{'|'.join(RECIPES)}>", autocompletion=_completes(tuple(RECIPES)),
+                 help="Stages to run after inherit (default: the connector's; vpgtrans: warm-up -> fine-tune), or "
+                      "one registered in vpgtrans.recipes.RECIPES.")] = None,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Run the train-from-scratch baseline.")] = False,
              skip_warmup: Annotated[bool, typer.Option("--skip-warmup", help="Ablation: no projector warm-up.")] = False,
              max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,

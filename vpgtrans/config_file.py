@@ -57,8 +57,10 @@ def read_config(path: Path, settings: list[Setting]) -> dict[str, object]:
         raise VpgtransError(f"--config {path}: a directory, not a YAML file") from None
     except UnicodeDecodeError:
         raise VpgtransError(f"{path}: not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise VpgtransError(f"--config {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -87,22 +89,42 @@ def read_config(path: Path, settings: list[Setting]) -> dict[str, object]:
     return values
 
 
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} is given twice",
+                                                                key_node.start_mark)
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _read_value(path: Path, raw_key: str, setting: Setting, value):
     """One value of the file, checked for its shape (the command line then checks its type and domain)."""
     where = f"{path}: key {raw_key!r}"
     if value is None:
         return None
+    if isinstance(value, dict):
+        raise VpgtransError(f"{where}: takes a value, not a mapping")
     if setting.multiple:
         items = value if isinstance(value, list) else [value]
         return [_read_scalar(path, where, setting, item) for item in items]
-    if isinstance(value, (list, dict)):
-        raise VpgtransError(f"{where}: takes one value, not a {'list' if isinstance(value, list) else 'mapping'}")
+    if isinstance(value, list):
+        raise VpgtransError(f"{where}: takes one value, not a list")
     return _read_scalar(path, where, setting, value)
 
 
 def _read_scalar(path: Path, where: str, setting: Setting, value):
     if isinstance(value, (list, dict)):
-        raise VpgtransError(f"{where}: a list of {'lists' if isinstance(value, list) else 'mappings'} is not a value")
+        raise VpgtransError(f"{where}: a list inside the list is not a value")
     if setting.kind == "flag":
         if not isinstance(value, bool):
             raise VpgtransError(f"{where}: is a flag: true or false (got {value!r})")
