@@ -66,7 +66,7 @@ def test_eval_records_the_caption_tokenizer(inherited, tiny, tmp_path):
         report = json.loads((tmp_path / f"{name}.json").read_text())
         assert report["tokenizer"] == name and {"cider", "bleu4"} <= set(report["scores"])
     _user_error(_run(runner, "eval", inherited, "--data", tiny["caption"], "--tokenizer", "nltk"),
-                "--tokenizer must be regex or ptb")
+                "--tokenizer must be one of regex, ptb (got 'nltk')")
 
 
 def test_template_by_name_or_file_on_the_cli(tiny, tmp_path):

@@ -192,4 +192,4 @@ def test_eval_choice_scoring_on_the_cli(choices, inherited):
     assert report["choice_scoring"] == "likelihood" and report["scores"]["unparseable"] == 0
     assert report["scores"]["samples"] == 4
     result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--choice-scoring", "vote"])
-    assert result.exit_code == 2 and "--choice-scoring" in result.output
+    assert result.exit_code == 2 and "--choice-scoring must be one of generate, likelihood" in result.output

@@ -11,16 +11,34 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
+from vpgtrans.cli_commands import Command, ConfigCommand, Group, config_note, one_line
 from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, quiet_libraries, setup_logging,
                                   until_stopped)
+from vpgtrans.config import CONVERTERS, TEMPLATES
+from vpgtrans.data import TASKS
 from vpgtrans.errors import VpgtransError
+from vpgtrans.recipes import RECIPES
+from vpgtrans.refexp import BBOX_FORMATS
+
+# Options whose value is one of a fixed set: the choices show in --help and complete in the shell, and any
+# other value is one line before anything runs. The registries above are torch-free and used as they are;
+# these are spelled out (their modules import torch) and tests/test_config_file.py checks them against it.
+DTYPES = ("fp32", "bf16", "fp16")  # vpgtrans.training.DTYPES
+REPORT_TO = ("none", "tensorboard", "wandb")  # vpgtrans.training.REPORT_TO
+# Connectors and recipes are registries Python code may extend (a connector registered in a script runs
+# through the CLI): the built-in names are shown and completed, and the library checks the value.
+CONNECTORS = ("linear", "infmllm", "plora", "lavin", "lavin-llm")  # vpgtrans.model.connectors.CONNECTORS
+CAPTION_TOKENIZERS = ("regex", "ptb")  # vpgtrans.metrics.CAPTION_TOKENIZERS
+CHOICE_SCORING = ("generate", "likelihood")  # vpgtrans.evaluate.CHOICE_SCORING
+EXPORT_FORMATS = ("hf", "lavis", "adapter")  # vpgtrans.export.EXPORTERS
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 app = typer.Typer(help="Move a visual prompt generator (VPG) from one multimodal LLM to another LLM (VPGTrans).",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=Group)
 
 
 def _print_version(value: bool) -> None:
@@ -46,8 +64,7 @@ def cli_command(func):
             return func(*args, **kwargs)
         except VpgtransError as exc:
             # One line, always: a newline inside a user's file name or key must not split the message.
-            message = str(exc).replace("\r", "\\r").replace("\n", "\\n")
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {one_line(str(exc) + config_note(str(exc)))}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -60,9 +77,11 @@ def cli_command(func):
     return wrapper
 
 
-def command(name: str | None = None):
+def command(name: str | None = None, config: bool = False):
+    """Register a command; ``config``: it also takes ``--config FILE`` and ``--print-config``."""
+
     def register(func):
-        return app.command(name)(cli_command(func))
+        return app.command(name, cls=ConfigCommand if config else Command)(cli_command(func))
 
     return register
 
@@ -81,17 +100,17 @@ Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad data row or unreadable image "
                                                       "(default: skip it and count it in the manifest).")]
-BboxFormat = Annotated[str, typer.Option(help="Pixel boxes of RefCOCO-style rows (image, expression, bbox): xyxy "
+BboxFormat = Annotated[Literal[BBOX_FORMATS], typer.Option(help="Pixel boxes of RefCOCO-style rows (image, expression, bbox): xyxy "
                                               "corners or xywh (RefCOCO's own files).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N optimizer steps under OUT/checkpoints/.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint under --out.")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
-Dtype = Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32: mixed precision and frozen-weight dtype "
+Dtype = Annotated[Optional[Literal[DTYPES]], typer.Option(help="Mixed precision and frozen-weight dtype "
                                                    "(default: the accelerate launch config, else fp32).")]
 LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the frozen LLM in 8-bit (bitsandbytes).")]
 LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
-ReportTo = Annotated[str, typer.Option(help="none, tensorboard or wandb (through accelerate's trackers).")]
+ReportTo = Annotated[Literal[REPORT_TO], typer.Option(help="Log to a tracker (through accelerate's).")]
 PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "
                                                       "(P must divide S; default S/2).")]
 AdaptivePool = Annotated[bool, typer.Option("--adaptive-pool", help="infmllm: adaptive average pooling, so P need "
@@ -243,9 +262,27 @@ def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
     return configs
 
 
-Template = Annotated[Optional[str], typer.Option(help="Prompt template: blip2, blip2-t5, vl-vicuna (the image inside "
-                                                     "a ###Human/###Assistant chat turn) or a JSON file of its fields "
-                                                     "(default: BLIP-2's for the LLM's kind).")]
+def _completes(names):
+    """Shell completion of an option from ``names`` (nothing matching: the shell completes file names)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [name for name in names if name.startswith(incomplete)]
+
+    return complete
+
+
+Template = Annotated[Optional[str], typer.Option(
+    metavar=f"<{'|'.join(TEMPLATES)}|FILE>", autocompletion=_completes(TEMPLATES), help="Prompt template: a name (vl-vicuna: the image inside a "
+    "###Human/###Assistant chat turn) or a JSON file of its fields (default: BLIP-2's for the LLM's kind).")]
+
+Converter = Annotated[Literal[CONVERTERS], typer.Option(help="Word converter: shared-tokens, gw (no shared tokens "
+                                                           "needed; POT), auto (shared-tokens if enough pairs, else "
+                                                           "gw) or none.")]
+Connector = Annotated[str, typer.Option(
+    metavar=f"<{'|'.join(CONNECTORS)}>", autocompletion=_completes(CONNECTORS),
+    help="How vision attaches to the LLM (linear: BLIP-2's VPG + projector; plora: + LoRA at visual tokens only; "
+         "lavin: LaVIN's adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md), or one registered in "
+         "vpgtrans.model.connectors.CONNECTORS.")]
 
 
 def _template(name_or_path: str | None):
@@ -336,21 +373,17 @@ def _check_text_path(bundle: Path, texts, as_json: bool, load_in_8bit: bool, loa
         raise typer.Exit(1)
 
 
-@command()
+@command(config=True)
 def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/InstructBLIP dir or LAVIS .pth.")],
             target_llm: Annotated[Path, typer.Option(help="Target LLM: HF causal LM or T5 directory.")],
             out: Annotated[Path, typer.Option(help="Output bundle directory.")],
             vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
             source_llm: Annotated[Optional[Path], typer.Option(help="The source LLM dir (needed for .pth with a converter).")] = None,
-            converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
-                                                       "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
+            converter: Converter = "shared-tokens",
             corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight token pairs by frequency.")] = None,
             template: Template = None,
             ridge: Annotated[float, typer.Option(help="Ridge penalty (relative).")] = 1e-3,
-            connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                        "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
-                                                        "adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md)."
-                                                   )] = "linear",
+            connector: Connector = "linear",
             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the LLM's own code.")] = False,
             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
             lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
@@ -466,7 +499,7 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, optio
     typer.echo(f"bundle written to {path}")
 
 
-@command("warmup-projector")
+@command("warmup-projector", config=True)
 def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (from inherit).")],
                      data: Annotated[Path, typer.Option(help="Training data directory.")],
                      out: Annotated[Path, typer.Option(help="Output bundle directory.")],
@@ -487,7 +520,7 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                    verbose=verbose, bbox_format=bbox_format)
 
 
-@command()
+@command(config=True)
 def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from warmup-projector).")],
              data: Annotated[Path, typer.Option(help="Training data directory.")],
              out: Annotated[Path, typer.Option(help="Output bundle directory.")],
@@ -512,7 +545,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
                    strict=strict, force=force, verbose=verbose, bbox_format=bbox_format)
 
 
-@command()
+@command(config=True)
 def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/InstructBLIP dir or LAVIS .pth.")],
              target_llm: Annotated[Path, typer.Option(help="Target LLM directory.")],
              data: Annotated[Path, typer.Option(help="Training data (warm-up, and fine-tune unless --finetune-data).")],
@@ -529,17 +562,15 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                       "(repeatable; e.g. instruct.lr=1e-4, align.max_steps=200).")] = None,
              vision: Annotated[Optional[Path], typer.Option(help="Where the ViT comes from (needed for .pth).")] = None,
              source_llm: Annotated[Optional[Path], typer.Option(help="Source LLM dir (needed for .pth).")] = None,
-             converter: Annotated[str, typer.Option(help="shared-tokens, gw (no shared tokens needed; POT), auto "
-                                                       "(shared-tokens if enough pairs, else gw) or none.")] = "shared-tokens",
+             converter: Converter = "shared-tokens",
              corpus: Annotated[Optional[Path], typer.Option(help="Text file: weight converter pairs by frequency.")] = None,
              template: Template = None,
              ridge: Annotated[float, typer.Option(help="Ridge penalty of the converter fit (relative).")] = 1e-3,
-             connector: Annotated[str, typer.Option(help="How vision attaches to the LLM (linear: BLIP-2's VPG + "
-                                                         "projector; plora: + LoRA at visual tokens only; lavin: LaVIN's "
-                                                         "adapters; infmllm: pool-adapter + LoRA; see docs/connectors.md)."
-                                                    )] = "linear",
-             recipe: Annotated[Optional[str], typer.Option(help="Stages to run after inherit (default: the "
-                                                                "connector's; vpgtrans: warm-up -> fine-tune).")] = None,
+             connector: Connector = "linear",
+             recipe: Annotated[Optional[str], typer.Option(
+                 metavar=f"<{'|'.join(RECIPES)}>", autocompletion=_completes(tuple(RECIPES)),
+                 help="Stages to run after inherit (default: the connector's; vpgtrans: warm-up -> fine-tune), or "
+                      "one registered in vpgtrans.recipes.RECIPES.")] = None,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Run the train-from-scratch baseline.")] = False,
              skip_warmup: Annotated[bool, typer.Option("--skip-warmup", help="Ablation: no projector warm-up.")] = False,
              max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
@@ -614,28 +645,28 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     typer.echo(f"summary written to {Path(out) / 'transfer.json'}")
 
 
-@command("eval")
+@command("eval", config=True)
 def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           data: Annotated[Path, typer.Option(help="Evaluation data directory.")],
-          task: Annotated[Optional[str], typer.Option(help="caption, vqa, grounding or multiple-choice (default: "
-                                                           "what the data holds).")] = None,
+          task: Annotated[Optional[Literal[TASKS]], typer.Option(help="What to score (default: what the data "
+                                                                      "holds).")] = None,
           batch_size: int = 16, max_samples: Annotated[Optional[int], typer.Option(help="Score only the first N.")] = None,
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, strict: Strict = False,
           bbox_format: BboxFormat = "xyxy",
           force: Force = False,
-          dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 for the frozen LLM "
-                                                           "(default fp32).")] = None,
+          dtype: Annotated[Optional[Literal[DTYPES]], typer.Option(help="The frozen LLM's dtype (default "
+                                                                      "fp32).")] = None,
           load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
-          device_map: Annotated[Optional[str], typer.Option(help="Spread the LLM over the available devices "
-                                                                "(auto, balanced, sequential).")] = None,
+          device_map: Annotated[Optional[Literal[DEVICE_MAPS]], typer.Option(
+              help="Spread the LLM over the available devices.")] = None,
           device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: accelerate's device: "
                                                             "the GPU when there is one).")] = None,
-          tokenizer: Annotated[str, typer.Option(help="Caption tokenisation for CIDEr / BLEU: regex (no Java) or ptb "
+          tokenizer: Annotated[Literal[CAPTION_TOKENIZERS], typer.Option(help="Caption tokenisation for CIDEr / BLEU: regex (no Java) or ptb "
                                                       "(COCO's own, needs java; comparable with published scores).")]
           = "regex",
-          choice_scoring: Annotated[str, typer.Option(help="multiple-choice: generate (parse the generated answer, "
+          choice_scoring: Annotated[Literal[CHOICE_SCORING], typer.Option(help="multiple-choice: generate (parse the generated answer, "
                                                            "LaVIN's way) or likelihood (the option whose answer the "
                                                            "model finds most likely).")] = "generate"):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
@@ -644,10 +675,6 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     quiet_libraries()
     from vpgtrans.evaluate import evaluate
 
-    from vpgtrans.data import TASKS
-
-    if task is not None and task not in TASKS:
-        raise VpgtransError(f"--task must be one of {', '.join(TASKS)} (got {task!r})")
     if load_in_8bit and load_in_4bit:
         raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
@@ -667,15 +694,17 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
             typer.echo(f"predictions written to {out}")
 
 
-@command()
+@command(config=True)
 def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            out: Annotated[Path, typer.Option(help="Output directory (hf) or .pth file (lavis).")],
-           format: Annotated[str, typer.Option("--format", help="hf, lavis or adapter.")] = "hf",
+           format: Annotated[Literal[EXPORT_FORMATS], typer.Option("--format", help="hf: an HF BLIP-2 directory; "
+                                                                 "lavis: a .pth; adapter: the trained parts.")] = "hf",
            merge_lora: Annotated[bool, typer.Option("--merge-lora", help="adapter export of a bundle with peft's LoRA "
                                                                         "(infmllm): also write the LLM with the LoRA "
                                                                         "merged, as a plain HF directory.")] = False,
-           dtype: Annotated[Optional[str], typer.Option(help="hf: cast every weight to fp32, bf16 or fp16 and load "
-                                                            "in it (default: as stored, loaded in the LLM's dtype).")] = None,
+           dtype: Annotated[Optional[Literal[DTYPES]], typer.Option(help="hf: cast every weight to it and load in "
+                                                                      "it (default: as stored, loaded in the LLM's "
+                                                                      "dtype).")] = None,
            push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the export to this Hub model repository "
                                                                   "(user/name; token from HF_TOKEN or huggingface-cli "
                                                                   "login).")] = None,
@@ -685,8 +714,6 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
     quiet_libraries()
     from vpgtrans.export import export_bundle
 
-    if format not in ("hf", "lavis", "adapter"):
-        raise VpgtransError(f"--format must be hf, lavis or adapter (got {format!r})")
     path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora, dtype=dtype)
     typer.echo(f"{format} export written to {path}")
     if push_to_hub:
