@@ -474,6 +474,10 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
             lr = lrs[(target, arm if arm in SEARCHED else "vpgtrans")]
             run_ = run_arm(cfg, zoo, plan, target, arm, seed, lr, work_dir / f"{target}-{arm}-seed{seed}",
                            Path(zoo["world"]) / "caption_eval", plan["eval_every"])
+            search = next(x for x in searches if (x["target"], x["arm"]) == (target, arm if arm in SEARCHED else "vpgtrans"))
+            run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": cfg.lr_grid,
+                                 "split": "dev", "criterion": search["criterion"], "at_grid_edge": search["at_grid_edge"],
+                                 "dev_best_smoothed": {str(t["lr"]): t["dev_best_smoothed"] for t in search["trials"]}}
             runs.append(run_)
             log(f"[{i}/{len(jobs)}] {target} {arm} seed {seed} lr {lr:g}: best CIDEr {curves.best(_points(run_)):.3f}, "
                 f"final CIDEr {run_['final']['caption']['cider']:.3f}, plateaued {run_['plateau']['plateaued']} "
