@@ -155,6 +155,39 @@ def test_converter_fit_smoke(tmp_path):
     cos = np.mean(np.sum(pred * yh, 1) / np.linalg.norm(pred, axis=1) / np.linalg.norm(yh, axis=1))
     assert saved["closed_form"]["heldout_cosine"] == pytest.approx(cos, abs=1e-6)
     assert result["closed_form"]["heldout_cosine"] > 0.5  # the map is linear + noise: the fit finds it
+    assert saved["sgd"]["steps"] == cfg.epochs * -(-cfg.corpus_tokens // cfg.batch_size)
+    # The zoo case: pairs the library's pairing makes, restricted to tokens the captions use; the closed form's
+    # held-out cosine recomputed with numpy on the same tables.
+    assert [(c["source"], c["target"]) for c in saved["zoo_cases"]] == [("opt-s", "opt-l"), ("opt-s", "llama-s")]
+    for case in saved["zoo_cases"]:
+        pairs = case["pairs"]
+        assert pairs["train"] + pairs["heldout"] == pairs["used_in_captions"] <= pairs["paired"]
+        assert case["sgd"]["steps"] == saved["sgd"]["steps"] and case["sgd"]["rows"] == saved["sgd"]["rows"]
+        assert case["cosine_gap"] == pytest.approx(case["closed_form"]["heldout_cosine"] - case["sgd"]["heldout_cosine"])
+
+
+def test_sgd_batches_summed_per_token_equal_the_row_by_row_mean():
+    import torch
+
+    from benchmarks import converter_fit
+
+    cfg = converter_fit.ConverterBenchConfig(**{**converter_fit.SMOKE, "epochs": 1, "corpus_tokens": 300,
+                                                "batch_size": 300})
+    tables = converter_fit.make_tables(cfg)
+    ours = converter_fit.fit_sgd(cfg, tables)
+    # one step by hand, every row its own term
+    torch.manual_seed(cfg.seed)
+    linear = torch.nn.Linear(cfg.source_dim, cfg.target_dim)
+    stream = converter_fit.corpus_stream(tables["frequency"], 300, torch.Generator().manual_seed(cfg.seed + 1))
+    x = tables["source"][tables["train_source_ids"]][stream]
+    y = tables["target"][tables["train_target_ids"]][stream]
+    loss = (1 - torch.nn.functional.cosine_similarity(linear(x), y, dim=-1)).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in linear.parameters():
+            p -= cfg.lr * p.grad
+        cosine = converter_fit.heldout_cosine(linear.weight, linear.bias, tables)
+    assert ours["steps"] == 1 and ours["heldout_cosine"] == pytest.approx(cosine, abs=1e-5)
 
 
 def test_converter_tables_hold_a_noiseless_linear_map():
@@ -239,5 +272,5 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import converter_fit
 
-    result = converter_fit.main(["--smoke", "--out", str(tmp_path / "c.json"), "--epochs", "1"])
+    result = converter_fit.main(["--smoke", "--out", str(tmp_path / "c.json"), "--epochs", "1", "--zoo-pairs", ""])
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["plot"] == str(tmp_path / "c.png")
