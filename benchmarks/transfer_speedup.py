@@ -407,6 +407,8 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
         searched = [s for s in result["lr_search"] if s["target"] == target]
         lines.append("\nlr chosen on dev: " + "; ".join(
             f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}" for s in searched) + "\n")
+    if result.get("plot") and Path(result["plot"]).parent.name == "docs":
+        lines.append(f"![caption CIDEr vs epochs, every arm]({Path(result['plot']).name})\n")
     lines.append(DOCS_END)
     return "\n".join(lines)
 
