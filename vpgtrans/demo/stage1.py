@@ -17,6 +17,9 @@ training step is LAVIS's ``Blip2Qformer.forward`` without its generation loss:
 - **Not done: ITG** (image-grounded generation), BLIP-2's third loss: ``Blip2ForImageTextRetrieval`` has
   no language-modelling head on the Q-Former, and transformers offers no BLIP-2 stage-1 model that has one.
 
+BLIP-2 starts the Q-Former from BERT-base; this one starts random, and in trial runs its ITM loss stayed at
+the prior (the text barely moves the query outputs at init) while ITC learned: the records keep both losses.
+
 The text is tokenised with the world's OPT-style tokenizer, its BOS in front as the [CLS] position.
 ``retrieval_accuracy`` scores image -> text top-1 retrieval on held-out pairs by the ITC similarity.
 """
