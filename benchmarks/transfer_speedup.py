@@ -115,9 +115,11 @@ def plan_steps(cfg: SpeedupConfig, n_train: int) -> dict:
                 if getattr(cfg, name) % cfg.batch_size]
     epoch_steps = round(n_train / cfg.batch_size)
     eval_every = cfg.eval_every_samples // cfg.batch_size
-    if not problems and epoch_steps % eval_every:
-        problems.append(f"one epoch ({epoch_steps} steps of {cfg.batch_size}) is not a whole number of eval "
-                        f"intervals ({eval_every} steps)")
+    for name in ("eval_every_samples", "search_eval_every_samples"):
+        interval = getattr(cfg, name) // cfg.batch_size
+        if not problems and epoch_steps % interval:
+            problems.append(f"one epoch ({epoch_steps} steps of {cfg.batch_size}) is not a whole number of "
+                            f"{name} intervals ({interval} steps)")
     total = round(cfg.epochs * epoch_steps)
     if total <= epoch_steps:
         problems.append(f"epochs ({cfg.epochs}) must leave VPGTrans some fine-tuning after its warm-up epoch")

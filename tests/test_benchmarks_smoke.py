@@ -118,7 +118,7 @@ def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
 
     plan = plan_steps(SpeedupConfig(), 6000)
     assert (plan["epoch_steps"], plan["total_steps"], plan["eval_every"], plan["warmup_epochs"]) == (150, 1500, 30, 1.0)
-    with pytest.raises(VpgtransError, match="not a whole number of eval intervals"):
+    with pytest.raises(VpgtransError, match="not a whole number of eval_every_samples intervals"):
         plan_steps(SpeedupConfig(eval_every_samples=1600), 6000)
     with pytest.raises(VpgtransError, match="not a multiple of batch_size"):
         plan_steps(SpeedupConfig(eval_every_samples=1210), 6000)
