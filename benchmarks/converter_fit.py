@@ -35,6 +35,7 @@ Timings are wall-clock of the fit only (tables already in memory), ``torch.set_n
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (add_zoo_options, machine_info, quiet_libraries, require_matplotlib, result_config,
-                               result_parser, save_result, zoo_v2)
+                               result_parser, save_result, write_docs_section, zoo_v2)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def run_zoo_case(cfg: ConverterBenchConfig, zoo: dict) -> list[dict]:
 
 
 def run(cfg: ConverterBenchConfig, zoo: dict | None = None) -> dict:
-    threads = torch.get_num_threads()
+    threads, load = torch.get_num_threads(), os.getloadavg()
     torch.set_num_threads(cfg.threads)
     try:
         started = time.perf_counter()
@@ -224,12 +225,41 @@ def run(cfg: ConverterBenchConfig, zoo: dict | None = None) -> dict:
     finally:
         torch.set_num_threads(threads)
     speedup = sgd["seconds"] / closed["seconds"]
+    loadavg = {"loadavg_start": [round(x, 2) for x in load], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     reached = next((p for p in sgd["epochs"] if p["heldout_cosine"] >= closed["heldout_cosine"]), None)
     sgd["seconds_to_closed_form_cosine"] = None if reached is None else reached["seconds"]  # None: not within its epochs
     return {"benchmark": "converter_fit", "config": asdict(cfg), "machine": {**machine_info(), "torch_threads": cfg.threads},
             "setup_seconds": round(setup, 2), "closed_form": closed, "sgd": sgd, "speedup": speedup,
             "cosine_gap": closed["heldout_cosine"] - sgd["heldout_cosine"], "zoo_cases": zoo_cases,
-            "target_met": bool(speedup >= 20 and closed["heldout_cosine"] >= sgd["heldout_cosine"])}
+            "target_met": bool(speedup >= 20 and closed["heldout_cosine"] >= sgd["heldout_cosine"]), **loadavg}
+
+
+COLUMNS = ("fit", "data", "wall time (s)", "held-out cosine", "SGD time ÷ this")
+DOCS_BEGIN, DOCS_END = "<!-- converter_fit:begin -->", "<!-- converter_fit:end -->"
+
+
+def _rows(result: dict) -> list[list[str]]:
+    cfg = result["config"]
+    closed, sgd = result["closed_form"], result["sgd"]
+    f64 = closed["float64"]
+    rows = [["closed form (vpgtrans, ridge)", f"{closed['pairs']} unique pairs, frequency-weighted",
+             f"{closed['seconds']:.2f}", f"{closed['heldout_cosine']:.4f}", f"{result['speedup']:.1f}x"],
+            ["  same fit, float64 throughout (before 0.1.0)", "same", f"{f64['seconds']:.2f}",
+             f"{f64['heldout_cosine']:.4f}", f"{sgd['seconds'] / f64['seconds']:.1f}x"],
+            [f"SGD lr {cfg['lr']} (reference)", f"{sgd['rows']} rows = {cfg['epochs']} epochs x "
+             f"{cfg['corpus_tokens']} tokens, {sgd['steps']} steps", f"{sgd['seconds']:.2f}",
+             f"{sgd['heldout_cosine']:.4f}", "1.0x"]]
+    rows += [[f"  SGD after epoch {point['epoch']}", f"{point['rows']} rows, {point['steps']} steps",
+              f"{point['seconds']:.2f}", f"{point['heldout_cosine']:.4f}", ""] for point in sgd["epochs"][:-1]]
+    for case in result.get("zoo_cases", []):
+        name = f"zoo {case['source']} -> {case['target']} ({case['dims'][0]} -> {case['dims'][1]})"
+        rows.append([f"{name}: closed form", f"{case['pairs']['train']} pairs used in captions",
+                     f"{case['closed_form']['seconds']:.3f}", f"{case['closed_form']['heldout_cosine']:.4f}",
+                     f"{case['sgd']['seconds'] / max(case['closed_form']['seconds'], 1e-9):.1f}x"])
+        rows.append([f"{name}: SGD", f"{case['sgd']['rows']} rows, {case['sgd']['steps']} steps",
+                     f"{case['sgd']['seconds']:.2f}", f"{case['sgd']['heldout_cosine']:.4f}", "1.0x"])
+    return rows
 
 
 def render(result: dict):
@@ -238,28 +268,24 @@ def render(result: dict):
     cfg = result["config"]
     table = Table(title=f"word converter fit: {cfg['source_vocab']}x{cfg['source_dim']} -> "
                         f"{cfg['target_vocab']}x{cfg['target_dim']}, {cfg['shared']} shared tokens")
-    for column in ("fit", "data", "wall time (s)", "held-out cosine", "speed-up"):
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("fit", "data") else "right")
-    closed, sgd = result["closed_form"], result["sgd"]
-    table.add_row("closed form (vpgtrans, ridge)", f"{closed['pairs']} unique pairs, frequency-weighted",
-                  f"{closed['seconds']:.2f}", f"{closed['heldout_cosine']:.4f}", f"{result['speedup']:.1f}x")
-    f64 = closed["float64"]
-    table.add_row("  same fit, float64 throughout (before 0.1.0)", "same", f"{f64['seconds']:.2f}",
-                  f"{f64['heldout_cosine']:.4f}", f"{sgd['seconds'] / f64['seconds']:.1f}x")
-    table.add_row(f"SGD lr {cfg['lr']} (reference)", f"{sgd['rows']} rows = {cfg['epochs']} epochs x "
-                  f"{cfg['corpus_tokens']} tokens, {sgd['steps']} steps", f"{sgd['seconds']:.2f}",
-                  f"{sgd['heldout_cosine']:.4f}", "1.0x")
-    for point in sgd["epochs"][:-1]:
-        table.add_row(f"  SGD after epoch {point['epoch']}", f"{point['rows']} rows", f"{point['seconds']:.2f}",
-                      f"{point['heldout_cosine']:.4f}", "")
-    for case in result.get("zoo_cases", []):
-        name = f"zoo {case['source']} -> {case['target']} ({case['dims'][0]} -> {case['dims'][1]})"
-        table.add_row(f"{name}: closed form", f"{case['pairs']['train']} pairs used in captions",
-                      f"{case['closed_form']['seconds']:.3f}", f"{case['closed_form']['heldout_cosine']:.4f}",
-                      f"{case['sgd']['seconds'] / max(case['closed_form']['seconds'], 1e-9):.1f}x")
-        table.add_row(f"{name}: SGD", f"{case['sgd']['rows']} rows, {case['sgd']['steps']} steps",
-                      f"{case['sgd']['seconds']:.2f}", f"{case['sgd']['heldout_cosine']:.4f}", "1.0x")
+    for row in _rows(result):
+        table.add_row(*row)
     return table
+
+
+def markdown(result: dict) -> str:
+    """The docs/benchmarks.md table of a run (``--write-docs``), with its machine, load and date."""
+    machine = result["machine"]
+    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.converter_fit --write-docs`; do not edit by hand.*",
+             "", f"Run: {result.get('finished', '?')}, {machine['cpu']}, {machine['torch_threads']} torch thread(s), "
+             f"load average before / after {result.get('loadavg_start')} / {result.get('loadavg_end')}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    lines += ["", f"Target (closed form >= 20x faster at equal or better held-out cosine): "
+              f"{'met' if result['target_met'] else 'not met'}.", "", DOCS_END]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -285,6 +311,8 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("converter_fit", __doc__, "tiny tables (seconds); for tests", ConverterBenchConfig)
     add_zoo_options(parser)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, regenerate the converter table of docs/benchmarks.md from its result")
     args = parser.parse_args(argv)
     cfg = result_config(args, ConverterBenchConfig, SMOKE)
     quiet_libraries()
@@ -292,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         zoo = zoo_v2(args, cfg.zoo_seed, Path(tmp)) if cfg.zoo_pairs else None
         result = run(cfg, zoo)
     out = save_result("converter_fit", args, result, plot)
+    if args.write_docs and not args.smoke:
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
     from rich.console import Console
 
     console = Console(width=150)

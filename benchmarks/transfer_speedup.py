@@ -57,7 +57,7 @@ from pathlib import Path
 
 from benchmarks import curves
 from benchmarks.common import (add_zoo_options, machine_info, quiet_libraries, require_matplotlib, result_config,
-                               result_parser, save_result, zoo_v2)
+                               result_parser, save_result, write_docs_section, zoo_v2)
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
@@ -417,10 +417,7 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
 
 def write_docs(text: str, path: Path = Path("docs/benchmarks.md")) -> Path:
     """Replace the marked section of ``path`` with ``text``."""
-    doc = path.read_text()
-    start, end = doc.index(DOCS_BEGIN), doc.index(DOCS_END) + len(DOCS_END)
-    path.write_text(doc[:start] + text + doc[end:])
-    return path
+    return write_docs_section(text, DOCS_BEGIN, DOCS_END, path)
 
 
 def plot(result: dict, path: Path) -> Path:

@@ -164,6 +164,11 @@ def test_converter_fit_smoke(tmp_path):
         assert pairs["train"] + pairs["heldout"] == pairs["used_in_captions"] <= pairs["paired"]
         assert case["sgd"]["steps"] == saved["sgd"]["steps"] and case["sgd"]["rows"] == saved["sgd"]["rows"]
         assert case["cosine_gap"] == pytest.approx(case["closed_form"]["heldout_cosine"] - case["sgd"]["heldout_cosine"])
+    # The docs table is the result's numbers.
+    text = converter_fit.markdown(saved)
+    assert text.startswith(converter_fit.DOCS_BEGIN) and text.endswith(converter_fit.DOCS_END)
+    assert f"| {saved['closed_form']['heldout_cosine']:.4f} | {saved['speedup']:.1f}x |" in text
+    assert f"{saved['sgd']['steps']} steps | {saved['sgd']['seconds']:.2f} | {saved['sgd']['heldout_cosine']:.4f} |" in text
 
 
 def test_sgd_batches_summed_per_token_equal_the_row_by_row_mean():
