@@ -250,7 +250,9 @@ def _first(curve: curves.Curve, threshold: float, strict: bool) -> int | None:
 
 
 def _ratio(base: float | None, other: float | None) -> float | None:
-    return None if base is None or other is None or other <= 0 else base / other
+    """base / other; undefined (None) when either never got there or either is at 0 (a baseline whose best is
+    its untrained start, or an arm above the bar before any training)."""
+    return None if base is None or other is None or other <= 0 or base <= 0 else base / other
 
 
 def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> dict:
@@ -336,9 +338,9 @@ def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------- output
 
-def _fmt(spread: dict, digits: int = 2, suffix: str = "") -> str:
+def _fmt(spread: dict, digits: int = 2, suffix: str = "", undefined: str = "never") -> str:
     if spread["mean"] is None:
-        return "never" if spread.get("missing") else "–"
+        return undefined if spread.get("missing") else "–"
     text = f"{spread['mean']:.{digits}f}{suffix}"
     if spread["n"] > 1:
         text += f" ± {spread['std']:.{digits}f} [{spread['min']:.{digits}f}, {spread['max']:.{digits}f}]"
@@ -353,7 +355,8 @@ def _table_rows(block: dict) -> list[list[str]]:
              _fmt(row["final_cider"], 3), _fmt(row["final_vqa"], 3)] for row in block["rows"]]
 
 
-COLUMNS = ["arm", "over", "seeds", *(f"{unit} {bar.replace('at_', 'to ')}" for unit in MEASURES for bar in ("at_best", "at_95")),
+COLUMNS = ["arm", "over", "seeds", *(f"{unit} to {'best' if bar == 'at_best' else '95%'}" for unit in MEASURES
+                                     for bar in ("at_best", "at_95")),
            "final CIDEr", "final VQA acc"]
 
 
@@ -388,7 +391,8 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
              "measure; whole-epoch grid points, epoch 0 left out); **samples** seen (warm-up counted); **seconds** "
              "of training wall time in the same run (evaluation left out). *to best* = the baseline's first point at "
              "its best ÷ the arm's first point strictly above it; *to 95%* = first points reaching 95% of the "
-             "baseline's best (smoothed for samples and seconds).", ""]
+             "baseline's best (smoothed for samples and seconds); *never* = not reached within the budget, or undefined "
+             "(a baseline whose best is its untrained start).", ""]
     if not measured:
         lines += ["**Numbers: to be re-measured.** No full run of this protocol has been recorded yet "
                   "(`benchmarks/results/transfer_speedup.json` must come from `python -m benchmarks.transfer_speedup`).",
@@ -405,7 +409,7 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
         for base, info in block["baselines"].items():
             lines.append(f"\n{base}: best CIDEr {_fmt(info['best_cider'], 3)} at {_fmt(info['samples_to_best'], 0)} "
                          f"samples; plateaued (last {cfg.plateau_fraction:.0%} gains < {cfg.plateau_tolerance:.0%}): "
-                         f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3)}.")
+                         f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3, undefined='n/a')}.")
         searched = [s for s in result["lr_search"] if s["target"] == target]
         lines.append("\nlr chosen on dev: " + "; ".join(
             f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}" for s in searched) + "\n")
