@@ -68,3 +68,31 @@ def test_stage1_vpg_goes_into_a_source_model_with_the_text_ffn_left_out(pairs):
     assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
     left_out = sorted(set(theirs) - set(mine))
     assert left_out and all(".intermediate." in k or (".output." in k and "attention" not in k) for k in left_out)
+
+
+def test_the_zoo_stage1_part_is_what_the_scratch_arm_inherits(tmp_path):
+    """zoo2.stage1_qformer's directory, inherited with no converter: the bundle's VPG is the stage-1 Q-Former's
+    (queries and Q-Former weights), its projector fresh and of the target's width; the part is cached."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, load_tensors
+    from vpgtrans.config import InheritConfig
+    from vpgtrans.demo.zoo2 import build_tiny_zoo_v2, stage1_qformer
+    from vpgtrans.stages.inherit import inherit
+
+    zoo = build_tiny_zoo_v2(tmp_path / "zoo")
+    stage1_dir, record = stage1_qformer(zoo, seed=0, log=lambda message: None)
+    assert record["metrics"]["steps"] == 2 and record["losses"] == ["itc", "itm"]
+    assert stage1_qformer(zoo, seed=0, log=lambda m: pytest.fail(f"rebuilt: {m}"))[0] == stage1_dir  # cached
+    bundle = inherit(stage1_dir, zoo["llama-s"], tmp_path / "inherit", InheritConfig(converter="none"))
+    source = load_file(str(stage1_dir / "model.safetensors"))
+    vpg = load_tensors(bundle, VPG_FILE)
+    queries = [v for k, v in vpg.items() if "query_tokens" in k]
+    assert len(queries) == 1 and torch.equal(queries[0], source["query_tokens"])
+    qformer = {k: v for k, v in source.items() if k.startswith("qformer.")}
+    assert qformer and all(any(torch.equal(w, v) for v in vpg.values()) for w in qformer.values())
+    # a fresh projector of the target's width (the stage-1 source's is opt-s's)
+    proj = load_tensors(bundle, CONNECTOR_FILE)["proj.weight"]
+    assert proj.shape[0] == AutoConfig.from_pretrained(zoo["llama-s"]).hidden_size
+    assert source["language_projection.weight"].shape[0] == AutoConfig.from_pretrained(zoo["opt-s"]).hidden_size
