@@ -139,3 +139,11 @@ def zoo_v2(args: argparse.Namespace, seed: int, tmp: Path) -> dict:
 
     return build_zoo_v2(args.cache_dir, seed=seed, log=print)
 
+
+def write_docs_section(text: str, begin: str, end: str, path: Path = Path("docs/benchmarks.md")) -> Path:
+    """Replace the part of ``path`` from the ``begin`` marker to the ``end`` marker (both included) with
+    ``text`` (which carries the markers itself)."""
+    doc = path.read_text()
+    start, stop = doc.index(begin), doc.index(end) + len(end)
+    path.write_text(doc[:start] + text + doc[stop:])
+    return path

@@ -1,29 +1,54 @@
-"""The paper's speed-up table at small scale: train-from-scratch vs VPGTrans on the benchmark zoo (zoo-v2).
+"""The paper's speed-up table at small scale: train-from-scratch vs VPGTrans on the benchmark zoo (zoo-v2),
+every arm measured the same way.
 
-    python -m benchmarks.transfer_speedup            # builds/reuses zoo-v2, then every arm (see docs/benchmarks.md)
-    python -m benchmarks.transfer_speedup --smoke    # random-weight tiny zoo, a few steps: plumbing only
+    python -m benchmarks.transfer_speedup --write-docs   # builds/reuses zoo-v2 + its stage-1 Q-Former, every arm
+    python -m benchmarks.transfer_speedup --smoke        # random-weight tiny zoo, a few steps: plumbing only
+    python -m benchmarks.transfer_speedup --docs-from benchmarks/results/transfer_speedup.json   # docs only
 
-For each target LLM — ``opt-l`` (same family and tokenizer as the source's opt-s) and ``llama-s`` (another
-family and tokenizer) — and each seed, two arms run through the toolkit's own library API
-(``vpgtrans.stages.transfer.transfer``), on the same caption training split, in the same data order,
-with the same frozen ViT and the same evaluation (caption CIDEr on the eval split every few steps):
+For each target LLM — ``opt-l`` (the source opt-s's family and tokenizer) and ``llama-s`` (another family and
+tokenizer) — and each seed, these arms run through the toolkit's library API
+(``vpgtrans.stages.transfer.transfer``) on the same caption training split, in the same data order:
 
-- **scratch**: a freshly initialised VPG + projector on the target, trained with the normal recipe
-  (``--from-scratch``), ``scratch_steps`` optimizer steps, lr ``lr`` cosine to lr/2;
-- **vpgtrans**: inherit the source VPG, converter-initialised projector, warm-up of the projector alone at
-  5x lr (``warmup_steps``, constant), then fine-tune VPG + projector (``finetune_steps``, lr cosine to lr/2).
+- ``scratch`` (init ``stage1-pretrained``): the paper's TFS baseline. The VPG is a Q-Former given BLIP-2's
+  first-stage pre-training (ITC + ITM, no LLM; ``vpgtrans.demo.stage1``) on the source's own pre-training
+  images and captions, connected to the target through a fresh projector and trained (VPG + projector) with a
+  linear lr warm-up then cosine decay.
+- ``scratch-random`` (init ``random``): today's second baseline, a freshly initialised VPG + projector
+  (``--from-scratch``), the same schedule.
+- ``vpgtrans`` (init ``inherited``): inherit the source VPG and the converter-merged projector, warm up the
+  projector alone for **one epoch** of the training split at 5x lr, constant (the recipe and the paper), then
+  fine-tune VPG + projector with the same linear warm-up + cosine as the scratch arms.
+- ablations (seed ``ablation_seed``, the vpgtrans arm's lr): ``no-converter`` (fresh projector),
+  ``no-warmup`` (fine-tune right after inherit), ``warmup-1x`` (warm-up at the normal lr).
 
-Ablations (seed ``ablation_seed``): no converter init (``converter="none"``: fresh projector), no warm-up
-(fine-tune right after inherit), warm-up at 1x lr. Final scores of every arm: caption CIDEr and zero-shot
-VQA accuracy (all arms train on captions only, as BLIP-2 pre-training does) on the eval splits.
+**One measure for every arm.** Every arm trains ``epochs`` epochs in all (VPGTrans: its warm-up epoch +
+``epochs - 1`` of fine-tuning; no-warmup: ``epochs`` of fine-tuning), so every cosine schedule has the same
+length and ends at ``min_lr_ratio`` x lr; every arm is evaluated (caption CIDEr, ``eval_samples`` images of
+the eval split) every ``eval_every_samples`` training samples, warm-up samples counted, so all arms share one
+grid. Speed-ups of an arm over a baseline arm (same target, same seed), each in three units:
 
-Speed-up = steps for scratch to reach its best / steps for VPGTrans to exceed it (warm-up counted);
-also to 95% / 100% of scratch's best on smoothed curves (``benchmarks.curves``). Nothing is tuned on the
-eval split: the budgets and learning rates are fixed in ``SpeedupConfig`` before any run.
+- ``epochs`` — the paper's measure, DESIGN §7: "epochs for TFS to reach its best score ÷ epochs for VPGTrans
+  to beat it, with the warm-up counted as one whole epoch". Computed on the whole-epoch points of the grid
+  (epoch 0, before any training, left out); here the warm-up *is* one epoch of data.
+- ``samples`` — training samples seen, on the full grid (warm-up samples counted).
+- ``seconds`` — training wall time measured in the same run at each grid point (evaluation left out; model
+  loading and the inherit step, which fits the converter in well under a second here, left out).
+
+each at two bars: ``at_best`` (the paper's rule: the baseline's first point at its best ÷ the arm's first
+point strictly above that best) and ``at_95`` (first point reaching 95% of the baseline's best, on trailing
+``smooth_window``-point moving averages for samples and seconds, on the raw per-epoch points for epochs).
+
+**Learning rates**: each searched arm (scratch, scratch-random, vpgtrans) and target gets its own lr from
+``lr_grid``, chosen by the best smoothed CIDEr on a **dev split** (``dev_rows`` fresh world scenes, never the
+eval split) of one run with seed ``search_seed`` and the arm's full schedule; the search is in the JSON.
+**Plateau evidence** for every run: the gain of its smoothed curve in the last ``plateau_fraction`` of the
+budget over its best before, and the slope there.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,12 +56,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import curves
-from benchmarks.common import (machine_info, quiet_libraries, require_matplotlib, result_config,
-                               result_parser, save_result)
+from benchmarks.common import (add_zoo_options, machine_info, quiet_libraries, require_matplotlib, result_config,
+                               result_parser, save_result, write_docs_section, zoo_v2)
 
-ARMS = ("scratch", "vpgtrans")
+BASELINES = ("scratch", "scratch-random")
+ARMS = (*BASELINES, "vpgtrans")
 ABLATIONS = ("no-converter", "no-warmup", "warmup-1x")
+INIT = {"scratch": "stage1-pretrained", "scratch-random": "random", "vpgtrans": "inherited",
+        "no-converter": "inherited", "no-warmup": "inherited", "warmup-1x": "inherited"}
+SEARCHED = ARMS  # ablations take the vpgtrans arm's lr
+MEASURES = ("epochs", "samples", "seconds")
 METRIC = "cider"
+DOCS_BEGIN, DOCS_END = "<!-- transfer_speedup:begin -->", "<!-- transfer_speedup:end -->"
+PAPER_MEASURE = ("epochs for TFS to reach its best score ÷ epochs for VPGTrans to beat it, with the warm-up "
+                 "counted as one whole epoch")
 
 
 @dataclass
@@ -46,89 +79,212 @@ class SpeedupConfig:
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     ablation_seed: int = 0
     zoo_seed: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3  # the normal lr of both arms (BLIP-2's 1e-4 is for a 100M-parameter Q-Former at batch 2k)
-    warmup_lr_multiplier: float = 5.0
-    scratch_steps: int = 800
-    warmup_steps: int = 20  # 640 samples: a tenth of an epoch of the 6000-row caption split
-    finetune_steps: int = 180
-    scratch_eval_every: int = 50
-    vpgtrans_eval_every: int = 20
+    batch_size: int = 40  # 6000 training rows = 150 steps an epoch, a whole number
+    epochs: float = 10.0  # every arm's budget, warm-up included: long enough for scratch to plateau
+    eval_every_samples: int = 1200  # the one grid of every arm: a fifth of an epoch
+    lr_warmup_samples: int = 1200  # linear lr warm-up of every cosine schedule (scratch arms, VPGTrans fine-tune)
+    min_lr_ratio: float = 0.1  # cosine floor / lr (the paper's TFS: 1e-4 -> 1e-5)
+    warmup_lr_multiplier: float = 5.0  # VPGTrans's projector warm-up at 5x lr, constant, one epoch
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    search_seed: int = 100  # the lr-search runs' seed (data order, fresh parts); not one of the measured seeds
+    search_eval_every_samples: int = 3000
+    dev_rows: int = 200
     eval_samples: int = 64  # caption-eval images per curve point
     final_eval_samples: int = 200  # caption and VQA eval rows for the final scores
     smooth_window: int = 3
+    plateau_fraction: float = 0.25
+    plateau_tolerance: float = 0.02  # plateaued: the last quarter gains < 2% over the best before it
     max_new_tokens: int = 40  # a three-object caption is ~30 tokens
     threads: int = 1  # on a shared 2-core machine, two threads make these small matmuls several times slower
 
 
-SMOKE = dict(targets=["opt-l", "llama-s"], seeds=[0], batch_size=4, scratch_steps=4, warmup_steps=2,
-             finetune_steps=2, scratch_eval_every=2, vpgtrans_eval_every=2, eval_samples=4, final_eval_samples=4, max_new_tokens=3)
+SMOKE = dict(targets=["opt-l", "llama-s"], seeds=[0], batch_size=4, epochs=2.0, eval_every_samples=8,
+             lr_warmup_samples=4, lr_grid=[1e-3, 2e-3], search_eval_every_samples=8, dev_rows=4, eval_samples=4,
+             final_eval_samples=4, max_new_tokens=3)
 
 
-# -------------------------------------------------------------------------------------------- one arm
+# ------------------------------------------------------------------------------------------- schedules
 
-def _train_configs(cfg: SpeedupConfig, arm: str, seed: int):
-    """(warmup_config or None, finetune_config, inherit_config, skip_warmup) of one arm."""
+def plan_steps(cfg: SpeedupConfig, n_train: int) -> dict:
+    """The step budgets every arm shares, from the training split's size. Raises when the grid cannot be
+    common (an epoch must be a whole number of eval intervals, so VPGTrans's fine-tune starts on the grid)."""
+    from vpgtrans.errors import VpgtransError
+
+    problems = [f"{name} ({getattr(cfg, name)}) is not a multiple of batch_size ({cfg.batch_size})"
+                for name in ("eval_every_samples", "lr_warmup_samples", "search_eval_every_samples")
+                if getattr(cfg, name) % cfg.batch_size]
+    epoch_steps = round(n_train / cfg.batch_size)
+    eval_every = cfg.eval_every_samples // cfg.batch_size
+    for name in ("eval_every_samples", "search_eval_every_samples"):
+        interval = getattr(cfg, name) // cfg.batch_size
+        if not problems and epoch_steps % interval:
+            problems.append(f"one epoch ({epoch_steps} steps of {cfg.batch_size}) is not a whole number of "
+                            f"{name} intervals ({interval} steps)")
+    total = round(cfg.epochs * epoch_steps)
+    if total <= epoch_steps:
+        problems.append(f"epochs ({cfg.epochs}) must leave VPGTrans some fine-tuning after its warm-up epoch")
+    if problems:
+        raise VpgtransError("transfer_speedup: " + "; ".join(problems))
+    return {"n_train": n_train, "epoch_steps": epoch_steps, "total_steps": total, "eval_every": eval_every,
+            "search_eval_every": cfg.search_eval_every_samples // cfg.batch_size,
+            "lr_warmup_steps": cfg.lr_warmup_samples // cfg.batch_size,
+            "warmup_epochs": epoch_steps * cfg.batch_size / n_train}
+
+
+def arm_configs(cfg: SpeedupConfig, plan: dict, arm: str, seed: int, lr: float, eval_every: int) -> dict:
+    """``transfer`` keyword arguments of one arm: stage configs, inherit config, which source, skip_warmup."""
     from vpgtrans.config import InheritConfig, TrainConfig
 
     common = dict(batch_size=cfg.batch_size, seed=seed, eval_max_samples=cfg.eval_samples,
-                  max_new_tokens=cfg.max_new_tokens)
-    if arm == "scratch":
-        return None, TrainConfig.finetune(lr=cfg.lr, min_lr=cfg.lr / 2, max_steps=cfg.scratch_steps,
-                                          eval_every=cfg.scratch_eval_every, **common), InheritConfig(), False
+                  max_new_tokens=cfg.max_new_tokens, eval_every=eval_every)
+
+    def cosine(steps: int) -> TrainConfig:  # every arm's VPG + projector stage: linear warm-up, then cosine
+        return TrainConfig.finetune(lr=lr, min_lr=lr * cfg.min_lr_ratio, warmup_steps=plan["lr_warmup_steps"],
+                                    max_steps=steps, **common)
+
+    if arm == "scratch-random":
+        return dict(source="source", from_scratch=True, finetune_config=cosine(plan["total_steps"]),
+                    inherit_config=InheritConfig(seed=seed))
+    if arm == "scratch":  # the stage-1 Q-Former, a fresh projector (no converter), the same single stage
+        return dict(source="stage1", skip_warmup=True, finetune_config=cosine(plan["total_steps"]),
+                    inherit_config=InheritConfig(converter="none", seed=seed))
+    inherit = InheritConfig(converter="none" if arm == "no-converter" else "shared-tokens", seed=seed)
+    if arm == "no-warmup":
+        return dict(source="source", skip_warmup=True, finetune_config=cosine(plan["total_steps"]),
+                    inherit_config=inherit)
     multiplier = 1.0 if arm == "warmup-1x" else cfg.warmup_lr_multiplier
-    warmup = TrainConfig.warmup(lr=cfg.lr * multiplier, max_steps=cfg.warmup_steps,
-                                eval_every=cfg.vpgtrans_eval_every, **common)
-    finetune = TrainConfig.finetune(lr=cfg.lr, min_lr=cfg.lr / 2, max_steps=cfg.finetune_steps,
-                                    eval_every=cfg.vpgtrans_eval_every, **common)
-    inherit = InheritConfig(converter="none" if arm == "no-converter" else "shared-tokens")
-    return warmup, finetune, inherit, arm == "no-warmup"
+    warmup = TrainConfig.warmup(lr=lr * multiplier, max_steps=plan["epoch_steps"], **common)  # constant, one epoch
+    return dict(source="source", warmup_config=warmup, finetune_config=cosine(plan["total_steps"] - plan["epoch_steps"]),
+                inherit_config=inherit)
 
 
-def run_arm(cfg: SpeedupConfig, zoo: dict, target: str, arm: str, seed: int, out_dir: Path) -> dict:
-    """Train one arm through ``vpgtrans.stages.transfer.transfer`` and score its final bundle."""
+# ------------------------------------------------------------------------------------------------ arms
+
+def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, seed: int, lr: float, out_dir: Path,
+            eval_data: Path, eval_every: int, final: bool = True) -> dict:
+    """Train one arm through ``vpgtrans.stages.transfer.transfer``; its curve on the samples grid with the
+    training seconds at each point; with ``final``, its final bundle scored on the eval splits."""
     from vpgtrans.evaluate import evaluate
     from vpgtrans.stages.transfer import transfer
 
     world = Path(zoo["world"])
-    warmup, finetune, inherit, skip_warmup = _train_configs(cfg, arm, seed)
+    kwargs = arm_configs(cfg, plan, arm, seed, lr, eval_every)
+    source = zoo[kwargs.pop("source")]
+    load = os.getloadavg()
     started = time.perf_counter()
-    summary = transfer(zoo["source"], zoo[target], world / "caption_train", out_dir, warmup_config=warmup,
-                       finetune_config=finetune, inherit_config=inherit, from_scratch=arm == "scratch",
-                       skip_warmup=skip_warmup, eval_data=world / "caption_eval", force=True)
-    train_seconds = time.perf_counter() - started
-    final = Path(summary["final_bundle"])
-    caption = evaluate(final, world / "caption_eval", max_samples=cfg.final_eval_samples, batch_size=50,
-                       max_new_tokens=cfg.max_new_tokens)["scores"]
-    vqa = evaluate(final, world / "vqa_eval", max_samples=cfg.final_eval_samples, batch_size=50,
-                   max_new_tokens=min(8, cfg.max_new_tokens))["scores"]
-    curve = [{"step": p["step"], "samples": p["samples"], "stage": p["stage"], METRIC: p[METRIC]}
-             for p in summary["curve"]]
-    converter = summary["metrics"]["inherit"].get("converter", {})
-    return {"target": target, "arm": arm, "seed": seed, "curve": curve,
-            "steps": curve[-1]["step"], "final": {"caption": caption, "vqa": vqa},
-            "converter_heldout_cosine": converter.get("heldout_cosine"),
-            "lr": {"warmup": None if warmup is None or skip_warmup else warmup.lr, "finetune": finetune.lr},
-            "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - started, 1)}
+    summary = transfer(source, zoo[target], world / "caption_train", out_dir, eval_data=eval_data, force=True, **kwargs)
+    wall = time.perf_counter() - started
+    curve = [{"samples": p["samples"], "step": p["step"], "epoch": p["samples"] / plan["n_train"], "stage": p["stage"],
+              "train_seconds": seconds, METRIC: p[METRIC]} for p, seconds in zip(summary["curve"], summary["curve_seconds"])]
+    stages = {name: c for name, c in summary["config"].items() if name != "inherit"}
+    run = {"target": target, "arm": arm, "seed": seed, "init": INIT[arm], "lr": lr,
+           "stage_lrs": {name: {"lr": c["lr"], "min_lr": c["min_lr"], "warmup_steps": c["warmup_steps"],
+                                "steps": c["max_steps"]} for name, c in stages.items()},
+           "eval_every_samples": eval_every * cfg.batch_size,
+           "warmup_epochs": plan["warmup_epochs"] if "warmup" in stages else 0.0,
+           "total_samples": sum(c["max_steps"] for c in stages.values()) * cfg.batch_size,
+           "curve": curve, "plateau": plateau(curve, cfg),
+           "converter_heldout_cosine": summary["metrics"]["inherit"].get("converter", {}).get("heldout_cosine"),
+           "train_seconds": round(sum(summary["metrics"][name]["train"]["train_seconds"] for name in stages), 2),
+           "wall_seconds": round(wall, 1), "loadavg_before": [round(x, 2) for x in load],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    if final:
+        bundle = Path(summary["final_bundle"])
+        run["final"] = {
+            "caption": evaluate(bundle, world / "caption_eval", max_samples=cfg.final_eval_samples, batch_size=50,
+                                max_new_tokens=cfg.max_new_tokens)["scores"],
+            "vqa": evaluate(bundle, world / "vqa_eval", max_samples=cfg.final_eval_samples, batch_size=50,
+                            max_new_tokens=min(8, cfg.max_new_tokens))["scores"]}
+    return run
 
 
-# --------------------------------------------------------------------------------------------- summary
+def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, dev: Path, work_dir: Path, log) -> dict:
+    """One run per lr of ``lr_grid`` (seed ``search_seed``, the arm's full schedule, dev split every
+    ``search_eval_every_samples``); the lr with the best smoothed dev CIDEr wins."""
+    trials = []
+    for lr in cfg.lr_grid:
+        run = run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / f"search-{target}-{arm}-{lr:g}",
+                      dev, plan["search_eval_every"], final=False)
+        trials.append({"lr": lr, "dev_best_smoothed": curves.best(curves.smooth(_points(run), cfg.smooth_window)),
+                       "dev_best": curves.best(_points(run)), "dev_last": run["curve"][-1][METRIC],
+                       "curve": [(p["samples"], p[METRIC]) for p in run["curve"]], "train_seconds": run["train_seconds"]})
+        log(f"  lr search {target} {arm} lr {lr:g}: dev best (smoothed) {trials[-1]['dev_best_smoothed']:.3f}")
+    chosen = max(trials, key=lambda t: t["dev_best_smoothed"])
+    return {"target": target, "arm": arm, "split": "dev", "dev_rows": cfg.dev_rows, "seed": cfg.search_seed,
+            "criterion": f"best {cfg.smooth_window}-point moving average of dev CIDEr over the run",
+            "trials": trials, "chosen_lr": chosen["lr"],
+            "at_grid_edge": len(cfg.lr_grid) > 1 and chosen["lr"] in (min(cfg.lr_grid), max(cfg.lr_grid))}
 
-def _points(run: dict) -> curves.Curve:
-    return [(p["step"], p[METRIC]) for p in run["curve"]]
+
+# ------------------------------------------------------------------------------------------- measures
+
+def _points(run: dict, unit: str = "samples") -> curves.Curve:
+    key = {"samples": "samples", "seconds": "train_seconds", "epochs": "epoch"}[unit]
+    return [(p[key], p[METRIC]) for p in run["curve"]]
 
 
-def compare(scratch: dict, other: dict, cfg: SpeedupConfig) -> dict:
-    """The speed-up measures of ``other`` against ``scratch`` (same target, same seed)."""
-    s, v = _points(scratch), _points(other)
-    paper = curves.speedup(s, v)
-    samples_per_step = cfg.batch_size
-    fraction = None if paper["vpgtrans_steps"] is None else \
-        paper["vpgtrans_steps"] * samples_per_step / max(paper["scratch_steps"] * samples_per_step, 1)
-    return {"speedup": paper["speedup"], "scratch_best": paper["scratch_best"], "scratch_steps": paper["scratch_steps"],
-            "vpgtrans_steps": paper["vpgtrans_steps"], "data_fraction": fraction,
-            "at_95": curves.threshold_speedup(s, v, 0.95, cfg.smooth_window),
-            "at_100": curves.threshold_speedup(s, v, 1.0, cfg.smooth_window)}
+def plateau(curve: list[dict], cfg: SpeedupConfig) -> dict:
+    """Did the run stop improving? On the smoothed curve: the best in the last ``plateau_fraction`` of the
+    samples budget against the best before it, and the least-squares slope there (CIDEr per epoch)."""
+    smoothed = curves.smooth([(p["samples"], p[METRIC]) for p in curve], cfg.smooth_window)
+    start = curve[-1]["samples"] * (1 - cfg.plateau_fraction)
+    before = [s for x, s in smoothed if x < start]
+    last = [(p["epoch"], s) for p, (x, s) in zip(curve, smoothed) if x >= start]
+    gain = None if not before or max(before) <= 0 else (max(s for _, s in last) - max(before)) / max(before)
+    slope = None
+    if len(last) > 1:
+        mx, my = statistics.fmean(x for x, _ in last), statistics.fmean(y for _, y in last)
+        var = sum((x - mx) ** 2 for x, _ in last)
+        slope = None if var == 0 else sum((x - mx) * (y - my) for x, y in last) / var
+    best_at = curves.steps_to_best(smoothed)
+    return {"last_fraction": cfg.plateau_fraction, "points_in_last": len(last),
+            "best_before_last": max(before) if before else None, "best_in_last": max(s for _, s in last),
+            "relative_gain_in_last": gain, "slope_per_epoch_in_last": slope,
+            "smoothed_best_at_samples": best_at, "smoothed_best_at_fraction": best_at / max(curve[-1]["samples"], 1),
+            "plateaued": gain is not None and gain < cfg.plateau_tolerance}
+
+
+def _first(curve: curves.Curve, threshold: float, strict: bool) -> int | None:
+    """Index of the first point at (strictly: above) ``threshold``."""
+    return next((i for i, (_, s) in enumerate(curve) if s > threshold or (not strict and s >= threshold)), None)
+
+
+def _ratio(base: float | None, other: float | None) -> float | None:
+    """base / other; undefined (None) when either never got there or either is at 0 (a baseline whose best is
+    its untrained start, or an arm above the bar before any training)."""
+    return None if base is None or other is None or other <= 0 or base <= 0 else base / other
+
+
+def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> dict:
+    """``{unit: {"at_best": {...}, "at_95": {...}}}`` of ``other`` over ``baseline`` (same target and seed)."""
+    out = {}
+    # samples and seconds: the crossing points found on the samples grid, the seconds read at those points
+    raw_b, raw_o = _points(baseline), _points(other)
+    sm_b, sm_o = curves.smooth(raw_b, cfg.smooth_window), curves.smooth(raw_o, cfg.smooth_window)
+    best = curves.best(raw_b)
+    crossings = {"at_best": (raw_b.index(next(p for p in raw_b if p[1] == best)), _first(raw_o, best, strict=True), best),
+                 "at_95": (_first(sm_b, 0.95 * curves.best(sm_b), False), _first(sm_o, 0.95 * curves.best(sm_b), False),
+                           0.95 * curves.best(sm_b))}
+    for unit in ("samples", "seconds"):
+        xs_b, xs_o = [x for x, _ in _points(baseline, unit)], [x for x, _ in _points(other, unit)]
+        out[unit] = {}
+        for bar, (i_b, i_o, threshold) in crossings.items():
+            b = None if i_b is None else xs_b[i_b]
+            o = None if i_o is None else xs_o[i_o]
+            out[unit][bar] = {"threshold": threshold, "baseline": b, "arm": o, "speedup": _ratio(b, o)}
+    # epochs: the paper's per-epoch evaluation, the whole-epoch points after epoch 0, raw
+    def per_epoch(run):
+        return [(p["samples"] // n_train, p[METRIC]) for p in run["curve"]
+                if p["samples"] > 0 and p["samples"] % n_train == 0]
+    ep_b, ep_o = per_epoch(baseline), per_epoch(other)
+    out["epochs"] = {}
+    if ep_b and ep_o:
+        top = curves.best(ep_b)
+        for bar, threshold, strict in (("at_best", top, True), ("at_95", 0.95 * top, False)):
+            b = curves.steps_to_best(ep_b) if bar == "at_best" else curves.first_step_reaching(ep_b, threshold)
+            o = curves.first_step_reaching(ep_o, threshold, strict=strict)
+            out["epochs"][bar] = {"threshold": threshold, "baseline": b, "arm": o, "speedup": _ratio(b, o)}
+    return out
 
 
 def _spread(values: list[float | None]) -> dict:
@@ -140,49 +296,51 @@ def _spread(values: list[float | None]) -> dict:
             "min": min(present), "max": max(present), "n": len(present), "missing": len(values) - len(present)}
 
 
-def summarize(runs: list[dict], cfg: SpeedupConfig) -> dict:
-    """Per target: the headline (scratch vs vpgtrans over seeds) and the ablation rows."""
+def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
+    """Per target: ``speedup`` / ``speedup_95`` = the headline means (vpgtrans over the stage-1 scratch arm)
+    keyed by measure (epochs, samples, seconds), ``rows`` = every comparison with its spread, ``baselines``."""
     by_key = {(r["target"], r["arm"], r["seed"]): r for r in runs}
+    comparisons = [("vpgtrans", "scratch"), ("vpgtrans", "scratch-random"), ("scratch", "scratch-random"),
+                   *((a, "scratch") for a in cfg.ablations)]
     summary = {}
     for target in cfg.targets:
         rows = []
-        for arm in ("vpgtrans", *cfg.ablations):
-            seeds = cfg.seeds if arm == "vpgtrans" else [cfg.ablation_seed]
-            comparisons = []
-            for seed in seeds:
-                if (target, arm, seed) in by_key and (target, "scratch", seed) in by_key:
-                    comparisons.append({"seed": seed, **compare(by_key[(target, "scratch", seed)],
-                                                               by_key[(target, arm, seed)], cfg)})
-            if not comparisons:
+        for arm, base in comparisons:
+            seeds = [s for s in (cfg.seeds if arm in ARMS else [cfg.ablation_seed])
+                     if (target, arm, s) in by_key and (target, base, s) in by_key]
+            if not seeds:
                 continue
-            finals = [by_key[(target, arm, c["seed"])]["final"] for c in comparisons]
-            rows.append({
-                "arm": arm, "seeds": [c["seed"] for c in comparisons], "per_seed": comparisons,
-                "speedup": _spread([c["speedup"] for c in comparisons]),
-                "speedup_95": _spread([c["at_95"]["speedup"] for c in comparisons]),
-                "speedup_100": _spread([c["at_100"]["speedup"] for c in comparisons]),
-                "vpgtrans_steps": _spread([c["vpgtrans_steps"] for c in comparisons]),
-                "data_fraction": _spread([c["data_fraction"] for c in comparisons]),
-                "final_cider": _spread([f["caption"]["cider"] for f in finals]),
-                "final_vqa": _spread([f["vqa"]["vqa_accuracy"] for f in finals]),
-            })
-        scratch = [by_key[(target, "scratch", s)] for s in cfg.seeds if (target, "scratch", s) in by_key]
+            per_seed = [{"seed": s, **speedups(by_key[(target, base, s)], by_key[(target, arm, s)], cfg, n_train)}
+                        for s in seeds]
+            finals = [by_key[(target, arm, s)].get("final") for s in seeds]
+            rows.append({"arm": arm, "baseline": base, "seeds": seeds, "per_seed": per_seed,
+                         **{unit: {bar: _spread([c[unit].get(bar, {}).get("speedup") for c in per_seed])
+                                   for bar in ("at_best", "at_95")} for unit in MEASURES},
+                         "final_cider": _spread([f and f["caption"]["cider"] for f in finals]),
+                         "final_vqa": _spread([f and f["vqa"]["vqa_accuracy"] for f in finals])})
+        headline = next((r for r in rows if (r["arm"], r["baseline"]) == ("vpgtrans", "scratch")), None)
+        baselines = {}
+        for base in BASELINES:
+            found = [by_key[(target, base, s)] for s in cfg.seeds if (target, base, s) in by_key]
+            if found:
+                baselines[base] = {"seeds": [r["seed"] for r in found],
+                                   "best_cider": _spread([curves.best(_points(r)) for r in found]),
+                                   "samples_to_best": _spread([curves.steps_to_best(_points(r)) for r in found]),
+                                   "plateaued": [r["plateau"]["plateaued"] for r in found],
+                                   "relative_gain_in_last": _spread([r["plateau"]["relative_gain_in_last"] for r in found])}
         summary[target] = {
-            "scratch": {"seeds": [r["seed"] for r in scratch],
-                        "best_cider": _spread([curves.best(_points(r)) for r in scratch]),
-                        "steps_to_best": _spread([curves.steps_to_best(_points(r)) for r in scratch]),
-                        "final_cider": _spread([r["final"]["caption"]["cider"] for r in scratch]),
-                        "final_vqa": _spread([r["final"]["vqa"]["vqa_accuracy"] for r in scratch])},
-            "rows": rows,
-        }
+            "baseline": "scratch", "arm": "vpgtrans",
+            "speedup": {unit: headline[unit]["at_best"]["mean"] if headline else None for unit in MEASURES},
+            "speedup_95": {unit: headline[unit]["at_95"]["mean"] if headline else None for unit in MEASURES},
+            "rows": rows, "baselines": baselines}
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- output
 
-def _fmt(spread: dict, digits: int = 2, suffix: str = "") -> str:
+def _fmt(spread: dict, digits: int = 2, suffix: str = "", undefined: str = "never") -> str:
     if spread["mean"] is None:
-        return "never"
+        return undefined if spread.get("missing") else "–"
     text = f"{spread['mean']:.{digits}f}{suffix}"
     if spread["n"] > 1:
         text += f" ± {spread['std']:.{digits}f} [{spread['min']:.{digits}f}, {spread['max']:.{digits}f}]"
@@ -191,53 +349,99 @@ def _fmt(spread: dict, digits: int = 2, suffix: str = "") -> str:
     return text
 
 
+def _table_rows(block: dict) -> list[list[str]]:
+    return [[row["arm"], row["baseline"], ",".join(map(str, row["seeds"])),
+             *(_fmt(row[unit][bar], 1, "×") for unit in MEASURES for bar in ("at_best", "at_95")),
+             _fmt(row["final_cider"], 3), _fmt(row["final_vqa"], 3)] for row in block["rows"]]
+
+
+COLUMNS = ["arm", "over", "seeds", *(f"{unit} to {'best' if bar == 'at_best' else '95%'}" for unit in MEASURES
+                                     for bar in ("at_best", "at_95")),
+           "final CIDEr", "final VQA acc"]
+
+
 def render(result: dict):
     from rich.console import Group
     from rich.table import Table
 
     tables = []
     for target, block in result["summary"].items():
-        scratch = block["scratch"]
-        table = Table(title=f"{result['source']} -> {target}: speed-up over train-from-scratch "
-                            f"(caption CIDEr on eval; mean ± std [min, max] over seeds)")
-        for column in ("arm", "seeds", "speed-up (best)", "to 95%", "to 100%", "VPGTrans steps", "data fraction",
-                       "final CIDEr", "final VQA acc"):
-            table.add_column(column, justify="left" if column == "arm" else "right")
-        table.add_row("scratch", ",".join(map(str, scratch["seeds"])), "1.00x", "", "",
-                      f"best at {_fmt(scratch['steps_to_best'], 0)}", "100%",
-                      _fmt(scratch["final_cider"], 3), _fmt(scratch["final_vqa"], 3))
-        for row in block["rows"]:
-            table.add_row(row["arm"], ",".join(map(str, row["seeds"])), _fmt(row["speedup"], 1, "x"),
-                          _fmt(row["speedup_95"], 1, "x"), _fmt(row["speedup_100"], 1, "x"),
-                          _fmt(row["vpgtrans_steps"], 0), _fmt(row["data_fraction"], 3),
-                          _fmt(row["final_cider"], 3), _fmt(row["final_vqa"], 3))
+        table = Table(title=f"{result['source']} -> {target}: speed-ups (mean ± std [min, max] over seeds)")
+        for column in COLUMNS:
+            table.add_column(column, justify="left" if column in ("arm", "over") else "right")
+        for row in _table_rows(block):
+            table.add_row(*row)
         tables.append(table)
     return Group(*tables)
+
+
+def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
+    """The ``docs/benchmarks.md`` section, from a result JSON (``None`` or a smoke result: the protocol only,
+    every number "to be re-measured")."""
+    measured = result is not None and not result.get("smoke") and "summary" in result
+    lines = [DOCS_BEGIN, "", "*This section is written by `python -m benchmarks.transfer_speedup --write-docs` "
+             "(or `--docs-from JSON`); do not edit it by hand.*", "",
+             f"Protocol (`SpeedupConfig`): batch {cfg.batch_size}; every arm {cfg.epochs:g} epochs of the caption "
+             f"training split in all; eval every {cfg.eval_every_samples} samples (warm-up counted) on "
+             f"{cfg.eval_samples} eval images; every cosine schedule: linear lr warm-up over {cfg.lr_warmup_samples} "
+             f"samples, then cosine to {cfg.min_lr_ratio:g} × lr at the end of the arm's budget; VPGTrans's projector "
+             f"warm-up: one epoch at {cfg.warmup_lr_multiplier:g}× lr, constant; lr per arm and target from "
+             f"{cfg.lr_grid} on a {cfg.dev_rows}-row dev split (seed {cfg.search_seed}); seeds {cfg.seeds}.", "",
+             f"Measures: **epochs** — the paper's: \"{PAPER_MEASURE}\" (DESIGN §7's statement of the paper's "
+             "measure; whole-epoch grid points, epoch 0 left out); **samples** seen (warm-up counted); **seconds** "
+             "of training wall time in the same run (evaluation left out). *to best* = the baseline's first point at "
+             "its best ÷ the arm's first point strictly above it; *to 95%* = first points reaching 95% of the "
+             "baseline's best (smoothed for samples and seconds); *never* = not reached within the budget, or undefined "
+             "(a baseline whose best is its untrained start).", ""]
+    if not measured:
+        lines += ["**Numbers: to be re-measured.** No full run of this protocol has been recorded yet "
+                  "(`benchmarks/results/transfer_speedup.json` must come from `python -m benchmarks.transfer_speedup`).",
+                  "", DOCS_END]
+        return "\n".join(lines)
+    machine = result["machine"]
+    lines += [f"Run: {result.get('finished', '?')}, {machine['cpu']}, {machine['cores']} cores, torch "
+              f"{machine['torch']}; load average at the start {result.get('loadavg_start')}, at the end "
+              f"{result.get('loadavg_end')}; {result['seconds']:.0f} s for the arms.", ""]
+    for target, block in result["summary"].items():
+        lines += [f"**{result['source']} → {target}**", "", "| " + " | ".join(COLUMNS) + " |",
+                  "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in _table_rows(block)]
+        for base, info in block["baselines"].items():
+            lines.append(f"\n{base}: best CIDEr {_fmt(info['best_cider'], 3)} at {_fmt(info['samples_to_best'], 0)} "
+                         f"samples; plateaued (last {cfg.plateau_fraction:.0%} gains < {cfg.plateau_tolerance:.0%}): "
+                         f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3, undefined='n/a')}.")
+        searched = [s for s in result["lr_search"] if s["target"] == target]
+        lines.append("\nlr chosen on dev: " + "; ".join(
+            f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}" for s in searched) + "\n")
+    if result.get("plot") and Path(result["plot"]).parent.name == "docs":
+        lines.append(f"![caption CIDEr vs epochs, every arm]({Path(result['plot']).name})\n")
+    lines.append(DOCS_END)
+    return "\n".join(lines)
+
+
+def write_docs(text: str, path: Path = Path("docs/benchmarks.md")) -> Path:
+    """Replace the marked section of ``path`` with ``text``."""
+    return write_docs_section(text, DOCS_BEGIN, DOCS_END, path)
 
 
 def plot(result: dict, path: Path) -> Path:
     plt = require_matplotlib()
     targets = list(result["summary"])
     fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.5), squeeze=False)
-    colours = {"scratch": "tab:grey", "vpgtrans": "tab:red", "no-converter": "tab:blue", "no-warmup": "tab:green",
-               "warmup-1x": "tab:orange"}
+    colours = {"scratch": "tab:grey", "scratch-random": "black", "vpgtrans": "tab:red", "no-converter": "tab:blue",
+               "no-warmup": "tab:green", "warmup-1x": "tab:orange"}
     for ax, target in zip(axes[0], targets):
         labelled = set()
         for run in result["runs"]:
             if run["target"] != target:
                 continue
-            steps, scores = zip(*_points(run))
+            xs, scores = zip(*[(p["epoch"], p[METRIC]) for p in run["curve"]])
             headline = run["arm"] in ARMS
-            ax.plot(steps, scores, color=colours.get(run["arm"], "black"), alpha=0.85 if headline else 0.7,
+            ax.plot(xs, scores, color=colours.get(run["arm"], "purple"), alpha=0.85 if headline else 0.7,
                     linestyle="-" if headline else "--", linewidth=1.6 if headline else 1.2,
                     label=None if run["arm"] in labelled else run["arm"])
             labelled.add(run["arm"])
-        for block in result["summary"][target]["rows"][:1]:
-            best = result["summary"][target]["scratch"]["best_cider"]["mean"]
-            if best is not None:
-                ax.axhline(best, color="tab:grey", linewidth=0.8, linestyle=":", label="scratch best (mean)")
-        ax.set_xscale("symlog", linthresh=100)
-        ax.set_xlabel("optimizer steps (VPGTrans: warm-up included; symlog axis)")
+        ax.set_xlabel("epochs of the caption training split (samples / rows; VPGTrans's warm-up included)")
         ax.set_ylabel("caption CIDEr (eval split)")
         ax.set_title(f"{result['source']} -> {target}")
         ax.grid(alpha=0.3)
@@ -252,62 +456,85 @@ def plot(result: dict, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- main
 
 def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
-    """Every arm of every target and seed (scratch first), then the summary."""
-    import json
-
+    """The lr search on the dev split, then every arm of every target and seed, then the summary."""
     import torch
 
+    from vpgtrans.demo import world2
+
+    n_train = sum(1 for _ in open(Path(zoo["world"]) / "caption_train" / "data.jsonl"))
+    plan = plan_steps(cfg, n_train)
+    dev = world2.make_split(work_dir / "caption_dev", "caption", cfg.dev_rows, seed=10_000 + cfg.zoo_seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    started = time.perf_counter()
-    plan = [(t, "scratch", s) for t in cfg.targets for s in cfg.seeds] + \
-           [(t, "vpgtrans", s) for t in cfg.targets for s in cfg.seeds] + \
-           [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
-    runs = []
+    started, load = time.perf_counter(), os.getloadavg()
+    runs, searches = [], []
     try:
-        for i, (target, arm, seed) in enumerate(plan, 1):
-            run_ = run_arm(cfg, zoo, target, arm, seed, work_dir / f"{target}-{arm}-seed{seed}")
+        for target in cfg.targets:
+            for arm in SEARCHED:
+                searches.append(search_lr(cfg, zoo, plan, target, arm, dev, work_dir, log))
+        lrs = {(s["target"], s["arm"]): s["chosen_lr"] for s in searches}
+        jobs = [(t, a, s) for t in cfg.targets for a in ARMS for s in cfg.seeds] + \
+               [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
+        for i, (target, arm, seed) in enumerate(jobs, 1):
+            lr = lrs[(target, arm if arm in SEARCHED else "vpgtrans")]
+            run_ = run_arm(cfg, zoo, plan, target, arm, seed, lr, work_dir / f"{target}-{arm}-seed{seed}",
+                           Path(zoo["world"]) / "caption_eval", plan["eval_every"])
+            search = next(x for x in searches if (x["target"], x["arm"]) == (target, arm if arm in SEARCHED else "vpgtrans"))
+            run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": cfg.lr_grid,
+                                 "split": "dev", "criterion": search["criterion"], "at_grid_edge": search["at_grid_edge"],
+                                 "dev_best_smoothed": {str(t["lr"]): t["dev_best_smoothed"] for t in search["trials"]}}
             runs.append(run_)
-            log(f"[{i}/{len(plan)}] {target} {arm} seed {seed}: best CIDEr {curves.best(_points(run_)):.3f}, "
-                f"final CIDEr {run_['final']['caption']['cider']:.3f}, VQA {run_['final']['vqa']['vqa_accuracy']:.3f} "
-                f"({run_['seconds']:.0f}s)")
+            log(f"[{i}/{len(jobs)}] {target} {arm} seed {seed} lr {lr:g}: best CIDEr {curves.best(_points(run_)):.3f}, "
+                f"final CIDEr {run_['final']['caption']['cider']:.3f}, plateaued {run_['plateau']['plateaued']} "
+                f"({run_['wall_seconds']:.0f}s)")
     finally:
         torch.set_num_threads(threads)
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
-    return {"benchmark": "transfer_speedup", "config": asdict(cfg), "machine": machine_info(),
-            "source": "opt-s", "zoo": {"root": str(zoo["root"]), "version": zoo_record["zoo_version"],
-                                        "seed": zoo_record["seed"], "trained": zoo_record["trained"],
-                                        "metrics": zoo_record["metrics"], "build_seconds": zoo_record.get("build_seconds")},
-            "runs": runs, "summary": summarize(runs, cfg), "seconds": round(time.perf_counter() - started, 1)}
+    return {"benchmark": "transfer_speedup", "config": asdict(cfg), "plan": plan, "machine": machine_info(),
+            "source": "opt-s", "paper_measure": PAPER_MEASURE,
+            "zoo": {"root": str(zoo["root"]), "version": zoo_record["zoo_version"], "seed": zoo_record["seed"],
+                    "trained": zoo_record["trained"], "metrics": zoo_record["metrics"],
+                    "build_seconds": zoo_record.get("build_seconds"), "stage1": zoo.get("stage1_record")},
+            "lr_search": searches, "runs": runs, "summary": summarize(runs, cfg, n_train),
+            "loadavg_start": [round(x, 2) for x in load], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = result_parser("transfer_speedup", __doc__, "random-weight tiny zoo and a few steps (plumbing only)",
                            SpeedupConfig)
-    parser.add_argument("--work-dir", type=Path, default=None, help="where the arms' bundles go (default: a temp dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
+    add_zoo_options(parser)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, regenerate the speed-up section of docs/benchmarks.md from its JSON")
+    parser.add_argument("--docs-from", type=Path, default=None,
+                        help="only regenerate the docs section from this result JSON (no run)")
     args = parser.parse_args(argv)
+    if args.docs_from is not None:
+        result = json.loads(args.docs_from.read_text()) if args.docs_from.is_file() else None
+        cfg = SpeedupConfig(**result["config"]) if result and "plan" in result else SpeedupConfig()
+        print(f"wrote {write_docs(markdown(result if result and 'plan' in result else None, cfg))}")
+        return result
     cfg = result_config(args, SpeedupConfig, SMOKE)
     unknown = sorted(set(cfg.ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown ablations {unknown}; known: {list(ABLATIONS)}")
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-speedup-") as tmp:
-        if args.smoke:
-            from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
+        zoo_started = time.perf_counter()
+        zoo = dict(zoo_v2(args, cfg.zoo_seed, Path(tmp)))
+        from vpgtrans.demo.zoo2 import stage1_qformer
 
-            zoo = build_tiny_zoo_v2(Path(tmp) / "zoo", seed=cfg.zoo_seed)
-        else:
-            from vpgtrans.demo.zoo2 import build_zoo_v2
-
-            zoo_started = time.perf_counter()
-            zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
-            print(f"zoo-v2 ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
+        zoo["stage1"], zoo["stage1_record"] = stage1_qformer(zoo, cfg.zoo_seed, log=print)
+        print(f"zoo-v2 + stage-1 Q-Former ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
         result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs")
+    result["smoke"] = bool(args.smoke)
     out = save_result("transfer_speedup", args, result, plot)
+    if args.write_docs and not args.smoke:
+        print(f"wrote {write_docs(markdown(result, cfg))}")
     from rich.console import Console
 
-    Console(width=170).print(render(result))
+    Console(width=200).print(render(result))
     print(f"results: {out} ({result['seconds']:.0f}s for the arms)")
     return result
 

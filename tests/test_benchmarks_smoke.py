@@ -52,28 +52,76 @@ def test_a_step_zero_crossing_counts_as_one_step():
     assert curves.speedup(SCRATCH, [(0, 0.9)])["speedup"] == 300.0
 
 
-def _run(target, arm, seed, points, cider=0.5, vqa=0.4):
+def _run(target, arm, seed, points, cider=0.5, vqa=0.4, n_train=100, seconds_per_sample=0.01):
+    """A hand-made run: points are (samples, score); training seconds proportional to samples."""
     return {"target": target, "arm": arm, "seed": seed,
-            "curve": [{"step": s, "samples": s * 8, "stage": "x", "cider": c} for s, c in points],
+            "curve": [{"samples": x, "epoch": x / n_train, "train_seconds": x * seconds_per_sample, "cider": c}
+                      for x, c in points],
+            "plateau": {"plateaued": True, "relative_gain_in_last": 0.0},
             "final": {"caption": {"cider": cider}, "vqa": {"vqa_accuracy": vqa}}}
 
 
-def test_summarize_reports_speedups_data_fraction_and_spread():
-    from benchmarks.transfer_speedup import SpeedupConfig, summarize
+# every 50 samples; n_train = 100, so whole epochs at 100, 200, ...
+GRID_SCRATCH = [(0, 0.0), (50, 0.2), (100, 0.4), (150, 0.5), (200, 0.6), (250, 0.65), (300, 0.7), (350, 0.6),
+                (400, 0.7)]
+GRID_VPGTRANS = [(0, 0.1), (50, 0.3), (100, 0.5), (150, 0.6), (200, 0.72), (250, 0.75), (300, 0.7), (350, 0.7),
+                 (400, 0.8)]
 
-    cfg = SpeedupConfig(targets=["opt-l"], seeds=[0, 1], ablations=["no-warmup"], ablation_seed=0, batch_size=8)
-    runs = [_run("opt-l", "scratch", 0, SCRATCH, cider=0.7), _run("opt-l", "vpgtrans", 0, VPGTRANS, cider=0.8),
-            _run("opt-l", "scratch", 1, SCRATCH, cider=0.7), _run("opt-l", "vpgtrans", 1, [(0, 0.1), (30, 0.9)], cider=0.9),
-            _run("opt-l", "no-warmup", 0, [(0, 0.0), (100, 0.1)], cider=0.1)]
-    block = summarize(runs, cfg)["opt-l"]
-    assert block["scratch"]["steps_to_best"]["mean"] == 300
-    headline, ablation = block["rows"]
-    assert headline["arm"] == "vpgtrans" and headline["seeds"] == [0, 1]
-    assert [c["speedup"] for c in headline["per_seed"]] == [5.0, 10.0]
-    assert headline["speedup"]["mean"] == 7.5 and headline["speedup"]["std"] == pytest.approx(12.5 ** 0.5)
-    assert headline["data_fraction"]["min"] == pytest.approx(30 / 300) and headline["data_fraction"]["max"] == pytest.approx(60 / 300)
-    assert headline["final_cider"]["mean"] == pytest.approx(0.85)
-    assert ablation["arm"] == "no-warmup" and ablation["speedup"]["mean"] is None and ablation["speedup"]["missing"] == 1
+
+def test_speedups_in_epochs_samples_and_seconds():
+    from benchmarks.transfer_speedup import SpeedupConfig, speedups
+
+    cfg = SpeedupConfig(smooth_window=1)
+    # the vpgtrans arm's seconds run twice as slow per sample: the seconds ratio is half the samples ratio
+    out = speedups(_run("t", "scratch", 0, GRID_SCRATCH), _run("t", "vpgtrans", 0, GRID_VPGTRANS, seconds_per_sample=0.02),
+                   cfg, n_train=100)
+    # samples, to best: scratch first at 0.7 at 300; vpgtrans first above 0.7 at 200 (0.72)
+    assert out["samples"]["at_best"] == {"threshold": 0.7, "baseline": 300, "arm": 200, "speedup": 1.5}
+    assert out["seconds"]["at_best"]["speedup"] == pytest.approx(3.0 / 4.0)
+    # samples, to 95% (window 1 = raw): 0.665 -> scratch at 300, vpgtrans at 200
+    assert (out["samples"]["at_95"]["baseline"], out["samples"]["at_95"]["arm"]) == (300, 200)
+    # epochs: scratch per epoch 0.4, 0.6, 0.7, 0.7 -> best at epoch 3; vpgtrans 0.5, 0.72 -> above 0.7 at epoch 2
+    assert out["epochs"]["at_best"] == {"threshold": 0.7, "baseline": 3, "arm": 2, "speedup": 1.5}
+    # 95% of 0.7 = 0.665: scratch reaches it at epoch 3, vpgtrans at epoch 2
+    assert out["epochs"]["at_95"]["speedup"] == 1.5
+    never = speedups(_run("t", "scratch", 0, GRID_SCRATCH), _run("t", "x", 0, [(0, 0.1), (100, 0.7)]), cfg, 100)
+    assert never["samples"]["at_best"]["speedup"] is None and never["epochs"]["at_best"]["arm"] is None
+
+
+def test_summarize_keys_the_headline_by_measure_and_recomputes_from_runs():
+    from benchmarks.transfer_speedup import SpeedupConfig, speedups, summarize
+
+    cfg = SpeedupConfig(targets=["opt-l"], seeds=[0, 1], ablations=["no-warmup"], ablation_seed=0, smooth_window=1)
+    faster = [(x, min(1.0, s + 0.2)) for x, s in GRID_VPGTRANS]
+    runs = [_run("opt-l", "scratch", 0, GRID_SCRATCH), _run("opt-l", "vpgtrans", 0, GRID_VPGTRANS, cider=0.8),
+            _run("opt-l", "scratch", 1, GRID_SCRATCH), _run("opt-l", "vpgtrans", 1, faster, cider=0.9),
+            _run("opt-l", "scratch-random", 0, GRID_SCRATCH), _run("opt-l", "no-warmup", 0, [(0, 0.0), (400, 0.1)])]
+    block = summarize(runs, cfg, n_train=100)["opt-l"]
+    per_seed = [speedups(runs[2 * s], runs[2 * s + 1], cfg, 100) for s in (0, 1)]
+    for unit in ("epochs", "samples", "seconds"):
+        expected = [p[unit]["at_best"]["speedup"] for p in per_seed]
+        assert block["speedup"][unit] == pytest.approx(sum(expected) / 2)
+    # seed 1: 0.7 at 100 samples only equals scratch's best; 0.8 at 150 exceeds it -> 300 / 150
+    assert per_seed[1]["samples"]["at_best"]["speedup"] == 2.0
+    rows = {(r["arm"], r["baseline"]): r for r in block["rows"]}
+    assert set(rows) == {("vpgtrans", "scratch"), ("vpgtrans", "scratch-random"), ("scratch", "scratch-random"),
+                         ("no-warmup", "scratch")}
+    assert rows[("vpgtrans", "scratch")]["final_cider"]["mean"] == pytest.approx(0.85)
+    assert rows[("vpgtrans", "scratch-random")]["seeds"] == [0]
+    assert rows[("no-warmup", "scratch")]["samples"]["at_best"]["missing"] == 1
+    assert block["baselines"]["scratch"]["samples_to_best"]["mean"] == 300
+
+
+def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
+    from benchmarks.transfer_speedup import SpeedupConfig, plan_steps
+    from vpgtrans.errors import VpgtransError
+
+    plan = plan_steps(SpeedupConfig(), 6000)
+    assert (plan["epoch_steps"], plan["total_steps"], plan["eval_every"], plan["warmup_epochs"]) == (150, 1500, 30, 1.0)
+    with pytest.raises(VpgtransError, match="not a whole number of eval_every_samples intervals"):
+        plan_steps(SpeedupConfig(eval_every_samples=1600), 6000)
+    with pytest.raises(VpgtransError, match="not a multiple of batch_size"):
+        plan_steps(SpeedupConfig(eval_every_samples=1210), 6000)
 
 
 # ---------------------------------------------------------------------------------------- converter
@@ -107,6 +155,44 @@ def test_converter_fit_smoke(tmp_path):
     cos = np.mean(np.sum(pred * yh, 1) / np.linalg.norm(pred, axis=1) / np.linalg.norm(yh, axis=1))
     assert saved["closed_form"]["heldout_cosine"] == pytest.approx(cos, abs=1e-6)
     assert result["closed_form"]["heldout_cosine"] > 0.5  # the map is linear + noise: the fit finds it
+    assert saved["sgd"]["steps"] == cfg.epochs * -(-cfg.corpus_tokens // cfg.batch_size)
+    # The zoo case: pairs the library's pairing makes, restricted to tokens the captions use; the closed form's
+    # held-out cosine recomputed with numpy on the same tables.
+    assert [(c["source"], c["target"]) for c in saved["zoo_cases"]] == [("opt-s", "opt-l"), ("opt-s", "llama-s")]
+    for case in saved["zoo_cases"]:
+        pairs = case["pairs"]
+        assert pairs["train"] + pairs["heldout"] == pairs["used_in_captions"] <= pairs["paired"]
+        assert case["sgd"]["steps"] == saved["sgd"]["steps"] and case["sgd"]["rows"] == saved["sgd"]["rows"]
+        assert case["cosine_gap"] == pytest.approx(case["closed_form"]["heldout_cosine"] - case["sgd"]["heldout_cosine"])
+    # The docs table is the result's numbers.
+    text = converter_fit.markdown(saved)
+    assert text.startswith(converter_fit.DOCS_BEGIN) and text.endswith(converter_fit.DOCS_END)
+    assert f"| {saved['closed_form']['heldout_cosine']:.4f} | {saved['speedup']:.1f}x |" in text
+    assert f"{saved['sgd']['steps']} steps | {saved['sgd']['seconds']:.2f} | {saved['sgd']['heldout_cosine']:.4f} |" in text
+
+
+def test_sgd_batches_summed_per_token_equal_the_row_by_row_mean():
+    import torch
+
+    from benchmarks import converter_fit
+
+    cfg = converter_fit.ConverterBenchConfig(**{**converter_fit.SMOKE, "epochs": 1, "corpus_tokens": 300,
+                                                "batch_size": 300})
+    tables = converter_fit.make_tables(cfg)
+    ours = converter_fit.fit_sgd(cfg, tables)
+    # one step by hand, every row its own term
+    torch.manual_seed(cfg.seed)
+    linear = torch.nn.Linear(cfg.source_dim, cfg.target_dim)
+    stream = converter_fit.corpus_stream(tables["frequency"], 300, torch.Generator().manual_seed(cfg.seed + 1))
+    x = tables["source"][tables["train_source_ids"]][stream]
+    y = tables["target"][tables["train_target_ids"]][stream]
+    loss = (1 - torch.nn.functional.cosine_similarity(linear(x), y, dim=-1)).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in linear.parameters():
+            p -= cfg.lr * p.grad
+        cosine = converter_fit.heldout_cosine(linear.weight, linear.bias, tables)
+    assert ours["steps"] == 1 and ours["heldout_cosine"] == pytest.approx(cosine, abs=1e-5)
 
 
 def test_converter_tables_hold_a_noiseless_linear_map():
@@ -124,35 +210,59 @@ def test_converter_tables_hold_a_noiseless_linear_map():
 
 def test_transfer_speedup_smoke(tmp_path):
     from benchmarks import transfer_speedup
+    from benchmarks.transfer_speedup import speedups
 
     out = tmp_path / "speedup.json"
     transfer_speedup.main(["--smoke", "--no-plot", "--out", str(out), "--targets", "llama-s",
                            "--work-dir", str(tmp_path / "runs")])
     saved = json.loads(out.read_text())
-    cfg = saved["config"]
+    cfg, plan = saved["config"], saved["plan"]
     arms = {(r["target"], r["arm"], r["seed"]) for r in saved["runs"]}
-    assert arms == {("llama-s", arm, 0) for arm in ("scratch", "vpgtrans", *transfer_speedup.ABLATIONS)}
+    assert arms == {("llama-s", arm, 0) for arm in (*transfer_speedup.ARMS, *transfer_speedup.ABLATIONS)}
+    assert (plan["n_train"], plan["epoch_steps"]) == (16, 16 // cfg["batch_size"])
+    grid = list(range(0, int(cfg["epochs"] * plan["n_train"]) + 1, cfg["eval_every_samples"]))
     for run in saved["runs"]:
-        steps = [p["step"] for p in run["curve"]]
-        assert steps == sorted(steps) and steps[0] == 0
-        expected = cfg["scratch_steps"] if run["arm"] == "scratch" else \
-            cfg["finetune_steps"] + (0 if run["arm"] == "no-warmup" else cfg["warmup_steps"])
-        assert steps[-1] == expected == run["steps"]
+        # the interface: every run names its arm, init, grid, warm-up length, lr search and plateau evidence
+        assert run["init"] == transfer_speedup.INIT[run["arm"]] and run["eval_every_samples"] == cfg["eval_every_samples"]
+        assert [p["samples"] for p in run["curve"]] == grid  # one grid for every arm, warm-up counted
+        seconds = [p["train_seconds"] for p in run["curve"]]
+        assert seconds[0] == 0 and seconds == sorted(seconds)
+        assert run["warmup_epochs"] == (1.0 if run["arm"] in ("vpgtrans", "no-converter", "warmup-1x") else 0.0)
+        assert run["lr_search"]["chosen_lr"] == run["lr"] and run["lr_search"]["split"] == "dev"
+        assert {"plateaued", "relative_gain_in_last", "slope_per_epoch_in_last"} <= set(run["plateau"])
+        cosine = run["stage_lrs"]["scratch" if run["arm"] == "scratch-random" else "finetune"]
+        assert cosine == {"lr": run["lr"], "min_lr": pytest.approx(run["lr"] * cfg["min_lr_ratio"]),
+                          "warmup_steps": cfg["lr_warmup_samples"] // cfg["batch_size"], "steps": cosine["steps"]}
+        if "warmup" in run["stage_lrs"]:  # one epoch, constant, at 5x (1x for warmup-1x)
+            multiplier = 1.0 if run["arm"] == "warmup-1x" else cfg["warmup_lr_multiplier"]
+            assert run["stage_lrs"]["warmup"] == {"lr": pytest.approx(multiplier * run["lr"]), "min_lr": None,
+                                                  "warmup_steps": 0, "steps": plan["epoch_steps"]}
         assert {"cider", "bleu4"} <= set(run["final"]["caption"]) and "vqa_accuracy" in run["final"]["vqa"]
-        if run["arm"] in ("vpgtrans", "no-warmup", "warmup-1x"):
-            assert run["converter_heldout_cosine"] is not None
-    block = saved["summary"]["llama-s"]
-    assert [row["arm"] for row in block["rows"]] == ["vpgtrans", *transfer_speedup.ABLATIONS]
+    searches = {(s["target"], s["arm"]) for s in saved["lr_search"]}
+    assert searches == {("llama-s", arm) for arm in transfer_speedup.SEARCHED}
+    for search in saved["lr_search"]:
+        assert [t["lr"] for t in search["trials"]] == cfg["lr_grid"]
+        assert search["chosen_lr"] == max(search["trials"], key=lambda t: t["dev_best_smoothed"])["lr"]
+    # the summary's numbers are the runs' numbers
     by_arm = {r["arm"]: r for r in saved["runs"]}
-    for row in block["rows"]:  # the summary's numbers are the curves' numbers
-        expected = curves.speedup(*[[(p["step"], p["cider"]) for p in by_arm[a]["curve"]] for a in ("scratch", row["arm"])])
-        assert row["per_seed"][0]["speedup"] == expected["speedup"]
-        assert row["final_cider"]["mean"] == by_arm[row["arm"]]["final"]["caption"]["cider"]
-    assert {p["stage"] for p in by_arm["no-warmup"]["curve"]} == {"finetune"}
-    assert {p["stage"] for p in by_arm["vpgtrans"]["curve"]} == {"warmup", "finetune"}
-    # The warm-up of the warmup-1x arm runs at the normal lr, VPGTrans's at 5x.
-    assert by_arm["warmup-1x"]["lr"] == {"warmup": cfg["lr"], "finetune": cfg["lr"]}
-    assert by_arm["vpgtrans"]["lr"] == {"warmup": 5 * cfg["lr"], "finetune": cfg["lr"]}
+    block = saved["summary"]["llama-s"]
+    headline = speedups(by_arm["scratch"], by_arm["vpgtrans"], transfer_speedup.SpeedupConfig(**cfg), plan["n_train"])
+    assert set(block["speedup"]) == {"epochs", "samples", "seconds"}
+    for unit in ("epochs", "samples", "seconds"):
+        assert block["speedup"][unit] == headline[unit].get("at_best", {}).get("speedup")
+    assert saved["smoke"] is True
+
+
+def test_docs_section_says_to_be_remeasured_without_a_full_run(tmp_path):
+    from benchmarks import transfer_speedup
+
+    text = transfer_speedup.markdown(None, transfer_speedup.SpeedupConfig())
+    assert text.startswith(transfer_speedup.DOCS_BEGIN) and text.endswith(transfer_speedup.DOCS_END)
+    assert "to be re-measured" in text and transfer_speedup.PAPER_MEASURE in text
+    doc = tmp_path / "b.md"
+    doc.write_text(f"before\n{transfer_speedup.DOCS_BEGIN}\nold\n{transfer_speedup.DOCS_END}\nafter\n")
+    transfer_speedup.write_docs(text, doc)
+    assert doc.read_text() == f"before\n{text}\nafter\n"
 
 
 def test_benchmarks_say_what_to_install_without_matplotlib(monkeypatch):
@@ -167,5 +277,5 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import converter_fit
 
-    result = converter_fit.main(["--smoke", "--out", str(tmp_path / "c.json"), "--epochs", "1"])
+    result = converter_fit.main(["--smoke", "--out", str(tmp_path / "c.json"), "--epochs", "1", "--zoo-pairs", ""])
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["plot"] == str(tmp_path / "c.png")

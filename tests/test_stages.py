@@ -260,6 +260,11 @@ def test_eval_every_records_a_curve(inherited, tiny, tmp_path):
             assert isinstance(point[key], (int, float)) and math.isfinite(point[key])
     assert manifest["metrics"]["eval"] == {k: curve[-1][k] for k in metric_keys}
     assert manifest["config"]["eval_data"] == str(tiny["vqa"].resolve())
+    # The training wall time at each point (evaluations left out): from 0, growing, within the stage's total.
+    train = manifest["metrics"]["train"]
+    times = train["curve_seconds"]
+    assert len(times) == len(curve) and times[0] < 0.5 and times == sorted(times)
+    assert times[-1] <= train["train_seconds"] + 0.01 and train["train_seconds"] <= train["seconds"]
 
 
 def test_transfer_writes_every_stage_and_a_cumulative_curve(tiny, tmp_path):
@@ -285,6 +290,10 @@ def test_transfer_writes_every_stage_and_a_cumulative_curve(tiny, tmp_path):
         {k: v for k, v in finetune_curve[-1].items() if k not in ("step", "samples")}
     assert saved["metrics"]["warmup"]["train"]["steps"] == 2 and saved["metrics"]["finetune"]["train"]["steps"] == 2
     assert summary["curve"] == curve
+    # Training seconds on the same cumulative axis: the fine-tune's own, offset by the whole warm-up's.
+    warmup, finetune = (saved["metrics"][name]["train"] for name in ("warmup", "finetune"))
+    assert saved["curve_seconds"] == warmup["curve_seconds"] + [
+        round(t + warmup["train_seconds"], 3) for t in finetune["curve_seconds"][1:]]
 
 
 def test_transfer_without_eval_and_from_scratch(tiny, tmp_path):

@@ -12,6 +12,9 @@ writes the same layout with random weights and a tiny world in seconds, for smok
     vision/                  Blip2VisionModel (+ image processor), masked-patch-autoencoder pre-training
     opt-s/, opt-l/, llama-s/ causal LMs + tokenizers, pre-trained on scene-then-text sequences
     source-blip2-opt-s/      Blip2ForConditionalGeneration (vision + VPG + opt-s) + Blip2Processor
+    qformer-stage1/          the same layout, its VPG from BLIP-2 first-stage pre-training (no LLM; fresh
+                             projector): the paper's train-from-scratch start. Built on first use by
+                             ``stage1_qformer()`` (a cached zoo without it stays valid), stage1.json beside it
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, 
            "cross_attention_frequency": 1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 VISION_IMAGES, VISION_STEPS = 6000, 800
 SOURCE_IMAGES, SOURCE_STEPS, SOURCE_LR = 16000, 8000, 2e-3
+STAGE1 = {"full": dict(steps=3000, batch_size=64, lr=2e-3, eval_count=200, eval_every=250),
+          "tiny": dict(steps=2, batch_size=4, lr=2e-3, eval_count=4, eval_every=0)}
+STAGE1_DIR = "qformer-stage1"
 MIN_SOURCE_ACCURACY = 0.5  # caption attribute accuracy below which a build is not cached
 PARTS = ("vision", "source", *LLMS)
 SPLITS = ("caption_train", "caption_eval", "vqa_train", "vqa_eval")
@@ -108,8 +114,7 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     record["params"]["source_vpg"] = trainable
     if trained:
         # The source's own pre-training set: fresh scenes (not the benchmark's train split), in memory.
-        rng = random.Random(f"vpgtrans-source2:{seed}")
-        scenes = [world2.sample_scene(rng) for _ in range(SOURCE_IMAGES)]
+        scenes = _source_scenes(seed, SOURCE_IMAGES)
         pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
                                        return_tensors="pt")["pixel_values"]
         features = pretrain.vision_features(source.vision_model, pixel_values)
@@ -130,6 +135,57 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
             record["metrics"].update({f"source/{task}_eval/{k}": v for k, v in scores.items() if k != "examples"})
         lap("evaluation")
     return record
+
+
+def _source_scenes(seed: int, n: int) -> list[dict]:
+    """The source's own pre-training scenes (fresh, not the benchmark's train split)."""
+    rng = random.Random(f"vpgtrans-source2:{seed}")
+    return [world2.sample_scene(rng) for _ in range(n)]
+
+
+def stage1_qformer(paths: dict[str, Path], seed: int = 0, log=None) -> tuple[Path, dict]:
+    """``paths["root"]/qformer-stage1``: a Q-Former given BLIP-2's first-stage pre-training (ITC + ITM,
+    ``vpgtrans.demo.stage1``) on the source's own pre-training images and captions, without any LLM, saved in
+    the source's layout with a fresh projector; built once and cached beside the zoo's other parts.
+    A tiny zoo (``zoo.json`` ``trained`` false) gets a 2-step run on a few scenes. Returns (directory, record)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2VisionModel
+
+    from vpgtrans.demo import stage1
+    from vpgtrans.images import build_image_processor
+
+    root = Path(paths["root"])
+    out, record_file = root / STAGE1_DIR, root / STAGE1_DIR / "stage1.json"
+    trained = json.loads((root / "zoo.json").read_text())["trained"]
+    settings = STAGE1["full" if trained else "tiny"]
+    if record_file.is_file() and json.loads(record_file.read_text())["settings"] == settings:
+        return out, json.loads(record_file.read_text())
+    log = log or logger.info
+    started = time.perf_counter()
+    with zoo_parts.quiet(threads=1):
+        vision = Blip2VisionModel.from_pretrained(paths["vision"])
+        opt_tokenizer = AutoTokenizer.from_pretrained(paths["opt-s"])
+        scenes = _source_scenes(seed, SOURCE_IMAGES if trained else 16)
+        image_processor = build_image_processor(world2.IMAGE_SIZE)
+        pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
+                                       return_tensors="pt")["pixel_values"]
+        model = stage1.stage1_model(vision, opt_tokenizer, QFORMER, NUM_QUERY_TOKENS, seed * 1000 + 30)
+        scores = stage1.pretrain_stage1(model, opt_tokenizer, pixel_values, [world2.caption_for(s) for s in scenes],
+                                        seed=seed, log=log, **settings)
+        llm = AutoModelForCausalLM.from_pretrained(paths["opt-s"])
+        source_tokenizer = zoo_parts.source_tokenizer(opt_tokenizer)
+        source = stage1.to_source(model, llm, source_tokenizer, seed * 1000 + 31, NUM_QUERY_TOKENS, QFORMER)
+        with zoo_parts.staging_dir(out) as tmp:
+            zoo_parts.save_source(tmp, source, image_processor, source_tokenizer)
+            record = {"settings": settings, "seed": seed, "data": f"the source's {len(scenes)} pre-training scenes",
+                      "losses": ["itc", "itm"], "metrics": scores, "seconds": round(time.perf_counter() - started, 1),
+                      "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            (tmp / "stage1.json").write_text(json.dumps(record, indent=2) + "\n")
+            zoo_parts.install(tmp, out, replace=True, is_complete=lambda p: (p / "stage1.json").is_file())
+    log(f"zoo-v2: stage-1 Q-Former built in {record['seconds']:.0f}s, held-out retrieval top-1 "
+        f"{scores['retrieval_top1']:.3f} (chance {scores['chance']:.3f})")
+    return out, record
 
 
 def _quiet_build(root: Path, seed: int, trained: bool, log) -> dict:

@@ -265,6 +265,8 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
     # --- state: fresh, or everything the checkpoint holds -----------------------------------------
     torch.manual_seed(config.seed + rank)  # dropout streams: reproducible, different on each process
     step, cursor, losses, curve, records, skipped, seconds = 0, DataCursor(len(dataset), config.seed), [], [], [], [], 0.0
+    # Training wall time (evaluations left out) when each curve point was taken: metrics.train.curve_seconds.
+    eval_seconds, curve_seconds = 0.0, []
     if resumed is not None:
         saved = resumed["state"]
         check_optimizer_state(resumed["optimizer"], optimizer, checkpoint)
@@ -273,6 +275,7 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         set_rng_state(saved["rng"][rank % len(saved["rng"])], checkpoint)
         step, losses, curve, records, skipped = saved["step"], saved["losses"], saved["curve"], saved["records"], saved["skipped"]
         cursor, seconds = DataCursor(len(dataset), config.seed, **saved["position"]), saved["seconds"]
+        eval_seconds, curve_seconds = saved.get("eval_seconds", 0.0), saved.get("curve_seconds", [])
         for key, value in saved["data_stats"].items():
             setattr(data_stats, key, value)
         if main:
@@ -293,6 +296,7 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
     def save(done: int) -> Path | None:
         state = {"record": record, "scheduler": scheduler.state_dict(), "position": cursor.position(), "losses": losses,
                  "curve": curve, "records": records, "skipped": skipped, "seconds": seconds + time.time() - started,
+                 "eval_seconds": eval_seconds, "curve_seconds": curve_seconds,
                  "data_stats": data_stats.to_dict(), "num_processes": world}
         rngs = gather_object([rng_state()])  # every process's RNG, in rank order
         # Whole tensors (gathered under FSDP, by every process): resumable on any number of processes.
@@ -305,10 +309,18 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         accelerator.wait_for_everyone()
         return path
 
+    def evaluate_here(done: int) -> None:
+        """One curve point; its training wall time so far (evaluations left out) goes to ``curve_seconds``."""
+        nonlocal eval_seconds
+        clock = time.time()
+        curve_seconds.append(round(seconds + clock - started - eval_seconds, 3))
+        curve.append(_eval_point(accelerator, core, eval_set, config, done, done * config.batch_size))
+        eval_seconds += time.time() - clock
+        emit({"type": "eval", **curve[-1]})
+
     # --- train -------------------------------------------------------------------------------------
     if resumed is None and eval_set is not None and config.eval_every:
-        curve.append(_eval_point(accelerator, core, eval_set, config, 0, 0))
-        emit({"type": "eval", **curve[-1]})
+        evaluate_here(0)
     train_mode(model, core, trained)
     last_good = None
     with StopSignal() as stop:
@@ -350,8 +362,7 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
                 emit({"type": "train", "step": step, "samples": step * config.batch_size, "epoch": cursor.epoch,
                       "loss": step_loss, "lr": lr, "seconds": round(seconds + time.time() - started, 3)})
             if eval_set is not None and config.eval_every and (step % config.eval_every == 0 or step == steps):
-                curve.append(_eval_point(accelerator, core, eval_set, config, step, step * config.batch_size))
-                emit({"type": "eval", **curve[-1]})
+                evaluate_here(step)
                 train_mode(model, core, trained)
             saved_now = None
             if options.save_every and step % options.save_every == 0 and step < steps:
@@ -367,7 +378,9 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         steps_here = steps - (resumed["state"]["step"] if resumed else 0)
         metrics = {"train": {"steps": steps, "samples": steps * config.batch_size, "epochs": steps * config.batch_size / len(dataset),
                              "final_loss": losses[-1], "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
-                             "seconds": round(seconds, 2), "samples_per_second": round(steps_here * config.batch_size / max(
+                             "seconds": round(seconds, 2), "train_seconds": round(seconds - eval_seconds, 2),
+                             "curve_seconds": curve_seconds,
+                             "samples_per_second": round(steps_here * config.batch_size / max(
                                  time.time() - started, 1e-9), 2), "skipped_nonfinite": len(skipped),
                              "skipped_nonfinite_batches": skipped, "resumed": resumed is not None, **counts}}
         if curve:

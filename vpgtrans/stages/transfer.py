@@ -39,6 +39,22 @@ def _combined_curve(stages: list[tuple[str, Path]]) -> list[dict]:
     return curve
 
 
+def curve_seconds(stages: list[tuple[str, Path]]) -> list[float | None]:
+    """Training wall time (evaluations left out) at each point of ``_combined_curve(stages)``, cumulative over
+    the stages; None where a stage's bundle did not record it."""
+    seconds, offset = [], 0.0
+    for name, path in stages:
+        manifest = read_manifest(path)
+        train = manifest["metrics"].get("train", {})
+        times = train.get("curve_seconds") or [None] * len(manifest["curve"])
+        for point, at in zip(manifest["curve"], times):
+            if seconds and point["step"] == 0:
+                continue
+            seconds.append(None if at is None else round(at + offset, 3))
+        offset += train.get("train_seconds", 0.0)
+    return seconds
+
+
 def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finetune_data: Path | None = None,
              instruct_data: Path | None = None,
              recipe: str | None = None, configs: dict[str, TrainConfig] | None = None,
@@ -128,6 +144,7 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
         "final_bundle": str(stages[-1][1]),
         "metrics": {name: read_manifest(path)["metrics"] for name, path in [("inherit", inherited), *stages]},
         "curve": _combined_curve(stages),
+        "curve_seconds": curve_seconds(stages),
         "config": {"inherit": to_dict(inherit_config), **{name: to_dict(c) for name, c in stage_configs.items()}},
     }
     if not state.is_main_process:
