@@ -229,13 +229,18 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model
 
 
 def load_tensors(bundle_dir: Path, file_name: str) -> dict:
+    """The tensors of one bundle file; NaN / Inf in them (a damaged or tampered part) is one line naming them."""
     from safetensors.torch import load_file
+
+    from vpgtrans.model.parts import check_finite
 
     path = Path(bundle_dir) / file_name
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
         raise VpgtransError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    check_finite(state, str(path))
+    return state
 
 
 def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = False, **llm_options):
@@ -260,8 +265,10 @@ def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = F
 
 
 def check_references(bundle_dir: Path, manifest: dict) -> None:
-    """Before the frozen parts are loaded: their configs and safetensors headers are sound, and the LLM
-    needs no code of its own unless the bundle was made with --trust-remote-code."""
+    """Before the frozen parts are loaded: their configs and safetensors headers are sound, the LLM needs no
+    code of its own unless the bundle was made with --trust-remote-code, and both models hold the tensors
+    their configs imply with the shapes the bundle recorded (``vpgtrans.formats.frozen``, headers only)."""
+    from vpgtrans.formats.frozen import check_frozen
     from vpgtrans.formats.hf import check_model_dir, require_trusted_code
 
     refs = manifest["references"]
@@ -272,6 +279,7 @@ def check_references(bundle_dir: Path, manifest: dict) -> None:
     if remote:
         log.warning("%s: the bundle was made with --trust-remote-code: the LLM's own code at %s runs again",
                     bundle_dir, llm_path)
+    check_frozen(manifest)
 
 
 def _refused_pickle(llm_path: str, exc) -> VpgtransError:
