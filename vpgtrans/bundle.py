@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vpgtrans import __version__
 from vpgtrans.errors import VpgtransError
+from vpgtrans.io import save_tensors
 from vpgtrans.outputs import commit_out_dir, output_errors, prepare_out_dir
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
                  template: dict, config: dict, parent: Path | None = None, metrics: dict | None = None,
                  curve: list | None = None, data: dict | None = None, force: bool = False) -> Path:
     """Write a complete bundle. ``tensors`` maps file name -> {tensor name: tensor}."""
-    from safetensors.torch import save_file
-
     if not stage.replace("-", "_").isidentifier():
         raise ValueError(f"a stage name is a plain word (got {stage!r})")
     inputs = [parent] + [ref.get("path") for ref in references.values() if isinstance(ref, dict)]
@@ -107,8 +106,7 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
         with output_errors(out_dir, tmp):
             hashes = {}
             for file_name, state in tensors.items():
-                state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-                save_file(state, str(tmp / file_name), metadata={"format": "pt", "vpgtrans_stage": stage})
+                save_tensors(state, tmp / file_name)  # same weights, same bytes (the stage is in the manifest)
                 hashes[file_name] = file_sha256(tmp / file_name)
             manifest = {
                 "format": FORMAT,
