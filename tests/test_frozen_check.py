@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import make_llama, make_source_blip2
+from conftest import make_llama
 from test_cli import _ok, _run, _user_error
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats.frozen import check_llm, header_summary, stored_shapes
