@@ -27,7 +27,8 @@ import math
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
-from vpgtrans.formats.hf import WEIGHT_FILE, WEIGHT_INDEX, check_model_dir, safetensors_header, weight_files
+from vpgtrans.formats.hf import (WEIGHT_FILE, WEIGHT_INDEX, check_model_dir, meta_model, safetensors_header,
+                                 weight_files)
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def check_llm(model_dir: Path, hf_config=None, trust_remote_code: bool = False) 
 
 
 def _check_llm(model_dir: Path, hf_config) -> dict | None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     shapes = stored_shapes(model_dir)
     if shapes is None:
@@ -155,13 +155,11 @@ def _check_llm(model_dir: Path, hf_config) -> dict | None:
     if getattr(hf_config, "quantization_config", None) is not None:
         log.debug("%s: a pre-quantized checkpoint; its shapes are the quantizer's", model_dir)
         return header_summary(shapes)
-    auto = AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
-        with torch.device("meta"), _quiet_transformers():
-            model = auto.from_config(hf_config)
-    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
-        raise VpgtransError(f"{model_dir}: transformers cannot build the LLM its config.json describes "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        with _quiet_transformers():
+            model = meta_model(hf_config)
+    except VpgtransError as exc:
+        raise VpgtransError(f"{model_dir}: {exc}") from None
     expected = _state_shapes(model)
     with _quiet_transformers():
         missing, unexpected, mismatched, unbuildable, targets = _match(model, shapes)
