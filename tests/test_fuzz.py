@@ -317,3 +317,170 @@ def test_box_iou_properties(a, b):
     iou = box_iou(a, b)
     assert 0.0 <= iou <= 1.0 and math.isclose(iou, box_iou(b, a), rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(box_iou(a, a), 1.0)
+
+
+# --- safetensors headers: generated malformed headers (issue 16, item 4) -----------------------------
+
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I8": 1, "U8": 1, "BOOL": 1}
+MUTATIONS = ["none", "size_mismatch", "overlap", "unknown_dtype", "out_of_order", "past_end", "gap", "non_dict_entry",
+             "bad_offsets_type", "huge_length", "non_utf8", "not_json", "truncated", "trailing", "negative_dim"]
+
+
+def _safetensors_bytes(header: dict, data: bytes, length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+@st.composite
+def safetensors_files(draw):
+    """(mutation, file bytes): a valid file of 1-4 tensors, then one mutation of its header or data."""
+    names = draw(st.lists(st.text(string.ascii_lowercase + ".", min_size=1, max_size=8), min_size=1, max_size=4,
+                          unique=True))
+    header, offset = {}, 0
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(DTYPE_SIZES)))
+        shape = draw(st.lists(st.integers(1, 4), max_size=3))
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    data = bytes(draw(st.integers(0, 255)) for _ in range(1)) * offset
+    if draw(st.booleans()):
+        header["__metadata__"] = {"format": "pt"}
+    mutation = draw(st.sampled_from(MUTATIONS))
+    entries = [header[name] for name in names]
+    first, last = entries[0], entries[-1]
+    length = None
+    if mutation == "size_mismatch":  # shape x dtype no longer the byte range (the file still ends where data ends)
+        first["shape"] = first["shape"] + [2]
+    elif mutation == "overlap":  # the second tensor's bytes start inside the first's
+        if len(entries) < 2 or first["data_offsets"][1] == 0:
+            mutation = "none"
+        else:
+            entries[1]["data_offsets"] = [entries[1]["data_offsets"][0] - 1, entries[1]["data_offsets"][1] - 1]
+            data = data[:-1]
+    elif mutation == "unknown_dtype":
+        first["dtype"] = draw(st.sampled_from(["F128", "float32", "", "Q4", "I128"]))
+    elif mutation == "out_of_order":  # a range whose end comes before its start
+        start, stop = first["data_offsets"]
+        if start == stop:
+            mutation = "none"
+        else:
+            first["data_offsets"] = [stop, start]
+    elif mutation == "past_end":
+        last["data_offsets"] = [last["data_offsets"][0], last["data_offsets"][1] + draw(st.integers(1, 10**9))]
+    elif mutation == "gap":
+        for entry in entries:
+            entry["data_offsets"] = [entry["data_offsets"][0] + 4, entry["data_offsets"][1] + 4]
+        data = b"\0" * 4 + data
+    elif mutation == "non_dict_entry":
+        header[names[0]] = draw(st.sampled_from([[1, 2], "F32", 3, None, {"dtype": "F32"}]))
+    elif mutation == "bad_offsets_type":
+        first["data_offsets"] = draw(st.sampled_from([[0], "0,4", [0.5, 4], [-4, 0], None, [4, 0]]))
+    elif mutation == "negative_dim":
+        first["shape"] = [-1] + first["shape"]
+    elif mutation == "huge_length":
+        length = draw(st.sampled_from([2**63, 2**40, 10**9, 0]))
+    elif mutation == "truncated":
+        data = data[:-1] if data else data
+        if not data:
+            length = 10**6
+    elif mutation == "trailing":
+        data = data + b"\0" * draw(st.integers(1, 16))
+    blob = _safetensors_bytes(header, data, length)
+    if mutation == "non_utf8":
+        blob = blob[:8] + b"\xff\xfe" + blob[10:]
+    elif mutation == "not_json":
+        blob = blob[:8] + b"[" + blob[9:]
+    return mutation, blob
+
+
+def _readable_by_safetensors(path: Path) -> bool:
+    """The owner of the format says: the file opens and every tensor reads with its header's shape."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                fh.get_tensor(name)
+        return True
+    except Exception:  # noqa: BLE001 - any refusal
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(safetensors_files())
+def test_safetensors_header_check_on_generated_malformed_headers(drawn):
+    """Every mutation that breaks the format is a one-line VpgtransError naming the file; a file the check
+    accepts is one safetensors itself reads whole; nothing else ever comes out."""
+    from vpgtrans.formats.hf import safetensors_header
+
+    mutation, blob = drawn
+    with tempfile.TemporaryDirectory() as root:
+        path = Path(root) / "model.safetensors"
+        path.write_bytes(blob)
+        try:
+            header = safetensors_header(path)
+        except VpgtransError as exc:
+            _one_line(exc)
+            assert str(path) in str(exc)
+            assert mutation != "none", str(exc)  # a sound file is never refused
+            event(f"refused {mutation}")
+            return
+        event(f"accepted {mutation}")
+        assert mutation == "none", mutation  # every mutation breaks the format
+        assert _readable_by_safetensors(path)
+        assert all(isinstance(entry, dict) for entry in header.values())
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a real safetensors file with ``edit(header dict, data bytes) -> file bytes``."""
+    blob = path.read_bytes()
+    length = int.from_bytes(blob[:8], "little")
+    path.write_bytes(edit(json.loads(blob[8:8 + length]), blob[8 + length:]))
+
+
+def _first(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+HEADER_ATTACKS = {
+    "shape x dtype != byte range": lambda h, d: (_first(h).update(shape=_first(h)["shape"] + [2]),
+                                                 _safetensors_bytes(h, d))[1],
+    "unknown dtype": lambda h, d: (_first(h).update(dtype="F128"), _safetensors_bytes(h, d))[1],
+    "range past the end": lambda h, d: (_first(h).update(data_offsets=[0, 10**12]), _safetensors_bytes(h, d))[1],
+    "huge header length": lambda h, d: _safetensors_bytes(h, d, length=2**62),
+    "non-UTF-8 header": lambda h, d: (lambda b: b[:9] + b"\xff" + b[10:])(_safetensors_bytes(h, d)),
+    "non-dict entry": lambda h, d: (h.update({sorted(h)[0]: [1, 2, 3]}), _safetensors_bytes(h, d))[1],
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HEADER_ATTACKS))
+def test_malformed_llm_headers_through_the_cli(tiny, tmp_path, attack):
+    from typer.testing import CliRunner
+
+    from test_cli import _run, _user_error
+
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny["llama"], llm)
+    _rewrite_header(llm / "model.safetensors", HEADER_ATTACKS[attack])
+    _user_error(_run(CliRunner(), "inherit", "--source", tiny["source"], "--target-llm", llm, "--out",
+                     tmp_path / "out"), "model.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("attack", ["shape x dtype != byte range", "unknown dtype"])
+def test_malformed_bundle_headers_with_recomputed_hashes_through_the_cli(inherited, tiny, tmp_path, attack):
+    from typer.testing import CliRunner
+
+    from test_cli import _run, _user_error
+    from vpgtrans.bundle import MANIFEST, file_sha256
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(inherited, bundle)
+    _rewrite_header(bundle / "vpg.safetensors", HEADER_ATTACKS[attack])
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["vpg.safetensors"] = file_sha256(bundle / "vpg.safetensors")
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    for command in (["eval", bundle, "--data", tiny["caption"]], ["export", bundle, "--out", tmp_path / "out"]):
+        _user_error(_run(CliRunner(), *command), "vpg.safetensors", "damaged safetensors header")
+    assert not (tmp_path / "out").exists()

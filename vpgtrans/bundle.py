@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vpgtrans import __version__
 from vpgtrans.errors import VpgtransError
+from vpgtrans.io import save_tensors
 from vpgtrans.outputs import commit_out_dir, output_errors, prepare_out_dir
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
                  template: dict, config: dict, parent: Path | None = None, metrics: dict | None = None,
                  curve: list | None = None, data: dict | None = None, force: bool = False) -> Path:
     """Write a complete bundle. ``tensors`` maps file name -> {tensor name: tensor}."""
-    from safetensors.torch import save_file
-
     if not stage.replace("-", "_").isidentifier():
         raise ValueError(f"a stage name is a plain word (got {stage!r})")
     inputs = [parent] + [ref.get("path") for ref in references.values() if isinstance(ref, dict)]
@@ -107,8 +106,7 @@ def write_bundle(out_dir: Path, *, stage: str, tensors: dict[str, dict], model: 
         with output_errors(out_dir, tmp):
             hashes = {}
             for file_name, state in tensors.items():
-                state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-                save_file(state, str(tmp / file_name), metadata={"format": "pt", "vpgtrans_stage": stage})
+                save_tensors(state, tmp / file_name)  # same weights, same bytes (the stage is in the manifest)
                 hashes[file_name] = file_sha256(tmp / file_name)
             manifest = {
                 "format": FORMAT,
@@ -229,13 +227,18 @@ def validate_bundle(bundle_dir: Path, check_references: bool = True, check_model
 
 
 def load_tensors(bundle_dir: Path, file_name: str) -> dict:
+    """The tensors of one bundle file; NaN / Inf in them (a damaged or tampered part) is one line naming them."""
     from safetensors.torch import load_file
+
+    from vpgtrans.model.parts import check_finite
 
     path = Path(bundle_dir) / file_name
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
         raise VpgtransError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    check_finite(state, str(path))
+    return state
 
 
 def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = False, **llm_options):
@@ -260,8 +263,10 @@ def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = F
 
 
 def check_references(bundle_dir: Path, manifest: dict) -> None:
-    """Before the frozen parts are loaded: their configs and safetensors headers are sound, and the LLM
-    needs no code of its own unless the bundle was made with --trust-remote-code."""
+    """Before the frozen parts are loaded: their configs and safetensors headers are sound, the LLM needs no
+    code of its own unless the bundle was made with --trust-remote-code, and both models hold the tensors
+    their configs imply with the shapes the bundle recorded (``vpgtrans.formats.frozen``, headers only)."""
+    from vpgtrans.formats.frozen import check_frozen
     from vpgtrans.formats.hf import check_model_dir, require_trusted_code
 
     refs = manifest["references"]
@@ -272,6 +277,7 @@ def check_references(bundle_dir: Path, manifest: dict) -> None:
     if remote:
         log.warning("%s: the bundle was made with --trust-remote-code: the LLM's own code at %s runs again",
                     bundle_dir, llm_path)
+    check_frozen(manifest)
 
 
 def _refused_pickle(llm_path: str, exc) -> VpgtransError:

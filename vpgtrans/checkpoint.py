@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.io import fsync_path, fsync_tree
+from vpgtrans.io import fsync_path, fsync_tree, save_tensors
 from vpgtrans.outputs import output_errors
 from vpgtrans.errors import VpgtransError
 
@@ -57,8 +57,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimizer_state: dict, state: dict,
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically; drop all but the newest ``keep``. Returns its path."""
-    from safetensors.torch import save_file
-
     root = checkpoint_dir(out_dir)
     final = root / f"step-{step:06d}"
     with output_errors(final):
@@ -71,8 +69,7 @@ def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], optimize
     try:
         with output_errors(final, tmp):
             for file_name, tensor_state in tensors.items():
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_state.items()}, str(tmp / file_name),
-                          metadata={"format": "pt", "vpgtrans_checkpoint_step": str(step)})
+                save_tensors(tensor_state, tmp / file_name)  # (the step is in state.json)
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}) + "\n")
             fsync_tree(tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -738,7 +739,12 @@ def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundl
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    finally:
+        # The command is over (its output complete, or refused): a Ctrl-C while Python shuts down ends the
+        # process at once (killed by SIGINT), not with a KeyboardInterrupt traceback from torch's atexit hooks.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from vpgtrans import __version__
 from vpgtrans.bundle import (CONNECTOR_FILE, MANIFEST, VPG_FILE, check_references, commit_out_dir, file_sha256,
-                             fingerprint, load_tensors, prepare_out_dir, reference_errors, validate_bundle)
+                             fingerprint, load_tensors, part_files, prepare_out_dir, reference_errors,
+                             validate_bundle)
 from vpgtrans.config import BOS_SLOT, IMAGE_SLOT, PromptTemplate, from_dict
 from vpgtrans.errors import VpgtransError
 from vpgtrans.outputs import EXPORT_INFO, check_out_dir, output_errors
@@ -62,6 +63,8 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     # The LAVIS file and the adapter export hold only the trained parts: they need no ViT or LLM here.
     manifest = validate_bundle(bundle_dir, check_references=format == "hf")
+    for file_name in part_files(manifest).values():
+        load_tensors(bundle_dir, file_name)  # NaN / Inf in a trained part: one line before anything is written
     model = upgrade(manifest["model"])
     if format in ("hf", "lavis"):
         visual, adapters = model["visual"], model.get("adapters", [])
@@ -408,8 +411,6 @@ def export_adapter(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool,
     adapter (peft's LoRA on the LLM) is also written as a peft adapter directory ``llm_lora/``
     (``PeftModel.from_pretrained(llm, OUT/llm_lora)``), and with ``merge_lora`` merged into a plain HF
     LLM directory ``llm_merged/``."""
-    from vpgtrans.bundle import part_files
-
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir])
     try:
         for file_name in manifest["files"]:

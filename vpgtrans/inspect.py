@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, read_manifest, validate_bundle
+from vpgtrans.bundle import CONNECTOR_FILE, VPG_FILE, check_references, read_manifest, validate_bundle
 from vpgtrans.model.spec import part_names, upgrade
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats.detect import detect_format
@@ -277,7 +277,7 @@ def _inspect_bundle(path: Path) -> dict:
     """A vpgtrans bundle: manifest + safetensors headers; a damaged bundle is described, ``valid`` says why."""
     manifest = read_manifest(path)  # unreadable JSON or no manifest at all: nothing to describe
     try:
-        validate_bundle(path, check_references=True)
+        check_references(path, validate_bundle(path, check_references=True))  # the frozen models, headers only
         valid = True
     except VpgtransError as exc:
         valid = str(exc)

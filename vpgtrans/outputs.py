@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vpgtrans.errors import VpgtransError
-from vpgtrans.io import fsync_path, fsync_tree
+from vpgtrans.io import fsync_path, fsync_tree, honour_umask_tree
 
 BUNDLE_FORMAT = "vpgtrans-bundle"
 EXPORT_INFO = "vpgtrans_export.json"
@@ -248,6 +248,7 @@ def commit_out_dir(tmp: Path, out_dir: Path) -> Path:
     """Move a finished temporary directory into place. An old ``out_dir`` is swapped out atomically where
     the OS allows (Linux), so ``out_dir`` always holds a complete old or new output, and deleted after."""
     out_dir = Path(out_dir)
+    honour_umask_tree(tmp)  # the modes an ordinary write gives, whichever library wrote the files
     fsync_tree(tmp)
     if out_dir.exists():
         if _exchange(tmp, out_dir):

@@ -13,6 +13,7 @@ import torch
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
 from vpgtrans.formats.hf import custom_code, read_config, read_tensors
+from vpgtrans.model.parts import check_finite
 
 LAVIS_LN_EPS = 1e-5  # LAVIS ln_vision; HF post_layernorm uses the vision config's 1e-6
 
@@ -172,10 +173,6 @@ def read_source(source: Path, vision: Path | None = None, source_llm: Path | Non
     if problems:
         raise VpgtransError(f"{source}: VPG does not fit its vision encoder: " + "; ".join(problems))
     tensors = {**vpg_state, "language_projection.weight": proj_w, "language_projection.bias": proj_b}
-    nonfinite = sorted(name for name, tensor in tensors.items()
-                       if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
-    if nonfinite:  # else a stage would fail later and blame the learning rate
-        raise VpgtransError(f"{source}: the source's VPG / projector holds NaN or Inf values in "
-                            f"{', '.join(nonfinite[:5])}{' ...' if len(nonfinite) > 5 else ''}; the checkpoint is damaged")
+    check_finite(tensors, f"{source}: the source's VPG / projector")
     return SourceVPG(source, fmt, kind, vpg_state, proj_w.float(), proj_b.float(), qformer_config,
                      vision_config, vision_ref, ln_eps, llm)

@@ -77,3 +77,14 @@ def check_state(own: dict, state: dict, what: str) -> None:
     if missing or unexpected or shapes:
         raise VpgtransError(f"{what}: weights do not fit (missing: {missing[:5]}, unexpected: {unexpected[:5]}, "
                             f"shape mismatches: {shapes[:5]})")
+
+
+def check_finite(state: dict, what: str) -> None:
+    """Raise one line naming the floating-point tensors of ``state`` that hold NaN or Inf (``what``: whose)."""
+    import torch
+
+    bad = sorted(name for name, tensor in state.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if bad:  # else a stage would fail later and blame the learning rate
+        raise VpgtransError(f"{what} holds NaN or Inf values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                            "it is damaged")

@@ -13,6 +13,7 @@ from vpgtrans.converter import fit_converter, pair_tokens
 from vpgtrans.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vpgtrans.errors import VpgtransError
 from vpgtrans.formats import detect
+from vpgtrans.formats.frozen import check_llm, check_vision
 from vpgtrans.formats.hf import read_input_embeddings, require_trusted_code
 from vpgtrans.references import resolve_model
 from vpgtrans.sources import SourceVPG, read_source
@@ -144,6 +145,10 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
     src = read_source(Path(source), vision, source_llm)
     target_config = read_target_llm(target_llm, trust_remote_code)
     llm = llm_section(target_config)
+    # The frozen models, checked from their headers against their configs (no weight read); the summaries are
+    # recorded so that every later command notices a model replaced by one of other shapes.
+    headers = {"llm": check_llm(target_llm, target_config, trust_remote_code),
+               "vision": check_vision(src.vision_ref, src.vision_config)}
     metrics, tensors, converter = {}, {}, None
     if config.converter != "none" and kind.uses_converter:
         conv_w, conv_b, stats = _fit_converter(src, target_llm, target_config, config, corpus)
@@ -162,9 +167,10 @@ def inherit(source: Path, target_llm: Path, out_dir: Path, config: InheritConfig
                      image_processor=_image_processor_info(src), adapters=adapters)
     tensors.update({f"{name}.safetensors": state for name, state in states.items()})
     references = {
-        "vision": {**src.vision_ref, **vision_hub, "fingerprint": fingerprint(Path(src.vision_ref["path"]))},
+        "vision": {**src.vision_ref, **vision_hub, "fingerprint": fingerprint(Path(src.vision_ref["path"])),
+                   **({"header": headers["vision"]} if headers["vision"] else {})},
         "llm": {"path": str(target_llm.resolve()), **llm_hub, "fingerprint": fingerprint(target_llm),
-                "trust_remote_code": trust_remote_code},
+                "trust_remote_code": trust_remote_code, **({"header": headers["llm"]} if headers["llm"] else {})},
         "source": {"path": str(Path(source).resolve()), **source_hub, "format": src.format,
                    "fingerprint": fingerprint(Path(source))},
     }
