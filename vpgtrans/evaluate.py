@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vpgtrans.data import TASKS, LoadStats, load_rows
+from vpgtrans.data import TASKS, VQA_KEYS, LoadStats, load_rows
 
 from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
@@ -155,6 +155,9 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         from vpgtrans.outputs import output_errors
 
         samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
+        if found_task == "vqa":  # which question each answer is for, where the rows say (VQAv2's id and type)
+            for sample, row in zip(samples, (dataset[i] for i in result["indices"])):
+                sample.update({key: row[key] for key in VQA_KEYS if row.get(key) is not None})
         with output_errors(out):
             atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
     if submission is not None:
