@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -166,3 +167,22 @@ def test_eval_with_workers_scores_what_eval_without_does(inherited, bad_images, 
     assert reports[2]["data_stats"]["skipped_unreadable_image"] == 2
     samples = {workers: json.loads((tmp_path / f"eval-{workers}.json").read_text())["samples"] for workers in (0, 2)}
     assert samples[2] == samples[0] and len(samples[2]) == 24  # one per readable image
+
+
+def test_two_processes_with_a_worker_each_equal_one_process_without(inherited, tiny, tmp_path):
+    """torchrun, 2 processes (gloo), each with its own worker decoding its own share of every global batch,
+    against 1 process decoding everything itself: the same update (2 micro-batches a step, uneven split)."""
+    from test_distributed import _assert_close_weights, _console_script, _run
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", _console_script(),
+            "warmup-projector", str(inherited), "--data", str(tiny["caption"]), "--out", str(tmp_path / "two"),
+            "--max-steps", "3", "--batch-size", "6", "--grad-accum", "2", "--num-workers", "1"]
+    done = _run(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "one",
+                                        TrainConfig.warmup(max_steps=3, batch_size=6, grad_accum=2))
+    two = tmp_path / "two"
+    assert read_manifest(two)["config"]["num_processes"] == 2 and read_manifest(two)["config"]["run"]["num_workers"] == 1
+    _assert_close_weights(one, two)
+    assert [r["loss"] for r in _records(two, "train")] == pytest.approx([r["loss"] for r in _records(one, "train")],
+                                                                        abs=1e-6)
