@@ -186,3 +186,19 @@ def test_two_processes_with_a_worker_each_equal_one_process_without(inherited, t
     _assert_close_weights(one, two)
     assert [r["loss"] for r in _records(two, "train")] == pytest.approx([r["loss"] for r in _records(one, "train")],
                                                                         abs=1e-6)
+
+
+def test_loader_benchmark_smoke(tmp_path):
+    """The benchmark runs and reports a rate for each setting, on JPEG images of the size asked for."""
+    from PIL import Image
+
+    from benchmarks import loader
+
+    data = loader.make_data(tmp_path / "data", rows=3, image_px=48)
+    rows = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    with Image.open(data / rows[0]["image"]) as image:
+        assert (image.format, image.size) == ("JPEG", (48, 48))
+    result = loader.main(["--smoke", "--json", str(tmp_path / "loader.json")])
+    assert [run["num_workers"] for run in result["runs"]] == [0, 2]
+    assert all(run["steps_per_second"] > 0 for run in result["runs"])
+    assert json.loads((tmp_path / "loader.json").read_text())["median_steps_per_second"].keys() == {"0", "2"}
