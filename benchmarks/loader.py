@@ -61,6 +61,26 @@ def timed_run(bundle: Path, data: Path, out: Path, steps: int, batch_size: int, 
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
+def prepare_seconds(bundle: Path, data: Path, batch_size: int, repeats: int = 5) -> float:
+    """Median seconds to decode, convert, resize and tokenise one batch in this process (``Collator.prepare``):
+    the work workers take off the training process."""
+    from vpgtrans.bundle import load_model
+    from vpgtrans.collate import Collator
+    from vpgtrans.data import load_rows
+
+    model = load_model(bundle)
+    rows, task, _ = load_rows(data)
+    collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
+                       model.is_encoder_decoder)
+    seconds = []
+    for repeat in range(repeats):
+        batch = [rows[(repeat * batch_size + i) % len(rows)] for i in range(batch_size)]
+        started = time.perf_counter()
+        collate.prepare(batch)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=256)
@@ -85,16 +105,19 @@ def main(argv=None) -> dict:
         data = make_data(tmp / "data", args.rows, args.image_px)
         runs = [timed_run(bundle, data, tmp / f"run-{repeat}-{workers}", args.steps, args.batch_size, workers)
                 for repeat in range(args.repeats) for workers in args.workers]
+        prepare = prepare_seconds(bundle, data, args.batch_size)
     summary = {workers: statistics.median(r["steps_per_second"] for r in runs if r["num_workers"] == workers)
                for workers in args.workers}
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
-              "machine": machine_info(), "runs": runs, "median_steps_per_second": summary}
+              "machine": machine_info(), "runs": runs, "median_steps_per_second": summary,
+              "prepare_seconds_per_batch": prepare}
     print("| --num-workers | steps/s (median of %d) | samples/s | vs 0 workers |" % args.repeats)
     print("|---|---|---|---|")
     for workers, rate in summary.items():
         base = summary.get(0)
         print(f"| {workers} | {rate:.2f} | {rate * args.batch_size:.1f} | "
               + (f"{rate / base:.2f}x |" if base else "- |"))
+    print(f"preparing one batch in the training process: {prepare:.3f} s (median of 5)")
     print("runs:", json.dumps(runs))
     if args.json:
         write_json(args.json, result)
