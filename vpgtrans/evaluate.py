@@ -6,6 +6,7 @@ and the count of unparseable answers. Never writes into the bundle."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -177,14 +178,11 @@ def check_submission_rows(dataset, task: str, max_samples: int | None) -> None:
         raise VpgtransError(f"--submission: {len(missing)} of {count} rows have no 'question_id' (e.g. row "
                             f"{missing[0]} of the rows kept); VQAv2's test server matches answers by it: add it to "
                             "every row")
-    seen, repeated = set(), []
-    for question_id in ids:
-        if question_id in seen:
-            repeated.append(question_id)
-        seen.add(question_id)
+    repeated = [(question_id, count) for question_id, count in Counter(ids).items() if count > 1]
     if repeated:
-        raise VpgtransError(f"--submission: question_id {repeated[0]} is on more than one row ({len(repeated)} "
-                            "repeats); the test server takes one answer per question")
+        raise VpgtransError(f"--submission: question_id {repeated[0][0]} is on more than one row ({repeated[0][1]} "
+                            f"rows; {len(repeated)} repeated id(s) in all); the test server takes one answer per "
+                            "question")
 
 
 def write_submission(path: Path, question_ids: list[int], answers: list[str]) -> dict:
