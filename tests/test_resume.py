@@ -148,12 +148,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(reference, inherited, ti
 class _NanImageCollator(train_module.Collator):
     """Sample 5's image becomes NaN pixels: a real non-finite loss through the whole model."""
 
-    def __call__(self, rows):
-        batch = super().__call__(rows)
+    def prepare(self, rows):
+        batch, outcomes = super().prepare(rows)
         for i, row in enumerate(rows):
             if row["image"].endswith("0005.png"):
                 batch["pixel_values"][i] = float("nan")
-        return batch
+        return batch, outcomes
 
 
 def _step_of_sample_5(batch_size: int) -> int:

@@ -112,6 +112,8 @@ LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the froze
 LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
 ReportTo = Annotated[Literal[REPORT_TO], typer.Option(help="Log to a tracker (through accelerate's).")]
+NumWorkers = Annotated[int, typer.Option(help="DataLoader worker processes that decode images (0: in the main "
+                                              "process); the data order and the results stay the same.")]
 PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "
                                                       "(P must divide S; default S/2).")]
 AdaptivePool = Annotated[bool, typer.Option("--adaptive-pool", help="infmllm: adaptive average pooling, so P need "
@@ -509,14 +511,16 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
                      save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
                      dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
-                     gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
+                     gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
+                     num_workers: NumWorkers = 0, strict: Strict = False,
                      bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
                            max_text_len)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to,
+                           num_workers=num_workers)
     _train_command("warmup", bundle, data, out, config, options, eval_data=eval_data, strict=strict, force=force,
                    verbose=verbose, bbox_format=bbox_format)
 
@@ -531,7 +535,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise VPG + projector first (baseline).")] = False,
              save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
-             gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", strict: Strict = False,
+             gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", num_workers: NumWorkers = 0,
+             strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
     (plora's LoRA) where it has some; ViT and LLM base weights frozen. A bundle of another connector runs its
@@ -541,7 +546,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
                                                  _finetune_recipe(bundle)), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to,
+                           num_workers=num_workers)
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, config, options, eval_data=eval_data,
                    strict=strict, force=force, verbose=verbose, bbox_format=bbox_format)
 
@@ -586,7 +592,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                    "the running one from its latest checkpoint.")] = False,
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
-             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
+             num_workers: NumWorkers = 0, pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
              lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
              mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
@@ -610,7 +616,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                     grad_accum, seed, eval_every, max_text_len, recipe_name)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                           gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+                           gradient_checkpointing=gradient_checkpointing, report_to=report_to,
+                           num_workers=num_workers)
     from vpgtrans.outputs import check_out_dir
 
     check_out_dir(out, force or resume, inputs=[source, target_llm, data, finetune_data, instruct_data, eval_data, vision,
@@ -669,7 +676,11 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           = "regex",
           choice_scoring: Annotated[Literal[CHOICE_SCORING], typer.Option(help="multiple-choice: generate (parse the generated answer, "
                                                            "LaVIN's way) or likelihood (the option whose answer the "
-                                                           "model finds most likely).")] = "generate"):
+                                                           "model finds most likely).")] = "generate",
+          submission: Annotated[Optional[Path], typer.Option(help="vqa: also write the answers as a VQAv2 test-server "
+                                                                 "file, [{question_id, answer}, ...] (rows need "
+                                                                 "question_id).")] = None,
+          num_workers: NumWorkers = 0):
     """Generate with the bundle's template and score (caption: CIDEr, BLEU-4; vqa: VQA accuracy, EM;
     grounding: accuracy at IoU >= 0.5, mean IoU; multiple-choice: accuracy, by image / text-only, and the
     count of unparseable answers)."""
@@ -682,17 +693,25 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     report = evaluate(bundle, _data(data, strict, bbox_format), task, batch_size, max_samples, max_new_tokens, num_beams,
                       out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
-                      progress=progress_bar("eval"), tokenizer=tokenizer, choice_scoring=choice_scoring)
+                      progress=progress_bar("eval"), tokenizer=tokenizer, num_workers=num_workers,
+                      submission=submission, choice_scoring=choice_scoring)
     if as_json:
         _print_json(report)
     else:
-        scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["scores"].items())
-        typer.echo(f"{report['task']}: {scores}")
+        typer.echo(f"{report['task']}: {_scores_line(report['scores'])}")
+        for answer_type, scores in report["scores"].get("by_answer_type", {}).items():
+            typer.echo(f"  {answer_type}: {_scores_line(scores)}")
         for name, baseline in report.get("baselines", {}).items():
-            typer.echo(f"baseline {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                       for k, v in baseline.items()))
+            typer.echo(f"baseline {name}: {_scores_line(baseline)}")
         if out is not None:
             typer.echo(f"predictions written to {out}")
+        if submission is not None:
+            typer.echo(f"submission ({report['submission']['answers']} answers) written to {submission}")
+
+
+def _scores_line(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
+                     if not isinstance(v, dict))
 
 
 @command(config=True)

@@ -48,7 +48,11 @@ class Collator:
     Rows whose image cannot be used are left out of the batch and counted in ``stats`` (an error
     when ``stats.strict``); a batch with no usable row is ``{}``. Multiple-choice rows may have no image
     (``"image": None``): they get no image slots, and ``pixel_values`` holds the images of the other rows
-    only, in order (None when no row of the batch has one)."""
+    only, in order (None when no row of the batch has one). A generate batch's ``positions`` name the
+    given rows it holds.
+
+    ``prepare`` builds a batch and touches no state (it runs in DataLoader workers, ``vpgtrans.loader``);
+    ``account`` counts what it met, in the training process; calling the collator does both."""
 
     def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
                  is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None):
@@ -70,10 +74,7 @@ class Collator:
         padded = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in sequences]
         return torch.tensor(padded, dtype=torch.long)
 
-    def _skip_image(self, row: dict, kind: str, exc: Exception) -> None:
-        name = image_name(row["image"])
-        what = f"{'image too large' if kind == 'large_image' else 'unreadable image'} ({type(exc).__name__}: " \
-               f"{first_line(exc)})"
+    def _skip_image(self, kind: str, name: str, what: str) -> None:
         self._failed += 1
         if name not in self.stats._bad_images or self.stats.strict:
             self.stats._bad_images.add(name)
@@ -91,25 +92,45 @@ class Collator:
         self._pending.clear()
 
     def __call__(self, rows: list[dict]) -> dict:
-        images, kept = [], []
-        for row in rows:
+        batch, outcomes = self.prepare(rows)
+        self.account(outcomes)
+        return batch
+
+    def account(self, outcomes: list) -> None:
+        """Count what ``prepare`` met, row by row in order (``--strict`` and the no-readable-image stop raise
+        here): in the training process, whichever process decoded the images."""
+        for outcome in outcomes:
+            if outcome is None:
+                self._decoded += 1
+            else:
+                self._skip_image(*outcome)
+        if self._decoded:
+            self._flush_warnings()
+
+    def prepare(self, rows: list[dict]) -> tuple[dict, list]:
+        """``(batch, outcomes)``: the batch of ``rows`` (``{}`` when no row is usable) and, for each row with an
+        image, in order, ``None`` (decoded) or ``(kind, name, what)`` (left out). Touches no state, so it can
+        run in a DataLoader worker; ``account`` then counts the outcomes."""
+        images, kept, outcomes = [], [], []
+        for position, row in enumerate(rows):
             if row.get("image") is None and self.task in IMAGE_OPTIONAL:
-                kept.append(row)  # a text-only question: nothing to open
+                kept.append(position)  # a text-only question: nothing to open
                 continue
             try:
                 images.append(open_image(row["image"]))
             except ImageTooLarge as exc:
-                self._skip_image(row, "large_image", exc)
+                outcomes.append(("large_image", image_name(row["image"]),
+                                 f"image too large ({type(exc).__name__}: {first_line(exc)})"))
                 continue
             except Exception as exc:  # noqa: BLE001 - a corrupt image is skipped and counted, never fatal
-                self._skip_image(row, "unreadable_image", exc)
+                outcomes.append(("unreadable_image", image_name(row["image"]),
+                                 f"unreadable image ({type(exc).__name__}: {first_line(exc)})"))
                 continue
-            self._decoded += 1
-            kept.append(row)
-        if self._decoded:
-            self._flush_warnings()
+            outcomes.append(None)
+            kept.append(position)
         if not kept:
-            return {}
+            return {}, outcomes
+        positions, kept = kept, [rows[position] for position in kept]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
         # Multiple-choice prompts through the template's VQA slot: the question with its lettered options is
         # the question. Grounding has its own template (the referring expression is its {question}).
@@ -130,7 +151,7 @@ class Collator:
                           (r["caption"] if isinstance(r["caption"], list) else [r["caption"]])
                           for r, image in zip(kept, has_image)]
             return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                    "references": references}
+                    "references": references, "positions": positions}, outcomes
         examples = [training_example(self.tokenizer, self.template, prompt_task, self.num_query_tokens,
                                      _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len,
                                      image) for r, image in zip(kept, has_image)]
@@ -138,4 +159,4 @@ class Collator:
         attention_mask = self._pad([[1] * len(e["input_ids"]) for e in examples], 0, left=False)
         labels = self._pad([e["labels"] for e in examples], IGNORE_INDEX, left=False)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}
+                "pixel_values": pixel_values}, outcomes

@@ -261,6 +261,7 @@ def clean_row(row: dict, task: str, max_chars: int, stats: LoadStats) -> dict:
         clean["question"] = _text(row["question"], "question", max_chars, stats)
         if task == "vqa":
             clean["answers"] = _texts(row["answers"], "answers", max_chars, stats)
+            clean.update(_vqa_keys(row))
         elif task == "grounding":
             clean["box"] = _box(row["box"])
             objects = row.get("objects") or []  # the image's other objects (the largest-object baseline)
@@ -270,6 +271,20 @@ def clean_row(row: dict, task: str, max_chars: int, stats: LoadStats) -> dict:
         else:
             clean.update(_multiple_choice(row, max_chars, stats))
     return clean
+
+
+VQA_KEYS = ("question_id", "answer_type")  # VQAv2's optional keys a VQA row keeps (None when absent)
+
+
+def _vqa_keys(row: dict) -> dict:
+    """``question_id`` (an integer: what ``eval --submission`` answers by) and ``answer_type`` (VQAv2's
+    ``yes/no``, ``number``, ``other``: the scores' breakdown) of a VQA row."""
+    question_id, answer_type = row.get("question_id"), row.get("answer_type")
+    if question_id is not None and (isinstance(question_id, bool) or not isinstance(question_id, int)):
+        raise _Bad("bad_row", f"'question_id' must be an integer (got {type(question_id).__name__})")
+    if answer_type is not None and not isinstance(answer_type, str):
+        raise _Bad("bad_row", f"'answer_type' must be a string (got {type(answer_type).__name__})")
+    return {"question_id": question_id, "answer_type": answer_type.strip() if answer_type else None}
 
 
 def _multiple_choice(row: dict, max_chars: int, stats: LoadStats) -> dict:
@@ -359,6 +374,7 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
     if isinstance(images.features["image"], datasets.Image):
         images = images.cast_column("image", datasets.Image(decode=False))  # presence only: nothing decoded here
     keys = (*keys, "context") if "context" in columns and task in IMAGE_OPTIONAL else keys
+    keys = (*keys, *(key for key in VQA_KEYS if key in columns)) if task == "vqa" else keys
     text = dataset.select_columns(list(keys)).to_list()
     kept, cleaned = [], {key: [] for key in keys}
     for index, (image, row) in enumerate(zip(images["image"], text)):

@@ -6,19 +6,24 @@ and the count of unparseable answers. Never writes into the bundle."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import torch
 
-from vpgtrans.data import TASKS, LoadStats, load_rows
+from vpgtrans.data import TASKS, VQA_KEYS, LoadStats, load_rows
 
 from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
+from vpgtrans.loader import load_micro_batches
 from vpgtrans.prompting import clean_generation, stop_token_ids
 
 
-def score(task: str, predictions: list[str], references: list, tokenizer: str = "regex") -> dict:
-    """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM; grounding -> accuracy at
+def score(task: str, predictions: list[str], references: list, tokenizer: str = "regex",
+          answer_types: list[str | None] | None = None) -> dict:
+    """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM (and by answer type when
+    ``answer_types`` names any); grounding -> accuracy at
     IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes); multiple-choice -> accuracy overall,
     with / without an image, unparseable answers counted."""
     from vpgtrans.grounding import grounding_accuracy
@@ -29,7 +34,9 @@ def score(task: str, predictions: list[str], references: list, tokenizer: str = 
         raise VpgtransError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task == "caption":  # (tokenizer: regex, or COCO's Java PTB tokenizer)
         return caption_scores(predictions, references, tokenizer)
-    return {"vqa": vqa_scores, "grounding": grounding_accuracy,
+    if task == "vqa":
+        return vqa_scores(predictions, references, answer_types)
+    return {"grounding": grounding_accuracy,
             "multiple-choice": multiple_choice_scores}[task](predictions, references)
 
 
@@ -47,11 +54,12 @@ def group_caption_rows(dataset) -> list[dict]:
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
                    max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None,
-                   tokenizer: str = "regex", choice_scoring: str = "generate") -> dict:
-    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task).
-    ``progress(done, total)``: called after each batch with the rows done so far. ``choice_scoring``
-    (multiple-choice only): "generate" parses the generated answer (LaVIN's way); "likelihood" picks the
-    option whose answer text the model finds most likely (see ``_rank_choices``)."""
+                   tokenizer: str = "regex", num_workers: int = 0, choice_scoring: str = "generate") -> dict:
+    """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task),
+    and ``indices``: the evaluated row (caption: image) each prediction is for. ``num_workers`` DataLoader
+    workers decode the images. ``progress(done, total)``: called after each batch with the rows done so far.
+    ``choice_scoring`` (multiple-choice only): "generate" parses the generated answer (LaVIN's way);
+    "likelihood" picks the option whose answer text the model finds most likely (see ``_rank_choices``)."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
@@ -64,27 +72,27 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
-    predictions, references = [], []
+    predictions, references, indices = [], [], []
     stop_ids = stop_token_ids(model.tokenizer, model.template)
-    pad_id = collate.pad_id
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size])
-        if not batch:
-            continue
-        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None  # text-only
-        generated = model.generate(batch["input_ids"].to(device), pixel_values,
-                                   batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                                   num_beams=num_beams, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
-        texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        predictions.extend(clean_generation(t, model.template) for t in texts)
-        references.extend(batch["references"])
-        if progress is not None:
-            progress(min(start + batch_size, len(rows)), len(rows))
+    plan = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+    with closing(load_micro_batches(rows, collate, plan, num_workers, device)) as loaded:
+        for chunk, batch in loaded:
+            if batch:
+                generated = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                           max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                           eos_token_id=stop_ids, pad_token_id=collate.pad_id)
+                texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                predictions.extend(clean_generation(t, model.template) for t in texts)
+                references.extend(batch["references"])
+                indices.extend(chunk[position] for position in batch["positions"])
+            if progress is not None:
+                progress(chunk[-1] + 1, len(rows))
     model.train(was_training)
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
-    scores = score(task, predictions, references, tokenizer)
-    return {"scores": scores, "predictions": predictions, "references": references}
+    answer_types = [rows[i].get("answer_type") for i in indices] if task == "vqa" else None
+    scores = score(task, predictions, references, tokenizer, answer_types)
+    return {"scores": scores, "predictions": predictions, "references": references, "indices": indices}
 
 
 CHOICE_SCORING = ("generate", "likelihood")
@@ -118,10 +126,11 @@ def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress) ->
     device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
-    predictions, references = [], []
+    predictions, references, indices = [], [], []
     for done, row in enumerate(rows, 1):
         batch = collate([{**row, "answer": i} for i in range(len(row["choices"]))])
         if batch:
+            indices.append(done - 1)
             batch = {k: v if v is None else v.to(device) for k, v in batch.items()}
             best = int(answer_log_likelihoods(model, batch).argmax())
             predictions.append(target_text(best))
@@ -133,16 +142,19 @@ def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress) ->
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
     return {"scores": score("multiple-choice", predictions, references), "predictions": predictions,
-            "references": references}
+            "references": references, "indices": indices}
 
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
              max_samples: int | None = None, max_new_tokens: int = 20, num_beams: int = 1,
              out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
              dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None,
-             tokenizer: str = "regex", choice_scoring: str = "generate") -> dict:
+             tokenizer: str = "regex", num_workers: int = 0, submission: Path | None = None,
+             choice_scoring: str = "generate") -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
+    ``submission`` (VQA rows with a ``question_id``): also write the answers as a VQAv2 test-server file.
+    ``num_workers``: DataLoader worker processes decoding the images.
     ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
     ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated. ``device`` None: accelerate's
     device for this process (the GPU where there is one)."""
@@ -163,6 +175,8 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in
            (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
             ("max_samples", max_samples)) if value is not None and value < 1]
+    if num_workers < 0:
+        bad.append(f"--num-workers must be >= 0 (got {num_workers})")
     if bad:
         raise VpgtransError("; ".join(bad))
     if device is not None:
@@ -175,11 +189,19 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     if out is not None:
         check_out_dir(out, force, inputs=[bundle_dir, data], is_file=True)
         check_writable(out)
+    if submission is not None:
+        if out is not None and Path(submission).absolute() == Path(out).absolute():
+            raise VpgtransError(f"{submission}: --submission and --out must be two files")
+        check_out_dir(submission, force, inputs=[bundle_dir, data], is_file=True)
+        check_writable(submission)
     dataset, found_task, stats = load_rows(data, task, strict=strict)
+    if submission is not None:  # before any model is loaded
+        check_submission_rows(dataset, found_task, max_samples)
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
-                            progress=progress, tokenizer=tokenizer, choice_scoring=choice_scoring)
+                            progress=progress, tokenizer=tokenizer, num_workers=num_workers,
+                            choice_scoring=choice_scoring)
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
     if found_task == "caption":
@@ -196,7 +218,44 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         from vpgtrans.outputs import output_errors
 
         samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
+        if found_task == "vqa":  # which question each answer is for, where the rows say (VQAv2's id and type)
+            for sample, row in zip(samples, (dataset[i] for i in result["indices"])):
+                sample.update({key: row[key] for key in VQA_KEYS if row.get(key) is not None})
         with output_errors(out):
             atomic_write_text(Path(out), json.dumps({**report, "samples": samples}, indent=2) + "\n")
+    if submission is not None:
+        report["submission"] = write_submission(submission, [dataset[i]["question_id"] for i in result["indices"]],
+                                                result["predictions"])
     return report
+
+
+def check_submission_rows(dataset, task: str, max_samples: int | None) -> None:
+    """Every row to answer has its own integer ``question_id`` (what the VQAv2 test server keys answers by)."""
+    if task != "vqa":
+        raise VpgtransError(f"--submission writes VQAv2 answers; this data holds {task} rows")
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    ids = list(dataset.select(range(count))["question_id"]) if "question_id" in dataset.column_names else [None] * count
+    missing = [i for i, question_id in enumerate(ids) if question_id is None]
+    if missing:
+        raise VpgtransError(f"--submission: {len(missing)} of {count} rows have no 'question_id' (e.g. row "
+                            f"{missing[0]} of the rows kept); VQAv2's test server matches answers by it: add it to "
+                            "every row")
+    repeated = [(question_id, count) for question_id, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise VpgtransError(f"--submission: question_id {repeated[0][0]} is on more than one row ({repeated[0][1]} "
+                            f"rows; {len(repeated)} repeated id(s) in all); the test server takes one answer per "
+                            "question")
+
+
+def write_submission(path: Path, question_ids: list[int], answers: list[str]) -> dict:
+    """Write VQAv2's result format, ``[{"question_id": int, "answer": str}, ...]``, atomically. The answers
+    are as generated: the evaluation server normalises them itself."""
+    from vpgtrans.io import atomic_write_text
+    from vpgtrans.outputs import output_errors
+
+    entries = [{"question_id": int(question_id), "answer": answer}
+               for question_id, answer in zip(question_ids, answers)]
+    with output_errors(path):
+        atomic_write_text(Path(path), json.dumps(entries) + "\n")
+    return {"file": str(Path(path).resolve()), "answers": len(entries)}
 

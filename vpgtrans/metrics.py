@@ -166,21 +166,35 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(min(1.0, (matches - (answer == guess)) / 3) for answer in gold) / len(gold)
 
 
-def vqa_scores(predictions: list[str], answers: list[list[str]]) -> dict:
+def vqa_scores(predictions: list[str], answers: list[list[str]], answer_types: list[str | None] | None = None) -> dict:
     """Mean VQAv2 accuracy and exact match of ``predictions`` against each question's ``answers``.
 
     Exact match: the normalised prediction equals the normalised most common answer (on a tie, any of
     the most common). Returns ``{"vqa_accuracy": float, "exact_match": float, "n": int}``, fractions in [0, 1].
+    With ``answer_types`` (one per question, VQAv2's ``yes/no``, ``number``, ``other``; None where a question
+    has none), ``by_answer_type`` adds ``{type: {"vqa_accuracy", "exact_match", "n"}}``: each the mean over
+    the questions of that type, as the official evaluation's ``perAnswerType`` (which prints it x100).
     """
     _check_pairs(predictions, answers, "answers")
-    accuracy = exact = 0.0
+    if answer_types is not None and len(answer_types) != len(predictions):
+        raise VpgtransError(f"{len(predictions)} predictions but {len(answer_types)} answer types")
+    per_question = []  # (accuracy, exact match) of each question
     for prediction, gold in zip(predictions, answers):
-        accuracy += vqa_accuracy(prediction, gold)
         counts = Counter(normalize_answer(answer) for answer in gold)
-        top = max(counts.values())
-        exact += counts[normalize_answer(prediction)] == top
-    n = len(predictions)
-    return {"vqa_accuracy": accuracy / n, "exact_match": exact / n, "n": n}
+        exact = counts[normalize_answer(prediction)] == max(counts.values())
+        per_question.append((vqa_accuracy(prediction, gold), float(exact)))
+    scores = _mean_scores(per_question)
+    kinds = sorted({kind for kind in answer_types or () if kind is not None})
+    if kinds:
+        scores["by_answer_type"] = {kind: _mean_scores([q for q, k in zip(per_question, answer_types) if k == kind])
+                                    for kind in kinds}
+    return scores
+
+
+def _mean_scores(per_question: list[tuple[float, float]]) -> dict:
+    n = len(per_question)
+    return {"vqa_accuracy": sum(a for a, _ in per_question) / n, "exact_match": sum(e for _, e in per_question) / n,
+            "n": n}
 
 
 # --- input checks --------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ class RunOptions:
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
     report_to: str = "none"
+    num_workers: int = 0  # DataLoader worker processes decoding images (0: in the training process)
 
     def __post_init__(self) -> None:
         problems = []
@@ -162,6 +163,8 @@ class RunOptions:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.load_in_8bit and self.load_in_4bit:
             problems.append("--load-in-8bit and --load-in-4bit exclude each other")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must be >= 0 (got {self.num_workers})")
         if self.report_to not in REPORT_TO:
             problems.append(f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
         if problems:

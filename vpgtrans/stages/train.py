@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from vpgtrans.collate import Collator
 from vpgtrans.errors import VpgtransError
 from vpgtrans.evaluate import evaluate_model, group_caption_rows, score
 from vpgtrans.io import atomic_write_text
+from vpgtrans.loader import load_micro_batches
 from vpgtrans.model.spec import upgrade
 from vpgtrans.outputs import check_out_dir, check_writable, exists_error, output_lock
 from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_engine, shard_optimizer_state,
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, samples: int) -> dict:
+def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, samples: int,
+                num_workers: int = 0) -> dict:
     """Evaluate on every process's share of the eval rows, gather predictions and score them all on
     every process: the same numbers as a 1-process evaluation, in 1/N of the time."""
     from accelerate.utils import gather_object
@@ -53,7 +55,7 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
         with whole_parameters(core):  # under FSDP: each process generates alone, with whole weights
             result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
                                     max_new_tokens=config.max_new_tokens, stats=stats,
-                                    choice_scoring=config.choice_scoring)
+                                    choice_scoring=config.choice_scoring, num_workers=num_workers)
     shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
     predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
     references = [r for _, refs in shards for r in refs]
@@ -140,14 +142,23 @@ def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: 
     return "fresh", None
 
 
-def _micro_batches(collate, dataset, chunks: list[list[int]], device) -> list[tuple[list[int], dict]]:
-    """This process's micro-batches of a step as ``(sample indices, tensors on device)``; a micro-batch
-    whose images were all unreadable (counted in the stats) is left out."""
+def _plan(cursor: DataCursor, config: TrainConfig, rank: int, world: int):
+    """This process's micro-batches, step after step, for as long as asked: what the loop's own cursor
+    will take, walked ahead by a copy of it (the DataLoader's workers prepare batches before their step)."""
+    while True:
+        yield from split_batch(cursor.take(config.batch_size), rank, world, config.grad_accum)
+
+
+def _micro_batches(loaded, chunks: list[list[int]]) -> list[tuple[list[int], dict]]:
+    """This process's micro-batches of a step as ``(sample indices, tensors on device)``, taken from the
+    loader; a micro-batch whose images were all unreadable (counted in the stats) is left out."""
     batches = []
     for chunk in chunks:
-        batch = collate([dataset[i] for i in chunk])
+        indices, batch = next(loaded)
+        if indices != chunk:  # the plan walks a copy of the loop's cursor: they cannot part
+            raise RuntimeError(f"data loader out of step: planned {indices}, the step takes {chunk}")
         if batch:
-            batches.append((chunk, {k: v if v is None else v.to(device) for k, v in batch.items()}))  # None: no image
+            batches.append((chunk, batch))
     return batches
 
 
@@ -314,7 +325,8 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         nonlocal eval_seconds
         clock = time.time()
         curve_seconds.append(round(seconds + clock - started - eval_seconds, 3))
-        curve.append(_eval_point(accelerator, core, eval_set, config, done, done * config.batch_size))
+        curve.append(_eval_point(accelerator, core, eval_set, config, done, done * config.batch_size,
+                                 options.num_workers))
         eval_seconds += time.time() - clock
         emit({"type": "eval", **curve[-1]})
 
@@ -323,12 +335,13 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         evaluate_here(0)
     train_mode(model, core, trained)
     last_good = None
-    with StopSignal() as stop:
+    plan = _plan(DataCursor(len(dataset), config.seed, **cursor.position()), config, rank, world)
+    with StopSignal() as stop, closing(load_micro_batches(dataset, collate, plan, options.num_workers,
+                                                          accelerator.device)) as loaded:
         while step < steps:
             # The global batch of this optimizer step, the same on any number of processes.
             indices = cursor.take(config.batch_size)
-            batches = _micro_batches(collate, dataset, split_batch(indices, rank, world, config.grad_accum),
-                                     accelerator.device)
+            batches = _micro_batches(loaded, split_batch(indices, rank, world, config.grad_accum))
             if batches:
                 last_good = batches[-1]
             elif last_good is None:
@@ -386,7 +399,8 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         if curve:
             metrics["eval"] = {k: v for k, v in curve[-1].items() if k not in ("step", "samples")}
         elif eval_set is not None:
-            point = _eval_point(accelerator, core, eval_set, config, steps, steps * config.batch_size)
+            point = _eval_point(accelerator, core, eval_set, config, steps, steps * config.batch_size,
+                                    options.num_workers)
             metrics["eval"] = {k: v for k, v in point.items() if k not in ("step", "samples")}
             records.append({"type": "eval", **point})
         if options.report_to != "none":
