@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vpgtrans import data as data_module
+from vpgtrans import data_sources
 from vpgtrans.bundle import read_manifest
 from vpgtrans.cli import app
 from vpgtrans.config import PromptTemplate
@@ -184,7 +184,7 @@ def test_each_bad_vqa_row_has_its_outcome(tmp_path):
 
 
 def test_over_long_line_is_a_bad_row_never_parsed(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(data_sources, "MAX_LINE_BYTES", 100)
     root = _write_jsonl(tmp_path / "d", [{"image": "a.png", "caption": "x" * 200}, {"image": "a.png", "caption": "ok"}])
     dataset, _, stats = load_rows(root)
     assert len(dataset) == 1 and stats.skipped_bad_row == 1 and "longer than 100 bytes" in stats.problems[0]
