@@ -215,7 +215,7 @@ def _lavis_list(path: Path) -> list:
         raise VpgtransError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except (ValueError, RecursionError) as exc:
         raise VpgtransError(f"{path}: not valid JSON ({first_line(exc)})") from None
-    if isinstance(value, dict) and "annotations" in value:
+    if isinstance(value, dict) and isinstance(value.get("annotations"), list):
         how = "vqav2" if "question_id" in str(value["annotations"][:1]) else "coco-captions"
         raise VpgtransError(f"{path}: an official COCO/VQA annotation file, not a LAVIS list of rows; convert it with "
                             f"vpgtrans data convert {how} (docs/data.md)")
