@@ -230,7 +230,8 @@ def test_train_and_eval_on_a_datasets_name_and_a_lavis_file_on_the_cli(inherited
     result = _cli("eval", out, "--data", "tester/tiny-coco:validation", "--data-columns", "image=img,caption=text",
                   "--json", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["scores"]["n"] == 2
+    report = json.loads(result.stdout)
+    assert report["scores"]["n"] == 2 and report["data"] == "tester/tiny-coco:validation"
 
     lavis = tmp_path / "ann.json"
     lavis.write_text(json.dumps([{"image": row["image"], "caption": [row["caption"]]} for row in CAPTIONS]))
@@ -246,3 +247,18 @@ def test_train_and_eval_on_a_datasets_name_and_a_lavis_file_on_the_cli(inherited
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+
+
+def test_transfer_takes_datasets_names_with_splits(tiny, hf_cache, tmp_path):
+    cache_dataset(hf_cache, "tester/tiny-coco", {"train": _hub_like(4), "validation": _hub_like(2, offset=1)})
+    common = ["transfer", "--source", tiny["source"], "--target-llm", tiny["llama"], "--converter", "none",
+              "--data", "tester/tiny-coco", "--data-columns", "image=img,caption=text", "--max-steps", "1",
+              "--batch-size", "2"]
+    result = _cli(*common, "--eval-data", "tester/tiny-coco:test", "--out", tmp_path / "bad")
+    assert result.exit_code == 2 and "cannot read split 'test'" in result.stderr, result.output
+    assert not (tmp_path / "bad").exists()  # refused before any stage ran
+    out = tmp_path / "run"
+    result = _cli(*common, "--eval-data", "tester/tiny-coco:validation", "--out", out)
+    assert result.exit_code == 0, result.output
+    finetune = read_manifest(out / "finetune")
+    assert finetune["data"]["rows"] == 4 and "cider" in finetune["metrics"]["eval"]
