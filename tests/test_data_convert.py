@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_error
 from vpgtrans.cli import app
 from vpgtrans.data import load_rows
 
@@ -35,14 +36,6 @@ def _cli(*args):
 def _ok(result):
     assert result.exit_code == 0, result.output
     return result
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _rows(out):
@@ -94,12 +87,12 @@ def test_coco_captions_official_file(tmp_path):
          (str(coco / "train2014" / "COCO_train2014_000000000003.jpg"), CAPTIONS[3])]
 
     # --force semantics: refuse an existing --out, replace a converted one, never another directory
-    _one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", out), "already exists")
+    assert_one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", out), "already exists")
     _ok(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", out, "--rows", "image", "--force"))
     assert len(_rows(out)) == 3
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    _one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "mine",
+    assert_one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "mine",
                          "--force"), "not a vpgtrans output")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
@@ -121,9 +114,9 @@ def _karpathy(root):
 def test_karpathy_splits_then_train_and_eval(inherited, tmp_path):
     coco = _coco_images(tmp_path / "coco")
     src = _karpathy(tmp_path)
-    _one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "x"),
+    assert_one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "x"),
                     "holds several splits: restval (1), train (1), val (1); choose with --split")
-    _one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "x",
+    assert_one_line_error(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", tmp_path / "x",
                          "--split", "test"), "has no split test")
     train = tmp_path / "karpathy_train"
     _ok(_cli("data", "convert", "coco-captions", src, "--image-root", coco, "--out", train, "--split", "train,restval"))
@@ -187,7 +180,7 @@ def test_vqav2_keeps_all_answers_ids_and_types_then_trains_and_evaluates(inherit
     assert report["task"] == "vqa" and report["scores"]["n"] == 2
 
     (tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json").unlink()
-    _one_line_error(_cli("data", "convert", "vqav2", src, "--image-root", coco, "--out", tmp_path / "y"),
+    assert_one_line_error(_cli("data", "convert", "vqav2", src, "--image-root", coco, "--out", tmp_path / "y"),
                     "v2_mscoco_val2014_annotations.json: not found", "--annotations")
     assert not (tmp_path / "y").exists()
 
@@ -226,7 +219,7 @@ def _refcoco(root, protocol=2):
 def test_refcoco_boxes_in_pixels_become_the_loaders_normalised_boxes(tmp_path, protocol):
     coco = _coco_images(tmp_path / "coco")
     src = _refcoco(tmp_path / "refcoco", protocol)
-    _one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "x"),
+    assert_one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "x"),
                     "holds several splits: testA (2), train (1)")
     out = tmp_path / "testA"
     _ok(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", out, "--split", "testA"))
@@ -259,11 +252,11 @@ def test_refcoco_pickle_with_any_global_is_refused_and_never_run(tmp_path):
     src = _refcoco(tmp_path / "refcoco")
     target = tmp_path / "pwned"
     src.write_bytes(pickle.dumps([{"ann_id": 5, "payload": _Payload(str(target))}], protocol=2))
-    _one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "o",
+    assert_one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "o",
                          "--split", "train"), "refused: not a pickle of plain lists and dicts", "posix.mkdir")
     assert not target.exists() and not (tmp_path / "o").exists()
     src.write_bytes(b"\x80\x02]q\x00(")  # truncated
-    _one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "o",
+    assert_one_line_error(_cli("data", "convert", "refcoco", src, "--image-root", coco, "--out", tmp_path / "o",
                          "--split", "train"), "not a readable pickle")
 
 
@@ -277,7 +270,7 @@ def test_bad_sources_are_one_line(tmp_path):
                            (("vqav2", wrong, "--annotations", wrong), "no 'annotations' list"),
                            (("coco-captions", _karpathy(tmp_path), "--rows", "sentence", "--split", "val"),
                             "--rows must be one of caption, image")):
-        _one_line_error(_cli("data", "convert", *args, "--image-root", coco, "--out", tmp_path / "o"), fragment)
-    _one_line_error(_cli("data", "convert", "coco-captions", wrong, "--image-root", tmp_path / "nope", "--out",
+        assert_one_line_error(_cli("data", "convert", *args, "--image-root", coco, "--out", tmp_path / "o"), fragment)
+    assert_one_line_error(_cli("data", "convert", "coco-captions", wrong, "--image-root", tmp_path / "nope", "--out",
                          tmp_path / "o"), "--image-root")
     assert not (tmp_path / "o").exists()
