@@ -155,6 +155,7 @@ def data_fingerprint(path) -> str:
                      sort_keys=True)
     return "sha256:" + hashlib.sha256(how.encode()).hexdigest()
 
+
 def _present(row: dict, key: str) -> bool:
     return row.get(key) is not None
 
