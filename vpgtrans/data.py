@@ -286,6 +286,7 @@ def _read_json_rows(source: DataSource, label: str, task: str | None, max_chars:
             parsed.append((where, row))
     task = _choose_task([row for _, row in parsed], task, label)
     rows = []
+    found = {}  # image as written -> its resolved path, None if missing (captions of one image share it)
     for where, row in parsed:
         try:
             clean = clean_row(row, task, max_chars, stats)
@@ -294,13 +295,15 @@ def _read_json_rows(source: DataSource, label: str, task: str | None, max_chars:
                 continue
             if not isinstance(clean["image"], str) or not clean["image"]:
                 raise _Bad("bad_row", "'image' must be a non-empty path string")
-            image = source.image_root / clean["image"]
-            if not regular_file(image):  # missing, a FIFO / device, or a name the file system refuses
+            if clean["image"] not in found:  # missing, a FIFO / device, or a name the file system refuses: None
+                image = source.image_root / clean["image"]
+                found[clean["image"]] = str(image.resolve()) if regular_file(image) else None
+            if found[clean["image"]] is None:
                 raise _Bad("missing_image", f"image {clean['image']!r:.300} not found (or not a regular file)")
         except _Bad as bad:
             stats.skip(bad.kind, where, str(bad))
             continue
-        clean["image"] = str(image.resolve())
+        clean["image"] = found[clean["image"]]
         rows.append(clean)
     return rows, task
 
