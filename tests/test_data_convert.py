@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_line_error
 from vpgtrans.cli import app
 from vpgtrans.data import load_rows
+from vpgtrans.errors import VpgtransError
 
 SIZES = {1: (64, 48), 2: (40, 40), 3: (32, 64)}  # image_id -> (width, height)
 
@@ -274,3 +275,33 @@ def test_bad_sources_are_one_line(tmp_path):
     assert_one_line_error(_cli("data", "convert", "coco-captions", wrong, "--image-root", tmp_path / "nope", "--out",
                          tmp_path / "o"), "--image-root")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind, edit", [
+    ("coco-captions", lambda d: d["images"][0].update(sentences=7)),
+    ("coco-captions", lambda d: d["images"][0].update(filepath=["train2014"])),
+    ("vqav2", lambda d: d["annotations"][0].update(answers=5)),
+    ("refcoco", lambda d: d["annotations"][0].update(bbox="4 6 20 30")),
+])
+def test_fields_of_another_type_are_one_line(kind, edit, tmp_path):
+    coco = _coco_images(tmp_path / "coco", "val2014" if kind == "vqav2" else "train2014")
+    if kind == "coco-captions":
+        src = _karpathy(tmp_path)
+        target, extra = src, ["--split", "train"]
+    elif kind == "vqav2":
+        src = _vqa(tmp_path / "vqa")
+        target, extra = tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json", []
+    else:
+        src = _refcoco(tmp_path / "refcoco")
+        target, extra = tmp_path / "refcoco" / "instances.json", ["--split", "train"]
+    value = json.loads(target.read_text())
+    edit(value)
+    target.write_text(json.dumps(value))
+    result = _cli("data", "convert", kind, src, "--image-root", coco, "--out", tmp_path / "o", *extra)
+    if kind == "refcoco":  # a malformed box is written as is; the loader skips its rows (both sentences of ref 0)
+        _ok(result)
+        with pytest.raises(VpgtransError, match=r"no usable rows of 2 .*data.jsonl:1: 'bbox' must be four finite"):
+            load_rows(tmp_path / "o")
+    else:
+        assert_one_line_error(result, f"not in the official {kind} layout")
+        assert not (tmp_path / "o").exists()

@@ -298,18 +298,22 @@ def convert(kind: str, src: Path, out_dir: Path, image_root: Path, *, split: str
         raise VpgtransError(f"--image-root {image_root}: no such directory")
     inputs = [src, annotations, instances]
     check_out_dir(out_dir, force, inputs)  # before reading: a refused --out costs nothing
-    if kind == "coco-captions":
-        if annotations or instances:
-            raise VpgtransError("--annotations and --instances are for vqav2 and refcoco")
-        found, info = coco_captions_rows(src, image_root, split, rows)
-    elif kind == "vqav2":
-        if split or rows or instances:
-            raise VpgtransError("vqav2: a questions file is one split; --split, --rows and --instances do not apply")
-        found, info = vqav2_rows(src, image_root, annotations)
-    else:
-        if rows or annotations:
-            raise VpgtransError("refcoco: --rows and --annotations do not apply (--instances names instances.json)")
-        found, info = refcoco_rows(src, image_root, split, instances)
+    if kind == "coco-captions" and (annotations or instances):
+        raise VpgtransError("--annotations and --instances are for vqav2 and refcoco")
+    if kind == "vqav2" and (split or rows or instances):
+        raise VpgtransError("vqav2: a questions file is one split; --split, --rows and --instances do not apply")
+    if kind == "refcoco" and (rows or annotations):
+        raise VpgtransError("refcoco: --rows and --annotations do not apply (--instances names instances.json)")
+    try:
+        if kind == "coco-captions":
+            found, info = coco_captions_rows(src, image_root, split, rows)
+        elif kind == "vqav2":
+            found, info = vqav2_rows(src, image_root, annotations)
+        else:
+            found, info = refcoco_rows(src, image_root, split, instances)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a field of another type than the format's
+        raise VpgtransError(f"{src}: not in the official {kind} layout ({type(exc).__name__}: {first_line(exc)}); "
+                            "see docs/data.md") from None
     if not found:
         raise VpgtransError(f"{src}: no rows to write")
     summary = {"format": "vpgtrans-data", "kind": kind, "source": str(src.resolve()),
