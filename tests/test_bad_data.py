@@ -152,7 +152,8 @@ def test_each_bad_caption_row_has_its_outcome(tmp_path):
     dataset, task, stats = load_rows(root)
     assert task == "caption" and len(dataset) == 3
     counts = stats.to_dict()
-    assert {k: v for k, v in counts.items() if k != "problems"} == {
+    assert counts["source"] == {"form": "jsonl", "location": str(root)}
+    assert {k: v for k, v in counts.items() if k not in ("problems", "source")} == {
         "lines": 15, "rows": 3, "skipped_bad_row": 6, "skipped_missing_key": 3, "skipped_empty_text": 2,
         "skipped_missing_image": 1, "truncated_text": 1, "skipped_unreadable_image": 0, "skipped_large_image": 0}
     assert stats.rows + stats.skipped_at_load == stats.lines

@@ -228,6 +228,8 @@ def test_train_and_eval_on_a_datasets_name_and_a_lavis_file_on_the_cli(inherited
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["data"]["rows"] == 4 and manifest["config"]["task"] == "caption"
+    assert manifest["data"]["source"] == {"form": "datasets-name", "location": "tester/tiny-coco", "split": "train",
+                                          "columns": {"caption": "text", "image": "img"}}
     result = _cli("eval", out, "--data", "tester/tiny-coco:validation", "--data-columns", "image=img,caption=text",
                   "--json", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output

@@ -91,6 +91,7 @@ class LoadStats:
     skipped_unreadable_image: int = 0  # batch time, unique images
     skipped_large_image: int = 0  # batch time, unique images
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "where: what"
+    source: dict = field(default_factory=dict)  # the form read (jsonl, lavis, ...), the location, split, options
     strict: bool = field(default=False, repr=False)
     _bad_images: set = field(default_factory=set, repr=False)
 
@@ -102,7 +103,8 @@ class LoadStats:
         return self.skipped_bad_row + self.skipped_missing_key + self.skipped_empty_text + self.skipped_missing_image
 
     def to_dict(self) -> dict:
-        return {**{name: getattr(self, name) for name in self.COUNTS}, "problems": list(self.problems)}
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "problems": list(self.problems),
+                "source": dict(self.source)}
 
     def skip(self, kind: str, where: str, what: str) -> None:
         """Count a skipped row (``kind`` names the counter), or raise in strict mode."""
@@ -362,6 +364,15 @@ def _read_dataset(dataset, label: str, task: str | None, max_chars: int, stats: 
     return dataset, task
 
 
+def _describe(source: DataSource, label: str, options: DataOptions) -> dict:
+    """What the manifest records of where rows came from: the form, the location as given, and the split and
+    reading options where they apply."""
+    described = {"form": source.kind, "location": label}
+    if source.split is not None:
+        described["split"] = source.split
+    return {**described, **{k: v for k, v in options.to_dict().items() if v and k != "split"}}
+
+
 def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool | None = None,
               max_text_chars: int = MAX_TEXT_CHARS):
     """Load data (any form ``vpgtrans.data_sources`` reads) as a ``datasets.Dataset`` plus the task it holds
@@ -381,7 +392,7 @@ def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool
     options = data_options(data_dir)
     source = locate(data_dir, options)
     label = os.fspath(data_dir)
-    stats = LoadStats(strict=strict)
+    stats = LoadStats(strict=strict, source=_describe(source, label, options))
     if source.kind in ("datasets-dir", "datasets-name"):
         dataset, found = _read_dataset(load_dataset(source, options.columns), label, task, max_text_chars, stats,
                                        source.image_root)
