@@ -188,3 +188,13 @@ def stop_at(step: int):
         if done == step:
             raise StopHere(f"stopped after step {done}")
     return progress
+
+
+def assert_one_line_error(result, *fragments):
+    """A CLI result that failed as users are promised: exit code 2, exactly one line "error: ..." on stderr
+    holding every fragment, no traceback anywhere."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

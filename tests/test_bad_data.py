@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vpgtrans import data as data_module
+from conftest import assert_one_line_error
+from vpgtrans import data_sources
 from vpgtrans.bundle import read_manifest
 from vpgtrans.cli import app
 from vpgtrans.config import PromptTemplate
@@ -151,7 +152,8 @@ def test_each_bad_caption_row_has_its_outcome(tmp_path):
     dataset, task, stats = load_rows(root)
     assert task == "caption" and len(dataset) == 3
     counts = stats.to_dict()
-    assert {k: v for k, v in counts.items() if k != "problems"} == {
+    assert counts["source"] == {"form": "jsonl", "location": str(root)}
+    assert {k: v for k, v in counts.items() if k not in ("problems", "source")} == {
         "lines": 15, "rows": 3, "skipped_bad_row": 6, "skipped_missing_key": 3, "skipped_empty_text": 2,
         "skipped_missing_image": 1, "truncated_text": 1, "skipped_unreadable_image": 0, "skipped_large_image": 0}
     assert stats.rows + stats.skipped_at_load == stats.lines
@@ -184,7 +186,7 @@ def test_each_bad_vqa_row_has_its_outcome(tmp_path):
 
 
 def test_over_long_line_is_a_bad_row_never_parsed(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(data_sources, "MAX_LINE_BYTES", 100)
     root = _write_jsonl(tmp_path / "d", [{"image": "a.png", "caption": "x" * 200}, {"image": "a.png", "caption": "ok"}])
     dataset, _, stats = load_rows(root)
     assert len(dataset) == 1 and stats.skipped_bad_row == 1 and "longer than 100 bytes" in stats.problems[0]
@@ -297,14 +299,6 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_training_records_the_counts_and_strict_refuses(inherited, tmp_path):
     root = _write_jsonl(tmp_path / "d", CAPTION_LINES[:12])
     (root / "broken.png").write_bytes(b"broken")
@@ -320,20 +314,20 @@ def test_training_records_the_counts_and_strict_refuses(inherited, tmp_path):
     assert recorded["skipped_unreadable_image"] == 1
     assert any("broken.png" in p for p in recorded["problems"])
 
-    _one_line_error(_cli("warmup-projector", inherited, "--data", root, "--out", tmp_path / "s", "--max-steps", "1",
+    assert_one_line_error(_cli("warmup-projector", inherited, "--data", root, "--out", tmp_path / "s", "--max-steps", "1",
                          "--batch-size", "4", "--strict"), "data.jsonl:5: not valid JSON", "--strict")
     assert not (tmp_path / "s").exists()
 
 
 def test_eval_strict_and_all_bad_data_on_the_cli(inherited, tmp_path):
     bad = _write_jsonl(tmp_path / "bad", ["{", {"image": "a.png", "caption": ""}])
-    _one_line_error(_cli("eval", inherited, "--data", bad), "no usable rows of 2")
-    _one_line_error(_cli("eval", inherited, "--data", bad, "--strict"), "data.jsonl:1: not valid JSON")
+    assert_one_line_error(_cli("eval", inherited, "--data", bad), "no usable rows of 2")
+    assert_one_line_error(_cli("eval", inherited, "--data", bad, "--strict"), "data.jsonl:1: not valid JSON")
     unreadable = _write_jsonl(tmp_path / "unreadable", [{"image": f"x{i}.png", "caption": "a"} for i in range(3)],
                               images=())
     for i in range(3):
         (unreadable / f"x{i}.png").write_bytes(b"not a png")
-    _one_line_error(_cli("eval", inherited, "--data", unreadable), "none of the first 3 images could be used")
+    assert_one_line_error(_cli("eval", inherited, "--data", unreadable), "none of the first 3 images could be used")
 
 
 def test_transfer_strict_checks_every_data_directory_before_any_stage(tiny, tmp_path):
@@ -342,7 +336,7 @@ def test_transfer_strict_checks_every_data_directory_before_any_stage(tiny, tmp_
     common = ["transfer", "--source", tiny["source"], "--target-llm", tiny["llama"], "--out", tmp_path / "run",
               "--converter", "none", "--max-steps", "1", "--batch-size", "4", "--strict"]
     for extra in (["--data", bad], ["--data", good, "--finetune-data", bad], ["--data", good, "--eval-data", bad]):
-        _one_line_error(_cli(*common, *extra), "data.jsonl:2: no 'caption'", "--strict")
+        assert_one_line_error(_cli(*common, *extra), "data.jsonl:2: no 'caption'", "--strict")
         assert not (tmp_path / "run").exists()
     result = _cli(*common[:-1], "--data", bad, "--skip-warmup", "--finetune-max-steps", "1")  # not strict: runs
     assert result.exit_code == 0, result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import shutil
 import string
@@ -234,6 +235,45 @@ def test_jsonl_reader_on_random_rows(items):
              for item in items]
     lines = [line.replace(b"\n", b" ") for line in lines]
     _check_reader(b"\n".join(lines) + b"\n")
+
+
+@FAST
+@given(st.lists(rows, max_size=12) | json_values)
+def test_lavis_annotation_reader_on_random_json(value):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)  # LAVIS's layout: annotations/ beside images/
+        (root / "images").mkdir()
+        (root / "annotations").mkdir()
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(root / "images" / "a.png")
+        (root / "annotations" / "ann.json").write_text(json.dumps(value))
+        try:
+            dataset, task, stats = load_rows(root / "annotations" / "ann.json")
+        except VpgtransError as exc:
+            _one_line(exc)
+            event("refused")
+            return
+        event("loaded")
+        assert isinstance(value, list) and stats.lines == len(value)
+        assert stats.rows == len(dataset) >= 1 and stats.rows + stats.skipped_at_load == stats.lines
+        assert all(Path(row["image"]) == (root / "images" / "a.png").resolve() for row in dataset)
+
+
+@FAST
+@given(st.binary(max_size=200) | st.builds(lambda v, p: pickle.dumps(v, protocol=p), json_values, st.integers(0, 5)))
+def test_refs_pickle_reader_on_random_bytes(content):
+    from vpgtrans.data_convert import read_plain_pickle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "refs(unc).p"
+        path.write_bytes(content)
+        try:
+            value = read_plain_pickle(path)
+        except VpgtransError as exc:
+            _one_line(exc)
+            event("refused")
+            return
+        event("loaded")
+        assert value == pickle.loads(content)  # what loaded holds plain values only: the same as pickle's
 
 
 # --- hand-edited manifests ----------------------------------------------------------------------------

@@ -392,6 +392,12 @@ def test_routing_report_counts_each_tokens_top_k_by_modality(moe, tiny, tmp_path
     assert [[e["visual"] for e in layer["experts"]] for layer in saved["layers"]] == [
         [e["visual"] for e in layer["experts"]] for layer in report["layers"]]
     assert (out_dir / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # any form --data takes (issue 14): the .jsonl file itself gives the same counts
+    result = runner.invoke(app, ["inspect", str(bundle), "--routing", "--data", str(tiny["caption"] / "data.jsonl"),
+                                 "--json", "--max-samples", "6"])
+    assert result.exit_code == 0, result.output
+    assert [[e["visual"] for e in layer["experts"]] for layer in json.loads(result.stdout)["layers"]] == [
+        [e["visual"] for e in layer["experts"]] for layer in report["layers"]]
     _user_error(runner.invoke(app, ["inspect", str(bundle.parent / "inherit"), "--routing"]), "--routing needs --data")
     dense = inherit(tiny["source"], tiny["llama"], tmp_path / "dense", InheritConfig(connector="plora"))
     _user_error(runner.invoke(app, ["inspect", str(dense), "--routing", "--data", str(tiny["caption"])]),

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from vpgtrans.cli_commands import Command, ConfigCommand, Group, config_note, one_line
+from vpgtrans.cli_data import build_data_app
 from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, quiet_libraries, setup_logging,
                                   until_stopped)
 from vpgtrans.config import CONVERTERS, TEMPLATES
@@ -103,6 +104,12 @@ Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad da
                                                       "(default: skip it and count it in the manifest).")]
 BboxFormat = Annotated[Literal[BBOX_FORMATS], typer.Option(help="Pixel boxes of RefCOCO-style rows (image, expression, bbox): xyxy "
                                               "corners or xywh (RefCOCO's own files).")]
+ImageRoot = Annotated[Optional[Path], typer.Option(help="Where relative image paths start (default: the .jsonl's directory; "
+                                                     "a LAVIS .json: LAVIS's ../images, else its directory).")]
+DataSplit = Annotated[Optional[str], typer.Option(help="Split of a datasets name (or NAME:SPLIT), a DatasetDict directory or "
+                                                   "an imagefolder with split directories (default train).")]
+DataColumns = Annotated[Optional[str], typer.Option(help="Read the data's own keys / columns as ours: OURS=THEIRS,... "
+                                                       "(e.g. caption=text,image=img).")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N optimizer steps under OUT/checkpoints/.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint under --out.")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
@@ -310,7 +317,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
             routing: Annotated[bool, typer.Option("--routing", help="MoE bundle: how each layer's experts split "
                                                   "between visual and text tokens on --data (table; JSON and a "
                                                   "PNG heat map with --out).")] = False,
-            data: Annotated[Optional[Path], typer.Option(help="--routing: data directory to run.")] = None,
+            data: Annotated[Optional[Path], typer.Option(help="--routing: data to run (any form --data takes).")] = None,
+            image_root: ImageRoot = None, data_split: DataSplit = None, data_columns: DataColumns = None,
             out: Annotated[Optional[Path], typer.Option(help="--routing: directory for routing.json and "
                                                              "routing.png.")] = None,
             max_samples: Annotated[int, typer.Option(help="--routing: rows of --data to run.")] = 64):
@@ -318,7 +326,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="HF BLIP-2/InstructBLIP di
     if check_text_path and routing:
         raise VpgtransError("--check-text-path and --routing are separate runs: give one")
     if routing:
-        return _routing(path, data, out, max_samples, as_json)
+        return _routing(path, _data(data, False, image_root=image_root, split=data_split, columns=data_columns), out,
+                        max_samples, as_json)
     if data is not None or out is not None:
         raise VpgtransError("--data and --out go with --routing")
     if check_text_path:
@@ -420,11 +429,12 @@ def inherit(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/I
     typer.echo(f"bundle written to {path}")
 
 
-def _data(path: Path | None, strict: bool, bbox_format: str = "xyxy"):
-    """A data path that carries --strict and --bbox-format to every loader it reaches."""
+def _data(path: Path | None, strict: bool, bbox_format: str = "xyxy", **options):
+    """A data path that carries --strict, --bbox-format and the reading options (``image_root``, ``split``,
+    ``columns``: --image-root, --data-split, --data-columns) to every loader it reaches."""
     from vpgtrans.data import DataDir
 
-    return None if path is None else DataDir(path, strict=strict, bbox_format=bbox_format)
+    return None if path is None else DataDir(path, strict=strict, bbox_format=bbox_format, **options)
 
 
 def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
@@ -481,7 +491,7 @@ def _with_bundle_adapters(config, bundle: Path):
 
 
 def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, options, *, eval_data: Path | None,
-                   strict: bool, force: bool, verbose: bool, bbox_format: str = "xyxy"):
+                   strict: bool, force: bool, verbose: bool, bbox_format: str = "xyxy", data_options=None):
     """Run one training stage (``kind``: warmup / finetune / scratch) from a config and run options."""
     quiet_libraries()
     setup_logging(verbose)
@@ -490,7 +500,7 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, optio
 
     # Before any compute: --out must not be an input, hold one, or be a directory vpgtrans did not write.
     check_out_dir(out, force or options.resume, inputs=[bundle, data, eval_data])
-    data, eval_data = _data(data, strict, bbox_format), _data(eval_data, strict, bbox_format)
+    data, eval_data = (_data(path, strict, bbox_format, **(data_options or {})) for path in (data, eval_data))
     run = {"warmup": train.warmup_projector, "finetune": train.finetune, "scratch": train.train_from_scratch}[kind]
     path = until_stopped(run, bundle, data, out, config, eval_data=eval_data, force=force,
                           progress=progress_bar(kind, config.batch_size), options=options)
@@ -504,7 +514,8 @@ def _train_command(kind: str, bundle: Path, data: Path, out: Path, config, optio
 
 @command("warmup-projector", config=True)
 def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (from inherit).")],
-                     data: Annotated[Path, typer.Option(help="Training data directory.")],
+                     data: Annotated[Path, typer.Option(help="Training data: a directory, .jsonl, LAVIS .json, imagefolder "
+                                                                "or datasets name (docs/data.md).")],
                      out: Annotated[Path, typer.Option(help="Output bundle directory.")],
                      lr: Lr = None, max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
                      batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
@@ -513,7 +524,8 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
                      num_workers: NumWorkers = 0, strict: Strict = False,
-                     bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
+                     bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
+                     data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
                            max_text_len)
@@ -522,12 +534,14 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
                            num_workers=num_workers)
     _train_command("warmup", bundle, data, out, config, options, eval_data=eval_data, strict=strict, force=force,
-                   verbose=verbose, bbox_format=bbox_format)
+                   verbose=verbose, bbox_format=bbox_format,
+                   data_options=dict(image_root=image_root, split=data_split, columns=data_columns))
 
 
 @command(config=True)
 def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from warmup-projector).")],
-             data: Annotated[Path, typer.Option(help="Training data directory.")],
+             data: Annotated[Path, typer.Option(help="Training data: a directory, .jsonl, LAVIS .json, imagefolder "
+                                                                "or datasets name (docs/data.md).")],
              out: Annotated[Path, typer.Option(help="Output bundle directory.")],
              lr: Lr = None, max_steps: MaxSteps = None, max_samples: MaxSamples = None, epochs: Epochs = None,
              batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
@@ -537,7 +551,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", num_workers: NumWorkers = 0,
              strict: Strict = False,
-             bbox_format: BboxFormat = "xyxy", force: Force = False, verbose: Verbose = False):
+             bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
+             data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
     (plora's LoRA) where it has some; ViT and LLM base weights frozen. A bundle of another connector runs its
     recipe's fine-tune stage (lavin: connector + adapters, LaVIN's schedule)."""
@@ -549,7 +564,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
                            num_workers=num_workers)
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, config, options, eval_data=eval_data,
-                   strict=strict, force=force, verbose=verbose, bbox_format=bbox_format)
+                   strict=strict, force=force, verbose=verbose, bbox_format=bbox_format,
+                   data_options=dict(image_root=image_root, split=data_split, columns=data_columns))
 
 
 @command(config=True)
@@ -596,7 +612,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
              mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
-             lora_targets: LoraTargets = None, strict: Strict = False, bbox_format: BboxFormat = "xyxy", force: Force = False,
+             lora_targets: LoraTargets = None, strict: Strict = False, bbox_format: BboxFormat = "xyxy",
+             image_root: ImageRoot = None, data_split: DataSplit = None, data_columns: DataColumns = None, force: Force = False,
              verbose: Verbose = False):
     """The whole recipe: inherit -> warm-up -> fine-tune (or --from-scratch for the baseline)."""
     quiet_libraries()
@@ -624,7 +641,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                 source_llm,
                                                 corpus])
     _check_remote_code(target_llm, trust_remote_code)
-    data, finetune_data, instruct_data, eval_data = (_data(path, strict, bbox_format)
+    data, finetune_data, instruct_data, eval_data = (_data(path, strict, bbox_format, image_root=image_root,
+                                                           split=data_split, columns=data_columns)
                                                      for path in (data, finetune_data, instruct_data, eval_data))
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
@@ -655,15 +673,16 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
 
 @command("eval", config=True)
 def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
-          data: Annotated[Path, typer.Option(help="Evaluation data directory.")],
+          data: Annotated[Path, typer.Option(help="Evaluation data: a directory, .jsonl, LAVIS .json, imagefolder or "
+                                                  "datasets name (docs/data.md).")],
           task: Annotated[Optional[Literal[TASKS]], typer.Option(help="What to score (default: what the data "
                                                                       "holds).")] = None,
           batch_size: int = 16, max_samples: Annotated[Optional[int], typer.Option(help="Score only the first N.")] = None,
           max_new_tokens: int = 20, num_beams: int = 1,
           out: Annotated[Optional[Path], typer.Option(help="Write scores and predictions to this JSON file.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, strict: Strict = False,
-          bbox_format: BboxFormat = "xyxy",
-          force: Force = False,
+          bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
+          data_columns: DataColumns = None, force: Force = False,
           dtype: Annotated[Optional[Literal[DTYPES]], typer.Option(help="The frozen LLM's dtype (default "
                                                                       "fp32).")] = None,
           load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
@@ -690,7 +709,8 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
     if load_in_8bit and load_in_4bit:
         raise VpgtransError("--load-in-8bit and --load-in-4bit exclude each other")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
-    report = evaluate(bundle, _data(data, strict, bbox_format), task, batch_size, max_samples, max_new_tokens, num_beams,
+    data = _data(data, strict, bbox_format, image_root=image_root, split=data_split, columns=data_columns)
+    report = evaluate(bundle, data, task, batch_size, max_samples, max_new_tokens, num_beams,
                       out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
                       progress=progress_bar("eval"), tokenizer=tokenizer, num_workers=num_workers,
@@ -754,6 +774,9 @@ def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundl
 
     summary = run_demo(out_dir=out, force=force, progress=progress_bar("demo"), log=lambda m: err_console().print(m))
     Console().print(render_summary(summary))
+
+
+app.add_typer(build_data_app(cli_command), name="data")
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""Image-text data: a directory with a ``*.jsonl`` + images, or a ``datasets.save_to_disk`` directory.
+"""Image-text data: a directory with a ``*.jsonl`` + images, a ``.jsonl`` file, a LAVIS annotation JSON, an
+HF imagefolder (``metadata.jsonl``), a ``datasets.save_to_disk`` directory or a datasets name in the local
+HF cache (``vpgtrans.data_sources`` finds which; every form ends as the same rows, checked here).
 
 Rows are ``{"image": "relative/path", "caption": "..." | [...]}`` (captioning),
 ``{"image", "question", "answers": [...]}`` (VQA) or ``{"image", "question", "box": [x1, y1, x2, y2]}``
@@ -31,10 +33,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpgtrans.data_sources import (DataOptions, DataSource, load_dataset, locate, parse_columns, raw_rows,
+                                   regular_file, source_files)
 from vpgtrans.errors import VpgtransError
 from vpgtrans.refexp import BBOX_FORMATS, RowProblem, from_refexp, is_refexp
 
@@ -45,20 +48,24 @@ TASK_KEYS = {"caption": ("caption",), "vqa": ("question", "answers"), "grounding
 TASKS = tuple(TASK_KEYS)
 IMAGE_OPTIONAL = ("multiple-choice",)  # tasks whose rows may come without an image (text-only questions)
 MAX_TEXT_CHARS = 1000  # per caption / question / answer; longer text is cut (targets are cut again in tokens)
-MAX_LINE_BYTES = 1 << 20  # a jsonl line longer than this is a bad row, never parsed
 MAX_PROBLEMS = 20  # problems kept verbatim in the stats (all are counted)
 NO_IMAGE_LIMIT = 16  # a batch builder that has read none of its first N images stops the run
 
 
 class DataDir(os.PathLike):
-    """A data directory plus how strictly to read it. It is a path (``os.fspath`` gives the directory),
-    so it goes wherever a data path goes, and ``load_rows`` honours its ``strict`` and ``bbox_format``
-    (how RefCOCO-style rows give their pixel boxes: ``xyxy`` or ``xywh``, see ``vpgtrans.refexp``)."""
+    """A data location (any form ``vpgtrans.data_sources`` reads) plus how to read it. It is a path
+    (``os.fspath`` gives the location as given), so it goes wherever a data path goes, and ``load_rows``
+    honours its ``strict``, ``bbox_format`` (how RefCOCO-style rows give their pixel boxes: ``xyxy`` or
+    ``xywh``, see ``vpgtrans.refexp``) and ``options`` (``--image-root``, ``--data-split``, ``--data-columns``)."""
 
-    def __init__(self, path: str | os.PathLike, strict: bool = False, bbox_format: str = "xyxy"):
+    def __init__(self, path: str | os.PathLike, strict: bool = False, bbox_format: str = "xyxy",
+                 image_root: str | os.PathLike | None = None, split: str | None = None,
+                 columns: str | dict | None = None):
         self.path = Path(path)
         self.strict = strict
         self.bbox_format = bbox_format
+        self.options = DataOptions(image_root=None if image_root is None else Path(image_root), split=split,
+                                   columns=parse_columns(columns))
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -84,6 +91,7 @@ class LoadStats:
     skipped_unreadable_image: int = 0  # batch time, unique images
     skipped_large_image: int = 0  # batch time, unique images
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "where: what"
+    source: dict = field(default_factory=dict)  # the form read (jsonl, lavis, ...), the location, split, options
     strict: bool = field(default=False, repr=False)
     _bad_images: set = field(default_factory=set, repr=False)
 
@@ -95,7 +103,8 @@ class LoadStats:
         return self.skipped_bad_row + self.skipped_missing_key + self.skipped_empty_text + self.skipped_missing_image
 
     def to_dict(self) -> dict:
-        return {**{name: getattr(self, name) for name in self.COUNTS}, "problems": list(self.problems)}
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "problems": list(self.problems),
+                "source": dict(self.source)}
 
     def skip(self, kind: str, where: str, what: str) -> None:
         """Count a skipped row (``kind`` names the counter), or raise in strict mode."""
@@ -117,60 +126,36 @@ class LoadStats:
 
 # ------------------------------------------------------------------------------------------ rows
 
+def data_options(data) -> DataOptions:
+    """How to read ``data``: a ``DataDir``'s options, else the defaults."""
+    return getattr(data, "options", None) or DataOptions()
+
+
 def data_fingerprint(path) -> str:
-    """A content fingerprint of a data location: the rows' files (``*.jsonl``, a ``datasets`` directory's
-    ``*.arrow`` / ``*.json``), hashed like model files (whole up to 256 MiB, else size + first and last MiB).
-    Images are not read: an image replaced in place under the same name is not noticed."""
+    """A content fingerprint of a data location: the rows' files (a directory's ``*.jsonl``, ``*.arrow`` and
+    ``*.json``; a data file; a datasets name's cache files), hashed like model files (whole up to 256 MiB,
+    else size + first and last MiB), plus the reading options and the dataset name when they are not the
+    defaults. Images are not read: an image replaced in place under the same name is not noticed."""
+    import hashlib
+
     from vpgtrans.bundle import fingerprint_files
 
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".arrow", ".json")
-                                                 and regular_file(p))
-    return fingerprint_files(files)
-
-
-def regular_file(path) -> bool:
-    """A regular file (links followed): never a FIFO or a device, which would block or never end when read."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):  # missing, a name over the system's limits, a NUL byte
-        return False
-
-
-def _lines(path: Path):
-    """(line number, bytes) of each non-blank line; ``None`` for a line over ``MAX_LINE_BYTES``."""
-    if not regular_file(path):
-        raise VpgtransError(f"{path}: not a regular file (a FIFO, a device or a link to one); give a .jsonl file")
-    with open(path, "rb") as fh:
-        line_no = 0
-        while True:
-            line = fh.readline(MAX_LINE_BYTES + 1)
-            if not line:
-                return
-            line_no += 1
-            if len(line) > MAX_LINE_BYTES:
-                while line and not line.endswith(b"\n"):  # drop the rest of the line unread
-                    line = fh.readline(MAX_LINE_BYTES)
-                yield line_no, None
-            elif line.strip():
-                yield line_no, line
-
-
-def _parse_line(line: bytes | None, first: bool) -> tuple[object, str | None]:
-    """(JSON value, None) or (None, what is wrong)."""
-    if line is None:
-        return None, f"line longer than {MAX_LINE_BYTES} bytes"
-    try:
-        text = line.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 (byte {exc.start})"
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-        return None, f"not valid JSON ({first_line(exc)})"
-    if not isinstance(value, dict):
-        return None, f"not a JSON object (a {type(value).__name__})"
-    return value, None
+    options = data_options(path)
+    source = locate(path, options)
+    location = Path(path)
+    if source.kind == "datasets-name":
+        files = source_files(source, load_dataset(source, options.columns))
+    elif location.is_dir():  # every file that may hold rows (the form of fingerprints made before other sources)
+        files = sorted({*(p for p in location.iterdir() if p.suffix in (".jsonl", ".arrow", ".json") and regular_file(p)),
+                        *source_files(source)})
+    else:
+        files = source_files(source)
+    fingerprint = fingerprint_files(files)
+    if options.is_default() and source.kind != "datasets-name":
+        return fingerprint
+    how = json.dumps({"files": fingerprint, "name": source.name, "split": source.split, **options.to_dict()},
+                     sort_keys=True)
+    return "sha256:" + hashlib.sha256(how.encode()).hexdigest()
 
 
 def _present(row: dict, key: str) -> bool:
@@ -301,32 +286,24 @@ def _multiple_choice(row: dict, max_chars: int, stats: LoadStats) -> dict:
             "answer": row["answer"], "context": context}
 
 
-def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: LoadStats,
-                    bbox_format: str = "xyxy") -> tuple[list[dict], str]:
-    files = sorted(data_dir.glob("*.jsonl"))
-    if len(files) != 1:
-        found = ", ".join(f.name for f in files) or "none"
-        raise VpgtransError(f"{data_dir}: expected exactly one *.jsonl file (found {found})")
-    path = files[0]
+def _read_json_rows(source: DataSource, label: str, task: str | None, max_chars: int, stats: LoadStats,
+                    bbox_format: str = "xyxy", columns: dict | None = None) -> tuple[list[dict], str]:
+    """Rows of a jsonl, imagefolder or LAVIS source, cleaned; images relative to ``source.image_root``."""
     parsed = []  # (where, row)
-    try:
-        for line_no, line in _lines(path):
-            stats.lines += 1
-            row, problem = _parse_line(line, first=line_no == 1)
-            where = f"{path.name}:{line_no}"
-            if problem:
-                stats.skip("bad_row", where, problem)
-            elif is_refexp(row):  # RefCOCO-style: pixel box -> the normalised grounding row
-                try:
-                    parsed.append((where, from_refexp(row, data_dir, bbox_format)))
-                except RowProblem as bad:
-                    stats.skip(bad.kind, where, str(bad))
-            else:
-                parsed.append((where, row))
-    except OSError as exc:
-        raise VpgtransError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    task = _choose_task([row for _, row in parsed], task, str(data_dir))
+    for where, row, problem in raw_rows(source, columns or {}):
+        stats.lines += 1
+        if problem:
+            stats.skip("bad_row", where, problem)
+        elif is_refexp(row):  # RefCOCO-style: pixel box -> the normalised grounding row
+            try:
+                parsed.append((where, from_refexp(row, source.image_root, bbox_format)))
+            except RowProblem as bad:
+                stats.skip(bad.kind, where, str(bad))
+        else:
+            parsed.append((where, row))
+    task = _choose_task([row for _, row in parsed], task, label)
     rows = []
+    found = {}  # image as written -> its resolved path, None if missing (captions of one image share it)
     for where, row in parsed:
         try:
             clean = clean_row(row, task, max_chars, stats)
@@ -335,39 +312,41 @@ def _read_jsonl_dir(data_dir: Path, task: str | None, max_chars: int, stats: Loa
                 continue
             if not isinstance(clean["image"], str) or not clean["image"]:
                 raise _Bad("bad_row", "'image' must be a non-empty path string")
-            image = data_dir / clean["image"]
-            if not regular_file(image):  # missing, a FIFO / device, or a name the file system refuses
+            if clean["image"] not in found:  # missing, a FIFO / device, or a name the file system refuses: None
+                image = source.image_root / clean["image"]
+                found[clean["image"]] = str(image.resolve()) if regular_file(image) else None
+            if found[clean["image"]] is None:
                 raise _Bad("missing_image", f"image {clean['image']!r:.300} not found (or not a regular file)")
         except _Bad as bad:
             stats.skip(bad.kind, where, str(bad))
             continue
-        clean["image"] = str(image.resolve())
+        clean["image"] = found[clean["image"]]
         rows.append(clean)
     return rows, task
 
 
-def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: LoadStats):
+def _read_dataset(dataset, label: str, task: str | None, max_chars: int, stats: LoadStats,
+                  image_root: Path | None = None):
+    """A ``datasets.Dataset`` (from a directory or the HF cache) cleaned like jsonl rows: the same checks and
+    counts; images stay as the dataset holds them (PIL images decoded when a batch is built, or paths,
+    relative ones read from ``image_root``)."""
     import datasets
 
-    try:
-        dataset = datasets.load_from_disk(str(data_dir))
-    except Exception as exc:  # noqa: BLE001 - whatever datasets raises for a damaged directory
-        raise VpgtransError(f"{data_dir}: not a readable datasets directory ({first_line(exc)})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    name = Path(label).name or label
     columns = set(dataset.column_names)
     optional = task in IMAGE_OPTIONAL or task is None and set(TASK_KEYS["multiple-choice"]) <= columns
     if "image" not in columns and optional:  # text-only questions
         dataset = dataset.add_column("image", [None] * len(dataset))
         columns.add("image")
     if "image" not in columns:
-        raise VpgtransError(f"{data_dir}: the dataset has no 'image' column")
+        raise VpgtransError(f"{label}: the dataset has no 'image' column (columns: {sorted(columns)}); map one with "
+                            "--data-columns image=THEIRS")
     held = [name for name, keys in TASK_KEYS.items() if set(keys) <= columns]
     if not held:
-        raise VpgtransError(f"{data_dir}: rows need 'caption', or 'question' and 'answers', or 'question' and "
-                            f"'box' (columns: {sorted(columns)})")
+        raise VpgtransError(f"{label}: rows need 'caption', or 'question' and 'answers', or 'question' and "
+                            f"'box' (columns: {sorted(columns)}); map yours with --data-columns")
     if task is not None and task not in held:
-        raise VpgtransError(f"{data_dir}: holds {held[0]} data, but task '{task}' was asked for")
+        raise VpgtransError(f"{label}: holds {held[0]} data, but task '{task}' was asked for")
     task = task or held[0]
     keys = TASK_KEYS[task]
     images = dataset.select_columns(["image"])
@@ -376,31 +355,46 @@ def _read_datasets_dir(data_dir: Path, task: str | None, max_chars: int, stats: 
     keys = (*keys, "context") if "context" in columns and task in IMAGE_OPTIONAL else keys
     keys = (*keys, *(key for key in VQA_KEYS if key in columns)) if task == "vqa" else keys
     text = dataset.select_columns(list(keys)).to_list()
-    kept, cleaned = [], {key: [] for key in keys}
+    kept, cleaned, paths = [], {key: [] for key in keys}, []
     for index, (image, row) in enumerate(zip(images["image"], text)):
         stats.lines += 1
-        where = f"{data_dir.name}[{index}]"
+        where = f"{name}[{index}]"
         try:
             clean = clean_row({**row, "image": image}, task, max_chars, stats)
-            if isinstance(image, str) and not Path(image).is_file():  # (None: a text-only question)
-                raise _Bad("missing_image", f"image {image!r} not found")
+            if isinstance(image, str):  # a path (None: a text-only question)
+                image = str(image_root / image) if image_root is not None else image
+                if not regular_file(image):
+                    raise _Bad("missing_image", f"image {row.get('image', image)!r:.300} not found")
         except _Bad as bad:
             stats.skip(bad.kind, where, str(bad))
             continue
         kept.append(index)
+        paths.append(image)
         for key in keys:
             cleaned[key].append(clean[key])
     dataset = dataset.select_columns(["image"]).select(kept)
+    if image_root is not None and isinstance(dataset.features["image"], datasets.Value):  # paths, now resolved
+        dataset = dataset.remove_columns("image").add_column("image", paths)
     for key in keys:
         dataset = dataset.add_column(key, cleaned[key])
     return dataset, task
 
 
+def _describe(source: DataSource, label: str, options: DataOptions) -> dict:
+    """What the manifest records of where rows came from: the form, the location as given, and the split and
+    reading options where they apply."""
+    described = {"form": source.kind, "location": label}
+    if source.split is not None:
+        described["split"] = source.split
+    return {**described, **{k: v for k, v in options.to_dict().items() if v and k != "split"}}
+
+
 def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool | None = None,
               max_text_chars: int = MAX_TEXT_CHARS):
-    """Load a data directory as a ``datasets.Dataset`` plus the task it holds and the load stats.
+    """Load data (any form ``vpgtrans.data_sources`` reads) as a ``datasets.Dataset`` plus the task it holds
+    and the load stats.
 
-    ``task`` (``caption``, ``vqa``, ``grounding``) is inferred from the rows when omitted.
+    ``task`` (``caption``, ``vqa``, ``grounding``, ``multiple-choice``) is inferred from the rows when omitted.
     ``strict`` (default: the ``DataDir``'s, else False) raises on the first row that would be skipped.
     Rows whose image does not decode are counted later, by the ``Collator``.
     """
@@ -411,28 +405,28 @@ def load_rows(data_dir: str | os.PathLike, task: str | None = None, strict: bool
     bbox_format = getattr(data_dir, "bbox_format", "xyxy")
     if bbox_format not in BBOX_FORMATS:
         raise VpgtransError(f"--bbox-format must be one of {', '.join(BBOX_FORMATS)} (got {bbox_format!r})")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise VpgtransError(f"{data_dir}: data directory not found")
-    stats = LoadStats(strict=strict)
-    if (data_dir / "dataset_info.json").is_file() or (data_dir / "state.json").is_file():
-        dataset, found = _read_datasets_dir(data_dir, task, max_text_chars, stats)
+    options = data_options(data_dir)
+    source = locate(data_dir, options)
+    label = os.fspath(data_dir)
+    stats = LoadStats(strict=strict, source=_describe(source, label, options))
+    if source.kind in ("datasets-dir", "datasets-name"):
+        dataset, found = _read_dataset(load_dataset(source, options.columns), label, task, max_text_chars, stats,
+                                       source.image_root)
     else:
         import datasets
 
-        rows, found = _read_jsonl_dir(data_dir, task, max_text_chars, stats, bbox_format)
+        rows, found = _read_json_rows(source, label, task, max_text_chars, stats, bbox_format, options.columns)
         dataset = datasets.Dataset.from_list(rows) if rows else None
     if dataset is None or len(dataset) == 0:
         first = f"; first problem: {stats.problems[0]}" if stats.problems else ""
-        raise VpgtransError(f"{data_dir}: no usable rows of {stats.lines} (missing images: {stats.skipped_missing_image}, "
+        raise VpgtransError(f"{label}: no usable rows of {stats.lines} (missing images: {stats.skipped_missing_image}, "
                             f"bad rows: {stats.skipped_bad_row}, missing keys: {stats.skipped_missing_key}, "
                             f"empty text: {stats.skipped_empty_text}){first}")
     stats.rows = len(dataset)
     if stats.skipped_at_load or stats.truncated_text:
-        log.warning("%s: kept %d of %d rows (%s); first problem: %s", data_dir, stats.rows, stats.lines,
+        log.warning("%s: kept %d of %d rows (%s); first problem: %s", label, stats.rows, stats.lines,
                     stats.summary(), stats.problems[0] if stats.problems else "-")
     return dataset, found, stats
-
 
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()

@@ -6,6 +6,7 @@ and the count of unparseable answers. Never writes into the bundle."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -202,7 +203,8 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
                             progress=progress, tokenizer=tokenizer, num_workers=num_workers,
                             choice_scoring=choice_scoring)
-    report = {"bundle": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()), "task": found_task,
+    data_name = str(Path(data).resolve()) if Path(data).exists() else os.fspath(data)  # a datasets name as given
+    report = {"bundle": str(Path(bundle_dir).resolve()), "data": data_name, "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
     if found_task == "caption":
         report["tokenizer"] = tokenizer  # which caption tokenisation the scores used (ptb: COCO's own)

@@ -10,8 +10,8 @@ output only when all of these hold — otherwise the command refuses before writ
   (stages never modify their input);
 - a directory output replaces only an empty directory or one vpgtrans wrote: a bundle
   (``manifest.json`` of format ``vpgtrans-bundle``), an HF export (``vpgtrans_export.json``), the
-  checkpoints of a training run, or a ``transfer`` run directory of those; a file output replaces
-  only a file.
+  checkpoints of a training run, a ``transfer`` run directory of those, or a converted data directory
+  (``data.jsonl`` + ``vpgtrans_data.json``, nothing else); a file output replaces only a file.
 
 So ``--force`` deletes nothing but a previous vpgtrans output at exactly the ``--out`` path.
 """
@@ -33,6 +33,7 @@ from vpgtrans.io import fsync_path, fsync_tree, honour_umask_tree
 
 BUNDLE_FORMAT = "vpgtrans-bundle"
 EXPORT_INFO = "vpgtrans_export.json"
+DATA_INFO = "vpgtrans_data.json"  # beside the data.jsonl that ``vpgtrans data convert`` writes
 RUN_ENTRIES = {"checkpoints", "metrics.jsonl", "logs"}  # what a training run writes under --out before its bundle
 # Hidden leftovers of vpgtrans's own interrupted writes (.NAME.tmp-*, .NAME.old-*, .NAME.logs-aside).
 _LEFTOVER = re.compile(r"^\.[^/]+\.(tmp-[^/]*|old-[^/]*|logs-aside)$")
@@ -63,7 +64,7 @@ def _related(out: Path, other: Path) -> str | None:
 
 
 def vpgtrans_output_kind(path: Path) -> str | None:
-    """What vpgtrans wrote at a directory ``path`` (``bundle``, ``export``, ``run``, ``transfer``, ``empty``),
+    """What vpgtrans wrote at a directory ``path`` (``bundle``, ``export``, ``run``, ``transfer``, ``data``, ``empty``),
     else None."""
     try:
         entries = {p.name for p in path.iterdir() if not _LEFTOVER.match(p.name)}
@@ -80,6 +81,8 @@ def vpgtrans_output_kind(path: Path) -> str | None:
             pass
     if (path / EXPORT_INFO).is_file():
         return "export"
+    if entries == {"data.jsonl", DATA_INFO}:
+        return "data"
     if entries <= RUN_ENTRIES and entries & {"checkpoints", "metrics.jsonl"}:
         return "run"
     if entries <= _transfer_entries() and all(vpgtrans_output_kind(path / name) for name in entries - {"transfer.json"}):

@@ -120,7 +120,7 @@ def part_names(model: dict) -> list[str]:
     visual = model.get("visual") if isinstance(model, dict) else None
     name = visual.get("type") if isinstance(visual, dict) else None
     kind = VISUAL_KINDS.get(name) if isinstance(name, str) else None
-    adapters = model.get("adapters", []) if isinstance(model, dict) else []
+    adapters = model.get("adapters") if isinstance(model, dict) else None
+    adapters = adapters if isinstance(adapters, list) else []  # null or another type: model_problems names it
     return [*(kind.parts if kind else ()),
-            *(entry["type"] for entry in adapters if isinstance(adapters, list) and isinstance(entry, dict)
-              and isinstance(entry.get("type"), str))]
+            *(entry["type"] for entry in adapters if isinstance(entry, dict) and isinstance(entry.get("type"), str))]

@@ -94,10 +94,10 @@ def transfer(source: Path, target_llm: Path, data: Path, out_dir: Path, *, finet
     check_out_dir(out_dir, force=True, inputs=(source, target_llm, data, finetune_data, instruct_data, eval_data, vision,
                                                source_llm, corpus))
     # Validate every input before the first stage runs: a typo must not cost a stage's compute.
-    for path in (source, target_llm, data, finetune_data, instruct_data, eval_data, vision, source_llm, corpus):
+    for path in (source, target_llm, vision, source_llm, corpus):
         if path is not None and not Path(path).exists() and not is_repo_id(str(path).rsplit("@", 1)[0]):
             raise VpgtransError(f"{path}: no such file or directory")
-    for path in (data, finetune_data, instruct_data, eval_data):
+    for path in (data, finetune_data, instruct_data, eval_data):  # any form of data, datasets names included
         if path is not None:
             load_rows(path)
     models = {name: None if value is None else resolve_model(value, what=name.replace("_", " "))[0]
