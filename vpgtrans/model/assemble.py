@@ -25,16 +25,31 @@ def load_vision_state(ref: dict) -> dict:
     return vision_state(read_tensors(path, prefix=VISION_PREFIX if prefixed else None, strip_prefix=False), prefixed)
 
 
-def load_vision_encoder(ref: dict, vision_config: dict):
+def load_vision_encoder(ref: dict, vision_config: dict, dtype=None):
+    """The frozen ViT in ``dtype`` (default fp32): built on the meta device (no random init, no second
+    copy) and given the checkpoint's tensors, each cast as it is taken."""
     from vpgtrans.model.vlm import build_vision_encoder
 
+    with torch.device("meta"):
+        vision = build_vision_encoder(vision_config)  # post_layernorm is an Identity: no weights
+    return load_on_meta(vision, load_vision_state(ref), f"{ref['path']}: the vision encoder", dtype or torch.float32)
+
+
+def load_on_meta(module: nn.Module, state: dict, what: str, dtype=None) -> nn.Module:
+    """Give a module built on the meta device the tensors of ``state`` (checked strictly first; floating
+    ones cast to ``dtype`` one at a time, so the peak is one tensor above the state's own size)."""
     from vpgtrans.model.parts import check_state
 
-    vision = build_vision_encoder(vision_config)  # post_layernorm is an Identity: no weights
-    state = load_vision_state(ref)
-    check_state(vision.state_dict(), state, f"{ref['path']}: the vision encoder")
-    vision.load_state_dict(state, strict=True)
-    return vision
+    check_state(module.state_dict(), state, what)
+    if dtype is not None:
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                state[name] = tensor.to(dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if left:  # a buffer no checkpoint holds: the module cannot be built this way
+        raise VpgtransError(f"{what}: no weights for {', '.join(left[:5])}")
+    return module
 
 
 def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device=None, quantization: str | None = None,
@@ -155,15 +170,17 @@ def default_device():
 
 def build_visual(spec, states: dict[str, dict] | None = None):
     """The spec's visual kind, its parts loaded strictly from ``states`` when given (before any LLM is
-    read: a bundle that does not fit fails in a second, not after loading 14 GB)."""
-    from vpgtrans.model.parts import check_state
+    read: a bundle that does not fit fails in a second, not after loading 14 GB) — then built on the meta
+    device, so there is no random init to overwrite; freshly initialised without ``states``."""
     from vpgtrans.model.visual import visual_kind
 
-    visual = visual_kind(spec.visual_type)(spec.visual, spec.vision["config"], spec.llm_width)
-    for name in visual.parts if states is not None else ():
-        module = getattr(visual, name)
-        check_state(module.state_dict(), states.get(name, {}), f"{name}.safetensors")
-        module.load_state_dict(states[name], strict=True)
+    build = visual_kind(spec.visual_type)
+    if states is None:
+        return build(spec.visual, spec.vision["config"], spec.llm_width)
+    with torch.device("meta"):
+        visual = build(spec.visual, spec.vision["config"], spec.llm_width)
+    for name in visual.parts:
+        load_on_meta(getattr(visual, name), dict(states.get(name, {})), f"{name}.safetensors")
     return visual
 
 
@@ -193,7 +210,7 @@ def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=N
     spec, refs = ModelSpec.from_manifest(manifest["model"]), manifest["references"]
     device = default_device() if device is None else device
     expected = sorted(states)
-    vision = load_vision_encoder(refs["vision"], spec.vision["config"])
+    vision = load_vision_encoder(refs["vision"], spec.vision["config"], dtype)
     visual = build_visual(spec, states)
     llm, tokenizer = load_llm(refs["llm"], spec.llm["is_encoder_decoder"], dtype=dtype, device=device,
                               **llm_options)

@@ -1,0 +1,59 @@
+"""Issue 15: the real-shapes benchmark's smoke preset, and the fixes it led to (inspect without
+transformers, the ViT loaded once in the run's dtype, the export sharded in one dtype)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_inspect_reads_headers_without_importing_transformers(tiny):
+    """The header path of inspect (an HF BLIP-2 and an LLM directory) must not import transformers or
+    torch: seconds of imports, where a 7B checkpoint's headers take milliseconds."""
+    code = ("import sys, json; from vpgtrans.inspect import inspect_path; "
+            f"infos = [inspect_path({str(tiny['source'])!r}), inspect_path({str(tiny['llama'])!r})]; "
+            "print(json.dumps([sorted(m for m in ('torch', 'transformers') if m in sys.modules), "
+            "infos[0]['llm']['params'], infos[1]['llm']['num_layers']]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported, source_llm_params, layers = json.loads(done.stdout.splitlines()[-1])
+    assert imported == []
+    from safetensors import safe_open  # the counts still come out right: against the stored tensors
+
+    with safe_open(str(tiny["source"] / "model.safetensors"), "pt") as fh:
+        stored = {k: fh.get_slice(k).get_shape() for k in fh.keys() if k.startswith("language_model.")}
+    assert source_llm_params == sum(torch.Size(s).numel() for s in stored.values())
+    assert layers == json.loads((tiny["llama"] / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_the_vit_is_loaded_once_in_the_runs_dtype(inherited, tiny):
+    """load_model builds the ViT on the meta device and gives it the checkpoint's tensors: fp32 by default
+    (exactly the stored values), bf16 with dtype=bf16 (eval --dtype bf16), whose visual tokens then stay
+    close to the fp32 ones; the trained parts stay fp32 either way."""
+    from safetensors.torch import load_file
+
+    from vpgtrans.bundle import load_model
+
+    stored = {k[len("vision_model."):]: v for k, v in load_file(tiny["source"] / "model.safetensors").items()
+              if k.startswith("vision_model.") and "post_layernorm" not in k}
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for dtype in (None, torch.bfloat16):
+        model = load_model(inherited, dtype=dtype)
+        state = model.vision.state_dict()
+        assert sorted(state) == sorted(stored)
+        for name, tensor in stored.items():
+            assert state[name].dtype == (dtype or torch.float32)
+            assert torch.equal(state[name], tensor.to(dtype or torch.float32))
+        assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
+        with torch.no_grad():
+            tokens[dtype] = model.encode_images(pixels.to(next(model.vision.parameters()).dtype))
+    assert tokens[torch.bfloat16].dtype == torch.float32
+    torch.testing.assert_close(tokens[torch.bfloat16], tokens[None], atol=0.1, rtol=0.05)
