@@ -57,3 +57,44 @@ def test_the_vit_is_loaded_once_in_the_runs_dtype(inherited, tiny):
             tokens[dtype] = model.encode_images(pixels.to(next(model.vision.parameters()).dtype))
     assert tokens[torch.bfloat16].dtype == torch.float32
     torch.testing.assert_close(tokens[torch.bfloat16], tokens[None], atol=0.1, rtol=0.05)
+
+
+def test_export_is_sharded_in_one_dtype_and_loads_in_transformers(inherited, tmp_path):
+    """--max-shard-size splits the weights as save_pretrained would (index + shards), every tensor in the
+    one dtype config.json names, and the shards hold exactly the unsharded export's tensors."""
+    from safetensors.torch import load_file
+    from transformers import Blip2ForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from test_cli import _ok, _run
+
+    _ok(_run(CliRunner(), "export", inherited, "--out", tmp_path / "one"))
+    _ok(_run(CliRunner(), "export", inherited, "--out", tmp_path / "sharded", "--max-shard-size", "300KB",
+             "--dtype", "bf16"))
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert all((tmp_path / "sharded" / s).stat().st_size <= 300_000 + 50_000 for s in shards)  # + a header
+    sharded = {k: v for s in shards for k, v in load_file(tmp_path / "sharded" / s).items()}
+    whole = load_file(tmp_path / "one" / "model.safetensors")
+    assert sorted(sharded) == sorted(whole) == sorted(index["weight_map"])
+    assert {v.dtype for v in sharded.values()} == {torch.bfloat16}
+    assert {v.dtype for v in whole.values()} == {torch.float32}  # the tiny LLM is stored in fp32
+    assert all(torch.equal(sharded[k], whole[k].bfloat16()) for k in whole)
+    assert json.loads((tmp_path / "sharded" / "config.json").read_text())["dtype"] == "bfloat16"
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "sharded")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.language_projection.weight, sharded["language_projection.weight"])
+
+
+@pytest.mark.parametrize("value", ["5 apples", "0", "-3GB"])
+def test_a_bad_shard_size_is_one_line_and_writes_nothing(inherited, tmp_path, value):
+    from typer.testing import CliRunner
+
+    from test_cli import _run, _user_error
+
+    _user_error(_run(CliRunner(), "export", inherited, "--out", tmp_path / "x", "--max-shard-size", value),
+                "--max-shard-size")
+    assert not (tmp_path / "x").exists()
+    _user_error(_run(CliRunner(), "export", inherited, "--format", "lavis", "--out", tmp_path / "x.pth",
+                     "--max-shard-size", "1GB"), "--max-shard-size applies to --format hf")
