@@ -98,3 +98,64 @@ def test_a_bad_shard_size_is_one_line_and_writes_nothing(inherited, tmp_path, va
     assert not (tmp_path / "x").exists()
     _user_error(_run(CliRunner(), "export", inherited, "--format", "lavis", "--out", tmp_path / "x.pth",
                      "--max-shard-size", "1GB"), "--max-shard-size applies to --format hf")
+
+
+def test_bf16_training_on_a_cpu_without_bf16_matmul_is_warned_about(monkeypatch):
+    from vpgtrans import training
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags or "BF16" in torch.backends.cpu.get_cpu_capability()
+    warning = training.slow_bf16_warning("bf16", torch.device("cpu"))
+    assert (warning is None) == native
+    assert training.slow_bf16_warning("no", torch.device("cpu")) is None
+    assert training.slow_bf16_warning("bf16", torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_BF16")
+    assert training.slow_bf16_warning("bf16", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "flags\t: fpu sse avx2 fma")
+    warning = training.slow_bf16_warning("bf16", torch.device("cpu"))
+    assert warning is not None and "\n" not in warning and "fp32" in warning
+
+
+def test_bitsandbytes_cast_message_is_logged_once(caplog):
+    import logging
+
+    from vpgtrans.model.assemble import log_once
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    log_once(logger)
+    log_once(logger)  # idempotent: one filter
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(5):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        logger.warning("another message")
+    messages = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert len(messages) == 2 and messages[0].startswith("MatMul8bitLt: inputs will be cast from torch.float32")
+    assert "logged once" in messages[0] and messages[1].startswith("another message")
+
+
+def test_the_small_preset_runs_every_command_and_cleans_up(tmp_path):
+    """The benchmark end to end at tiny shapes (bf16 random checkpoints written one tensor at a time): every
+    command succeeds, its memory readings are consistent, the export loads in one dtype, the 8-bit step
+    logs bitsandbytes' message once, the table comes from the JSON, and the work dir is emptied."""
+    out, work = tmp_path / "real_shapes.json", tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.real_shapes", "--preset", "small", "--steps", "8bit",
+                           "--work-dir", str(work), "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["small"]
+    names = [r["name"] for r in result["commands"]]
+    assert names == ["inspect source", "inspect target", "inherit", "export", "load export", "train step 8bit"]
+    for record in result["commands"]:
+        assert record["returncode"] == 0, record
+        assert record["peak_rss_mib"] >= max(record["peak_anon_mib"], record["peak_file_mib"]) > 0
+    load = next(r for r in result["commands"] if r["name"] == "load export")
+    assert load["loaded"]["dtypes"] == ["torch.bfloat16"]
+    assert result["export"]["config_dtype"] == "bfloat16" and len(result["export"]["files"]) > 1
+    assert next(r for r in result["commands"] if r["name"] == "train step 8bit")["warning_lines"] == 1
+    assert result["checkpoints"]["source"]["files"] > 2  # sharded at the preset's shard size, with an index
+    from benchmarks.real_shapes import markdown
+
+    table = markdown({"small": result})
+    assert all(f"| small | {name} |" in table for name in names)
+    assert sorted(p.name for p in work.iterdir()) == ["logs"]  # checkpoints, bundle, export, data removed

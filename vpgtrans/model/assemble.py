@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -36,15 +37,17 @@ def load_vision_encoder(ref: dict, vision_config: dict, dtype=None):
 
 
 def load_on_meta(module: nn.Module, state: dict, what: str, dtype=None) -> nn.Module:
-    """Give a module built on the meta device the tensors of ``state`` (checked strictly first; floating
-    ones cast to ``dtype`` one at a time, so the peak is one tensor above the state's own size)."""
+    """Give a module built on the meta device the tensors of ``state`` (checked strictly first), floating
+    ones cast to ``dtype`` — default: the dtype the module declares, as ``load_state_dict`` copies would
+    (trained parts stay fp32 whatever the bundle stores) — one at a time, so the peak is one tensor above
+    the state's own size."""
     from vpgtrans.model.parts import check_state
 
-    check_state(module.state_dict(), state, what)
-    if dtype is not None:
-        for name, tensor in state.items():
-            if tensor.is_floating_point():
-                state[name] = tensor.to(dtype)
+    declared = module.state_dict()
+    check_state(declared, state, what)
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            state[name] = tensor.to(dtype or declared[name].dtype)
     module.load_state_dict(state, strict=True, assign=True)
     left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
     if left:  # a buffer no checkpoint holds: the module cannot be built this way
@@ -102,12 +105,36 @@ def quantization_config(quantization: str, dtype=None):
                             'or pip install "bitsandbytes>=0.46"') from None
     from transformers import BitsAndBytesConfig
 
+    log_once(logging.getLogger("bitsandbytes.autograd._functions"))  # the logger of its 8-bit matmul
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype or torch.float32)
     raise VpgtransError(f"unknown quantization {quantization!r} (8bit or 4bit)")
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record of each message template and drops its repeats, counting them."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] > 1:
+            return False
+        record.msg = f"{key} (logged once: it repeats at every call of every such layer)"
+        return True
+
+
+def log_once(logger: logging.Logger) -> None:
+    """Make ``logger`` say each message once per process (idempotent). bitsandbytes logs "MatMul8bitLt: inputs
+    will be cast from torch.float32 to float16" at every 8-bit layer call: 192 lines a step at 7B."""
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly())
 
 
 def checkpoint_layers(llm) -> int:
