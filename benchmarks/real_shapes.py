@@ -92,21 +92,37 @@ def _tokenizers(opt_vocab: int, llama_vocab: int, seed: int = 0):
     return train_opt_tokenizer(corpus, opt_vocab), train_llama_tokenizer(corpus, llama_vocab - 259)
 
 
-def _random_tensor(name: str, meta, seed: int):
-    """Random values for one tensor: norm weights 1, other floats N(0, 0.02); seeded by name."""
-    import torch
+POOL_SIZE = (1 << 25) + 4099  # values; not a multiple of any row width, so windows never repeat a row
 
-    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ seed)
-    if not meta.is_floating_point():
-        return torch.zeros(meta.shape, dtype=meta.dtype)
-    if meta.dim() == 1 and "norm" in name and name.endswith("weight"):
-        return torch.ones(meta.shape, dtype=meta.dtype)
-    out = torch.empty(meta.shape, dtype=meta.dtype)
-    flat = out.view(-1)
-    for start in range(0, flat.numel(), 1 << 24):  # fp32 scratch of at most 64 MB
-        chunk = flat[start:start + (1 << 24)]
-        chunk.copy_(torch.randn(chunk.numel(), generator=generator).mul_(0.02))
-    return out
+
+class RandomPool:
+    """Random values for whole checkpoints at disk speed: one pool of N(0, 0.02) values per dtype (drawing
+    10 billion normals costs more than an hour on a loaded 2-core machine), each tensor a window of it from
+    a seeded random offset, wrapping around. Norm weights are 1. Rows of a table are shifted windows of the
+    pool: all different, and no two tensors start alike."""
+
+    def __init__(self, seed: int = 0):
+        self.seed, self.pools = seed, {}
+
+    def __call__(self, name: str, meta):
+        import torch
+
+        if not meta.is_floating_point():
+            return torch.zeros(meta.shape, dtype=meta.dtype)
+        if meta.dim() == 1 and "norm" in name and name.endswith("weight"):
+            return torch.ones(meta.shape, dtype=meta.dtype)
+        if meta.dtype not in self.pools:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.pools[meta.dtype] = torch.randn(POOL_SIZE, generator=generator).mul_(0.02).to(meta.dtype)
+        pool, numel = self.pools[meta.dtype], meta.numel()
+        offset = zlib.crc32(f"{self.seed}:{name}".encode()) % POOL_SIZE
+        out = torch.empty(numel, dtype=meta.dtype)
+        done = 0
+        while done < numel:  # windows of the pool, wrapping around
+            take = min(numel - done, POOL_SIZE - offset)
+            out[done:done + take] = pool[offset:offset + take]
+            done, offset = done + take, (offset + take) % POOL_SIZE
+        return out.view(meta.shape)
 
 
 def write_checkpoint(model_cls, config, out_dir: Path, dtype, max_shard_size: str, tokenizer=None, seed: int = 0) -> dict:
@@ -120,7 +136,8 @@ def write_checkpoint(model_cls, config, out_dir: Path, dtype, max_shard_size: st
         model = model_cls(config).to(dtype)
     metas = save_state_metas(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = write_sharded(out_dir, metas, lambda name: _random_tensor(name, metas[name], seed), max_shard_size,
+    values = RandomPool(seed)
+    files = write_sharded(out_dir, metas, lambda name: values(name, metas[name]), max_shard_size,
                           model.num_parameters())
     config.dtype = dtype
     model.config.save_pretrained(out_dir)
@@ -191,7 +208,11 @@ def expected_bytes(root: Path, target_family: str) -> dict:
     linear = lambda n: ".layers." in n and n.endswith("proj.weight") or n.endswith(("fc1.weight", "fc2.weight"))
     inherit_fp32 = _bytes(source, vpg, 4) + _bytes(source, lambda n: n.startswith("language_model.") and embed(n), 4) \
         + _bytes(target, embed, 4)
+    vision = lambda n: n.startswith("vision_model.") and not n.startswith("vision_model.post_layernorm.")
+    frozen_vision_fp32 = _bytes(source, vision, 4) + _bytes(source, vpg, 4)  # the ViT + the VPG as a step holds them
     return {"inherit_read_fp32": inherit_fp32,
+            "vision_and_vpg_fp32": frozen_vision_fp32,
+            "export_stored": _bytes(source, lambda n: not n.startswith("language_model."), 2) + _bytes(target, lambda n: True, 2),
             "inherit_read_stored": _bytes(source, vpg) + _bytes(source, lambda n: n.startswith("language_model.") and embed(n))
             + _bytes(target, embed),
             "target_fp32": _bytes(target, lambda n: True, 4),
@@ -260,6 +281,18 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict | None = N
     return record
 
 
+def _fits(name: str, need: float, records: list) -> bool:
+    """Whether ``need`` bytes fit in the memory available now; if not, a skipped record says so (the machine is
+    shared: a command that would push others into swap or the OOM killer is not run)."""
+    available = _meminfo()["MemAvailable"]
+    if need <= available:
+        return True
+    records.append({"name": name, "skipped": f"needs ~{need / GIB:.1f} GiB for its weights alone, "
+                                             f"{available / GIB:.1f} GiB available"})
+    print(f"  {name:<22} skipped: {records[-1]['skipped']}", flush=True)
+    return False
+
+
 def _child_load_export(path: str) -> None:
     """The export as its users load it: transformers alone, default dtype (config.json's)."""
     from transformers import Blip2ForConditionalGeneration
@@ -302,15 +335,14 @@ def run(preset_name: str, work_dir: Path, dtype_name: str, steps: list[str], kee
     ]
     records = []
     for name, argv in commands:
+        need = result["expected_bytes"]["export_stored"] * 1.1 if name == "load export" else 0
+        if not _fits(name, need, records):
+            continue
         records.append(run_measured(name, argv, logs))
     for step in steps:
-        need = result["expected_bytes"][f"target_{step}"] * 1.15
-        available = _meminfo()["MemAvailable"]
         name = f"train step {step}"
-        if need > available:
-            records.append({"name": name, "skipped": f"needs ~{need / GIB:.1f} GiB for the LLM's weights alone, "
-                                                     f"{available / GIB:.1f} GiB available"})
-            print(f"  {name:<22} skipped: {records[-1]['skipped']}", flush=True)
+        if not _fits(name, (result["expected_bytes"][f"target_{step}"] + result["expected_bytes"]["vision_and_vpg_fp32"])
+                     * 1.1, records):
             continue
         argv = cli + ["warmup-projector", str(bundle), "--data", str(data), "--out", str(work_dir / f"step-{step}"),
                       "--max-steps", "1", "--batch-size", str(preset["batch"]), "--max-text-len", "32"] + STEPS[step]
@@ -352,8 +384,10 @@ def evaluate_targets(result: dict) -> dict:
             targets[f"{name} < 1 s"] = {"value": by_name[name]["wall_s"], "met": by_name[name]["wall_s"] < 1}
     step = by_name.get("train step 8bit", {})
     if "peak_anon_mib" in step:
-        ratio = step["peak_anon_mib"] * 2**20 / expected["target_8bit"]
-        targets["8-bit step anonymous RSS <= 1.3x weights (+ activations)"] = {"value": round(ratio, 2), "met": ratio <= 1.3}
+        # The weights a step holds: the LLM (int8 linears, the rest fp32) and the fp32 ViT + VPG.
+        ratio = step["peak_anon_mib"] * 2**20 / (expected["target_8bit"] + expected["vision_and_vpg_fp32"])
+        targets["8-bit step anonymous RSS <= 1.3x weights (LLM int8 + ViT/VPG fp32)"] = {"value": round(ratio, 2),
+                                                                                          "met": ratio <= 1.3}
         targets["8-bit step warnings summarised"] = {"value": step["warning_lines"], "met": step["warning_lines"] <= 2}
     return targets
 
