@@ -159,3 +159,14 @@ def test_the_small_preset_runs_every_command_and_cleans_up(tmp_path):
     table = markdown({"small": result})
     assert all(f"| small | {name} |" in table for name in names)
     assert sorted(p.name for p in work.iterdir()) == ["logs"]  # checkpoints, bundle, export, data removed
+
+
+def test_the_docs_table_is_the_one_the_results_json_gives():
+    from benchmarks.real_shapes import DOC_BEGIN, DOC_END, markdown
+
+    results = ROOT / "benchmarks" / "results" / "real_shapes.json"
+    if not results.is_file():
+        pytest.skip("no real-shapes run recorded")
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = docs.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0].strip()
+    assert block == markdown(json.loads(results.read_text())).strip()
