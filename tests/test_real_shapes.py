@@ -118,11 +118,13 @@ def test_bf16_training_on_a_cpu_without_bf16_matmul_is_warned_about(monkeypatch)
 
 
 def test_bitsandbytes_cast_message_is_logged_once(caplog):
+    """log_once on a fresh logger: repeats of a message are dropped, other messages pass; the 8-bit / 4-bit
+    quantization config installs it (once) on bitsandbytes' matmul logger."""
     import logging
 
-    from vpgtrans.model.assemble import log_once
+    from vpgtrans.model.assemble import _FirstOnly, log_once, quantization_config
 
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    logger = logging.getLogger("vpgtrans.tests.real_shapes.once")
     log_once(logger)
     log_once(logger)  # idempotent: one filter
     with caplog.at_level(logging.WARNING, logger=logger.name):
@@ -132,6 +134,11 @@ def test_bitsandbytes_cast_message_is_logged_once(caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == logger.name]
     assert len(messages) == 2 and messages[0].startswith("MatMul8bitLt: inputs will be cast from torch.float32")
     assert "logged once" in messages[0] and messages[1].startswith("another message")
+    pytest.importorskip("bitsandbytes")
+    quantization_config("8bit")
+    quantization_config("4bit")
+    bnb = logging.getLogger("bitsandbytes.autograd._functions")
+    assert sum(isinstance(f, _FirstOnly) for f in bnb.filters) == 1
 
 
 def test_the_small_preset_runs_every_command_and_cleans_up(tmp_path):
