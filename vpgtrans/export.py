@@ -333,9 +333,10 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from vpgtrans.formats.hf import tensor_shapes, weight_files
+    from vpgtrans.formats.hf import WEIGHT_FILE, WEIGHT_INDEX, tensor_shapes, weight_files
     from vpgtrans.formats.shards import save_state_metas, write_sharded
     from vpgtrans.images import build_image_processor
+    from vpgtrans.model.assemble import load_llm
     from vpgtrans.naming import LLM_PREFIX, VISION_PREFIX, vision_state
     from vpgtrans.prompting import prompt_ids
     from vpgtrans.training import torch_dtype
@@ -346,8 +347,12 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
     llm_path, vision_ref = Path(refs["llm"]["path"]), refs["vision"]
 
     llm_config, tokenizer, generation_config = _llm_side(refs["llm"])
-    llm_shapes = tensor_shapes(llm_path)
-    llm_dtype = _stored_dtype(llm_config, llm_shapes)
+    llm = None
+    if not ((llm_path / WEIGHT_INDEX).is_file() or (llm_path / WEIGHT_FILE).is_file()):
+        # pytorch_model.bin: transformers reads it (weights_only, refusals named as before), whole.
+        llm, _ = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+    llm_shapes = tensor_shapes(llm_path) if llm is None else {}
+    llm_dtype = _stored_dtype(llm_config, llm_shapes) if llm is None else str(llm.dtype).replace("torch.", "")
     # One dtype for every floating tensor: --dtype, else the LLM's (what from_pretrained's default dtype="auto"
     # then loads the whole model in, recorded in config.json; transformers would record the first parameter's,
     # the trained fp32 query tokens, and a 7B export would load in fp32).
@@ -387,15 +392,15 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
 
         in_memory.update({VISION_PREFIX + k: v for k, v in load_vision_state(vision_ref).items()})
     llm_names = {name[len(LLM_PREFIX):] for name in metas if name.startswith(LLM_PREFIX)}
-    llm_sources = _weight_sources(llm_path, {name: name for name in llm_shapes if name in llm_names}, LLM_PREFIX)
+    llm_sources = None if llm is not None else \
+        _weight_sources(llm_path, {name: name for name in llm_shapes if name in llm_names}, LLM_PREFIX)
     if llm_sources is not None and len(llm_sources) == len(llm_names):
         on_disk.update(llm_sources)
     else:  # weights the model names differently (or .bin files): load the LLM and take its checkpoint-format state
-        from vpgtrans.model.assemble import load_llm
-
-        llm, _ = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+        if llm is None:
+            llm, _ = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
         in_memory.update({LLM_PREFIX + k: v for k, v in save_state_metas(llm).items()})
-        del llm
+    del llm
     missing = sorted(set(metas) - set(in_memory) - set(on_disk))
     if missing:
         raise VpgtransError(f"the composed BLIP-2 weights lack {len(missing)} tensor(s): {', '.join(missing[:5])}")
