@@ -742,9 +742,10 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
            merge_lora: Annotated[bool, typer.Option("--merge-lora", help="adapter export of a bundle with peft's LoRA "
                                                                         "(infmllm): also write the LLM with the LoRA "
                                                                         "merged, as a plain HF directory.")] = False,
-           dtype: Annotated[Optional[Literal[DTYPES]], typer.Option(help="hf: cast every weight to it and load in "
-                                                                      "it (default: as stored, loaded in the LLM's "
-                                                                      "dtype).")] = None,
+           dtype: Annotated[Optional[Literal[DTYPES]], typer.Option(help="hf: every weight in this dtype, and load "
+                                                                      "in it (default: the LLM's stored dtype).")] = None,
+           max_shard_size: Annotated[Optional[str], typer.Option(help="hf: largest weight file, e.g. 5GB, 500MB "
+                                                                     "(default 5GB, as the Hub's checkpoints).")] = None,
            push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the export to this Hub model repository "
                                                                   "(user/name; token from HF_TOKEN or huggingface-cli "
                                                                   "login).")] = None,
@@ -754,7 +755,8 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
     quiet_libraries()
     from vpgtrans.export import export_bundle
 
-    path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora, dtype=dtype)
+    path = export_bundle(bundle, out, format=format, force=force, merge_lora=merge_lora, dtype=dtype,
+                         max_shard_size=max_shard_size)
     typer.echo(f"{format} export written to {path}")
     if push_to_hub:
         from vpgtrans.hub import push_to_hub as push

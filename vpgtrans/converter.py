@@ -172,59 +172,145 @@ def pair_tokens(source_tokenizer, target_tokenizer, lowercase_fallback: bool = T
     return TokenPairs(source_ids, target_ids, weights, exact, lowercase, special, n_bytes)
 
 
+CHUNK_ROWS = 4096  # pairs per block: (4096, 4096) fp32 = 64 MB of scratch at 7B widths
+
+
+@dataclass
+class _Moments:
+    """Weighted sums over a set of pairs (float64), x measured from a fixed ``centre`` c: the sufficient
+    statistics of the ridge fit. Sums over disjoint sets add, so the held-out fit and the fit on all
+    pairs share one pass over the data (all = train + held-out)."""
+
+    weight: torch.Tensor  # () sum w
+    x: torch.Tensor  # (D_s,) sum w (x - c)
+    y: torch.Tensor  # (D_t,) sum w y
+    xx: torch.Tensor  # (D_s, D_s) sum w (x - c)(x - c)^T
+    xy: torch.Tensor  # (D_s, D_t) sum w (x - c) y^T
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        return _Moments(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+
+def _compute_dtype(*tables: torch.Tensor) -> torch.dtype:
+    """float64 when an input is float64, else float32 (bf16 / fp16 tables are read in float32 blocks)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tables) else torch.float32
+
+
+def _weighted_mean(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(D,) float64 weighted mean of ``table[ids]``, block by block."""
+    total = torch.zeros(table.shape[1], dtype=torch.float64)
+    for start in range(0, len(ids), CHUNK_ROWS):
+        block = table[ids[start:start + CHUNK_ROWS]].double()  # (b, D)
+        total += weights[start:start + CHUNK_ROWS].double() @ block
+    return total / weights.double().sum()
+
+
+def _moments(x_table, y_table, x_ids, y_ids, weights, centre: torch.Tensor) -> _Moments:
+    """The moments of pairs (x_table[x_ids], y_table[y_ids]) with ``weights``, block by block: only a
+    block of rows is ever gathered or converted. The two big products run in float32 on float32 (or
+    lower) tables, as before (benchmarks/converter_fit: they lose nothing that matters on centred data),
+    each block's result accumulated in float64."""
+    dtype = _compute_dtype(x_table, y_table)
+    d_s, d_t = x_table.shape[1], y_table.shape[1]
+    sums = _Moments(torch.zeros((), dtype=torch.float64), torch.zeros(d_s, dtype=torch.float64),
+                    torch.zeros(d_t, dtype=torch.float64), torch.zeros(d_s, d_s, dtype=torch.float64),
+                    torch.zeros(d_s, d_t, dtype=torch.float64))
+    shift = centre.to(dtype)
+    for start in range(0, len(x_ids), CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        w = weights[rows].to(dtype)  # (b,)
+        x = x_table[x_ids[rows]].to(dtype) - shift  # (b, D_s)
+        y = y_table[y_ids[rows]].to(dtype)  # (b, D_t)
+        xw = x * w[:, None]
+        sums.weight += w.double().sum()
+        sums.x += xw.sum(0).double()
+        sums.y += (w @ y).double()
+        sums.xx += (xw.T @ x).double()
+        sums.xy += (xw.T @ y).double()
+    return sums
+
+
+def _solve(sums: _Moments, centre: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (D_t, D_s), b (D_t,) float64 of the weighted ridge fit whose moments are ``sums``.
+
+    The penalty is ``ridge`` times the mean of the weighted Gram matrix's diagonal, sum_i w_i x_ij^2
+    (uncentred, scale-free); the bias is not penalised, which is the same as centring x and y on their
+    weighted means and solving for W alone."""
+    x_mean = sums.x / sums.weight  # (D_s,), from the centre
+    gram = sums.xx - torch.outer(sums.x, x_mean)  # (D_s, D_s) centred on the weighted mean
+    # sum w (x - mean) (y - y_mean)^T = sum w (x - mean) y^T, as the weighted centred x sum to zero.
+    rhs = sums.xy - torch.outer(x_mean, sums.y)  # (D_s, D_t)
+    penalty = ridge * float((sums.xx.diagonal() + 2 * centre * sums.x + sums.weight * centre.square()).mean())
+    gram = gram + penalty * torch.eye(len(gram), dtype=torch.float64)
+    weight = torch.linalg.solve(gram, rhs).T  # (D_t, D_s)
+    bias = sums.y / sums.weight - weight @ (centre + x_mean)
+    return weight.contiguous(), bias.contiguous()
+
+
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None,
               ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted ridge least squares for y ≈ x W^T + b. x (n, D_s), y (n, D_t) -> W (D_t, D_s), b (D_t,).
 
-    The penalty is ``ridge`` times the mean of the weighted Gram matrix's diagonal, sum_i w_i x_ij^2
-    (scale-free); the bias is not penalised, which is the same as centring x and y on their weighted
-    means and solving for W alone. Means, the penalty and the (D_s, D_s) solve are float64; the two big
+    See ``_solve`` for the penalty. Means, the penalty and the (D_s, D_s) solve are float64; the two big
     products (X^T W X and X^T W Y, ~99% of the time at 32k x 2560 -> 4096) run in the inputs' precision
-    when that is float32 or lower — on centred data they lose nothing that matters (benchmarks/converter_fit).
-    """
-    n, d_s = x.shape
-    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    x, y = x.to(dtype), y.to(dtype)
-    w = torch.ones(n, dtype=dtype) if weights is None else weights.to(dtype)
-    total = w.double().sum()
-    x_mean = (w @ x).double() / total  # (D_s,)
-    y_mean = (w @ y).double() / total  # (D_t,)
-    penalty = ridge * float((w @ x.square()).double().mean())
-    xc = x - x_mean.to(dtype)  # (n, D_s), centred
-    xw = xc * w[:, None]  # (n, D_s), centred and weighted
-    gram = (xw.T @ xc).double()  # (D_s, D_s)
-    # The weighted centred columns sum to zero, so X_c^T W (Y - 1 y_mean^T) = X_c^T W Y: y needs no centred copy.
-    rhs = (xw.T @ y).double()  # (D_s, D_t)
-    gram += penalty * torch.eye(d_s, dtype=torch.float64)
-    weight = torch.linalg.solve(gram, rhs).T  # (D_t, D_s)
-    bias = y_mean - weight @ x_mean
-    return weight.contiguous(), bias.contiguous()
+    when that is float32 or lower, on x centred on its weighted mean."""
+    ids = torch.arange(len(x))
+    w = torch.ones(len(x), dtype=torch.float64) if weights is None else weights.double()
+    centre = _weighted_mean(x, ids, w)
+    return _solve(_moments(x, y, ids, ids, w, centre), centre, ridge)
 
 
 def mean_cosine(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(predicted.double(), target.double(), dim=-1).mean())
 
 
+def _mapped_cosine(x_table, y_table, x_ids, y_ids, weight: torch.Tensor, bias: torch.Tensor) -> float:
+    """Mean cosine between x W^T + b and y over the pairs, in blocks (float32 on float32 or lower tables)."""
+    dtype = _compute_dtype(x_table, y_table)
+    w, b = weight.to(dtype).T, bias.to(dtype)
+    total = 0.0
+    for start in range(0, len(x_ids), CHUNK_ROWS):
+        predicted = torch.addmm(b, x_table[x_ids[start:start + CHUNK_ROWS]].to(dtype), w)  # (b, D_t)
+        truth = y_table[y_ids[start:start + CHUNK_ROWS]].to(dtype)
+        total += float(torch.nn.functional.cosine_similarity(predicted, truth, dim=-1).double().sum())
+    return total / len(x_ids)
+
+
 def fit_converter(source_embeddings: torch.Tensor, target_embeddings: torch.Tensor, pairs: TokenPairs,
                   ridge: float = 1e-3, heldout_fraction: float = 0.1, seed: int = 0):
-    """Fit W, b on the pairs; report held-out cosine (fit on the rest), then refit on all pairs."""
-    x = source_embeddings[pairs.source_ids]  # (n, D_s)
-    y = target_embeddings[pairs.target_ids]  # (n, D_t)
-    n = len(x)
+    """Fit W, b on the pairs; report the held-out cosine of a fit on the rest, and the fit on all pairs.
+
+    The tables are read in blocks of pairs, never gathered whole (at 7B widths the gathered pairs would
+    double the memory), and may stay in their stored dtype. One pass computes the moments of the training
+    and the held-out pairs apart; the held-out fit solves the first, the final fit their sum — the same
+    solutions as two separate fits, for one pass instead of two. Diagnostics run in float32 blocks."""
+    n = len(pairs.source_ids)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_heldout = max(1, int(round(n * heldout_fraction))) if n >= 10 else 0
+    d_s, d_t = source_embeddings.shape[1], target_embeddings.shape[1]
     stats = {"pairs": n, "exact_pairs": pairs.exact, "lowercase_pairs": pairs.lowercase,
-             "special_pairs": pairs.special, "byte_pairs": pairs.byte, "ridge": ridge, "source_dim": x.shape[1],
-             "target_dim": y.shape[1]}
+             "special_pairs": pairs.special, "byte_pairs": pairs.byte, "ridge": ridge, "source_dim": d_s,
+             "target_dim": d_t}
+    weights = pairs.weights.double()
+    centre = _weighted_mean(source_embeddings, pairs.source_ids, weights)  # (D_s,) of all pairs
+
+    def moments(subset):
+        return _moments(source_embeddings, target_embeddings, pairs.source_ids[subset], pairs.target_ids[subset],
+                        weights[subset], centre)
+
+    held, train = order[:n_heldout], order[n_heldout:]
+    sums = moments(train)
     if n_heldout:
-        held, train = order[:n_heldout], order[n_heldout:]
-        weight, bias = fit_ridge(x[train], y[train], pairs.weights[train], ridge)
+        weight, bias = _solve(sums, centre, ridge)
         stats["heldout_pairs"] = n_heldout
-        stats["heldout_cosine"] = mean_cosine(x[held].double() @ weight.T + bias, y[held])
-    weight, bias = fit_ridge(x, y, pairs.weights, ridge)
-    stats["train_cosine"] = mean_cosine(x.double() @ weight.T + bias, y)
-    if n < 2 * x.shape[1]:
-        stats["warning"] = f"only {n} pairs for a {x.shape[1]}-dim source space: the fit leans on the ridge"
+        stats["heldout_cosine"] = _mapped_cosine(source_embeddings, target_embeddings, pairs.source_ids[held],
+                                                 pairs.target_ids[held], weight, bias)
+        sums = sums + moments(held)
+    weight, bias = _solve(sums, centre, ridge)
+    stats["train_cosine"] = _mapped_cosine(source_embeddings, target_embeddings, pairs.source_ids,
+                                           pairs.target_ids, weight, bias)
+    if n < 2 * d_s:
+        stats["warning"] = f"only {n} pairs for a {d_s}-dim source space: the fit leans on the ridge"
     if not all(math.isfinite(v) for v in (stats.get("heldout_cosine", 0.0), stats["train_cosine"])):
         raise VpgtransError("the converter fit produced non-finite values; check the embedding tables")
     return weight.float(), bias.float(), stats

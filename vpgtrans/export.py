@@ -1,10 +1,12 @@
 """``export``: materialise a bundle as a standalone model other tools load without vpgtrans.
 
-``hf``     a ``Blip2ForConditionalGeneration`` directory (config.json, model.safetensors, processor,
-           tokenizer, generation_config.json) that loads with ``transformers`` alone: the referenced ViT,
-           the bundle's VPG and projector, and the target LLM whose tokenizer gains an ``<image>``
-           special token (the embeddings grow by a mean-initialised row when the id is past the table).
-           Each part keeps its stored precision. The tokenizer is made to add what the template puts
+``hf``     a ``Blip2ForConditionalGeneration`` directory (config.json, safetensors shards of at most
+           ``--max-shard-size``, processor, tokenizer, generation_config.json) that loads with
+           ``transformers`` alone: the referenced ViT, the bundle's VPG and projector, and the target LLM
+           whose tokenizer gains an ``<image>`` special token (the embeddings grow by a mean-initialised
+           row when the id is past the table). Every weight in one dtype (``--dtype``, else the LLM's),
+           which config.json names. Written tensor by tensor from the input files: a 7B export never
+           holds more than one tensor of the LLM in memory. The tokenizer is made to add what the template puts
            around the text (BOS after the image tokens; EOS for T5), and the export checks that
            ``Blip2Processor`` then gives exactly the template's ids; any difference is a warning.
 ``lavis``  a LAVIS-style ``.pth`` (``{"model", "config", "iters": 0}``) holding what LAVIS checkpoints
@@ -44,14 +46,32 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 SAMPLE_QUESTION = "what is in the picture?"  # only used to check the processor against the template
 
+# transformers 5's save_pretrained default is 50GB, which writes a 7B export as one 15 GB file; 5GB is what
+# the Hub's own checkpoints (and transformers 4) use: a 7B model in a few files, each under the Hub's limits.
+MAX_SHARD_SIZE = "5GB"
+
+
+def shard_size(value: str | int) -> int:
+    """``--max-shard-size`` ("5GB", "500MB", or bytes) as bytes; a bad value is one line."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = int(value) if isinstance(value, str) and value.strip().isdigit() else parse_size_to_int(value)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise VpgtransError(f"--max-shard-size must be a size such as 5GB, 500MB or a number of bytes (got {value!r})")
+    return size
+
 
 def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, merge_lora: bool = False,
-                  dtype: str | None = None) -> Path:
+                  dtype: str | None = None, max_shard_size: str | int | None = None) -> Path:
     """Export the bundle at ``bundle_dir`` to ``out_dir`` (a directory for ``hf`` and ``adapter``, a ``.pth``
     file for ``lavis``); refuses an existing ``out_dir`` unless ``force``. Returns the path written.
     ``merge_lora`` (adapter format, a bundle with the ``lora`` adapter): also the LLM with it merged.
     ``dtype`` (hf only: fp32 / bf16 / fp16): every weight cast to it, and the dtype transformers loads in;
-    default: each part as stored, loaded in the LLM's dtype."""
+    default: the LLM's stored dtype, for every weight. ``max_shard_size`` (hf only; "5GB", "500MB" or bytes,
+    default ``MAX_SHARD_SIZE``): the largest weight file, as ``save_pretrained``'s."""
     from vpgtrans.model.spec import upgrade
     from vpgtrans.training import torch_dtype
 
@@ -59,7 +79,10 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, 
         raise VpgtransError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORTERS)}")
     if dtype is not None and format != "hf":
         raise VpgtransError(f"--dtype applies to --format hf (the {format} export keeps the trained weights as trained)")
+    if max_shard_size is not None and format != "hf":
+        raise VpgtransError(f"--max-shard-size applies to --format hf (the {format} export is one small file per part)")
     torch_dtype(dtype)  # an unknown name is one line before anything is read
+    max_shard_size = shard_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     # The LAVIS file and the adapter export hold only the trained parts: they need no ViT or LLM here.
     manifest = validate_bundle(bundle_dir, check_references=format == "hf")
@@ -82,7 +105,8 @@ def export_bundle(bundle_dir, out_dir, format: str = "hf", force: bool = False, 
     if merge_lora:
         return export_adapter(bundle_dir, {**manifest, "model": model}, out_dir, force, merge_lora=True)
     if format == "hf":
-        return export_hf(bundle_dir, {**manifest, "model": model}, out_dir, force, dtype=dtype)
+        return export_hf(bundle_dir, {**manifest, "model": model}, out_dir, force, dtype=dtype,
+                         max_shard_size=max_shard_size)
     with output_errors(out_dir):  # these read only the (validated) bundle: a failed write is the output's
         return EXPORTERS[format](bundle_dir, {**manifest, "model": model}, out_dir, force)
 
@@ -155,36 +179,6 @@ def _add_image_token(tokenizer) -> tuple[str, int]:
     return token, tokenizer.convert_tokens_to_ids(token)
 
 
-def _grow_embeddings(llm, num_rows: int) -> None:
-    """Resize the LLM's input embeddings (and an untied output layer) to ``num_rows``; new rows are the
-    mean of the old ones. The image token's input row is never read (soft prompts replace it); its
-    output row is suppressed at generation (``suppress_tokens``)."""
-    import torch
-
-    old_in = llm.get_input_embeddings().weight.detach().clone()  # (V, D)
-    out = llm.get_output_embeddings()
-    tied = out is not None and out.weight is llm.get_input_embeddings().weight
-    old_out = None if out is None or tied else out.weight.detach().clone()
-    old_bias = None if out is None or tied or getattr(out, "bias", None) is None else out.bias.detach().clone()
-    llm.resize_token_embeddings(num_rows, mean_resizing=False)
-    rows = old_in.shape[0]
-    with torch.no_grad():
-        llm.get_input_embeddings().weight[rows:] = old_in.mean(0)
-        out = llm.get_output_embeddings()
-        if old_out is not None:
-            out.weight[rows:] = old_out.mean(0)
-        if old_bias is not None:
-            out.bias[rows:] = old_bias.mean()
-
-
-def _load_strict(model, state: dict) -> None:
-    """Put ``state`` into a (meta-device) model, naming every missing, unexpected and mis-shaped tensor."""
-    from vpgtrans.model.parts import check_state
-
-    check_state(model.state_dict(), state, "the composed BLIP-2 weights")
-    model.load_state_dict(state, strict=True, assign=True)
-
-
 def _processor_prompts(template: PromptTemplate) -> tuple[dict, list[str]]:
     """The text to give ``Blip2Processor`` for each task, and why it cannot reproduce the template.
 
@@ -240,13 +234,12 @@ def _check_processor(processor, tokenizer_ids, prompts: dict, image_token_id: in
     return problems
 
 
-def _generation_config(llm, tokenizer, template: PromptTemplate, image_token_id: int):
+def _generation_config(config, llm_config, tokenizer, template: PromptTemplate, image_token_id: int):
     """The LLM's generation config, stopping also on the template's stop token ("\\n" for BLIP-2 OPT)
     and never emitting the image token."""
     from vpgtrans.prompting import stop_token_ids
 
-    config = llm.generation_config
-    eos = config.eos_token_id if config.eos_token_id is not None else llm.config.eos_token_id
+    eos = config.eos_token_id if config.eos_token_id is not None else llm_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     for token_id in stop_token_ids(tokenizer, template):
         if token_id not in eos and token_id != tokenizer.unk_token_id:
@@ -256,7 +249,8 @@ def _generation_config(llm, tokenizer, template: PromptTemplate, image_token_id:
     return config
 
 
-def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtype: str | None = None) -> Path:
+def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtype: str | None = None,
+              max_shard_size: str | int = MAX_SHARD_SIZE) -> Path:
     info, refs = manifest["model"], manifest["references"]
     if info["visual"]["vpg"]["kind"] == "instructblip":
         raise VpgtransError(f"{bundle_dir}: HF export of InstructBLIP VPGs is not supported yet (HF InstructBLIP "
@@ -267,7 +261,7 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtyp
     tmp = prepare_out_dir(out_dir, force, inputs=[bundle_dir, refs["vision"]["path"], refs["llm"]["path"]])
     try:
         with reference_errors(manifest):
-            _write_hf(tmp, bundle_dir, manifest, template, dtype, out_dir)
+            _write_hf(tmp, bundle_dir, manifest, template, dtype, out_dir, max_shard_size)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -275,44 +269,103 @@ def export_hf(bundle_dir: Path, manifest: dict, out_dir: Path, force: bool, dtyp
     return commit_out_dir(tmp, out_dir)
 
 
-MAX_SHARD_SIZE = "5GB"  # as the Hub's own checkpoints: a 7B model in a few files, each under the Hub's limits
+def _llm_side(ref: dict):
+    """The target LLM's config, tokenizer and generation config: no weights are read."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    remote = bool(ref.get("trust_remote_code", False))
+    try:
+        config = AutoConfig.from_pretrained(ref["path"], trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(ref["path"], trust_remote_code=remote)
+    except (OSError, ValueError) as exc:
+        raise VpgtransError(f"{ref['path']}: cannot load the LLM ({str(exc).splitlines()[0]})") from None
+    try:
+        generation = GenerationConfig.from_pretrained(ref["path"])
+    except OSError:  # no generation_config.json: what from_pretrained gives the model then
+        generation = GenerationConfig.from_model_config(config)
+    return config, tokenizer, generation
+
+
+def _stored_dtype(config, shapes: dict) -> str:
+    """The LLM's dtype as transformers' dtype="auto" takes it: its config's, else its stored tensors'."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if named is not None:
+        return str(named).replace("torch.", "")
+    from vpgtrans.inspect import SAFETENSORS_DTYPES
+
+    floats = [SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in shapes.values()]
+    floats = [d for d in floats if d.startswith(("float", "bfloat"))]
+    return max(set(floats), key=floats.count) if floats else "float32"
+
+
+class _TensorSource:
+    """Tensors by export name, each read when asked for: the bundle's trained parts (in memory, small), the
+    ViT's and the LLM's from their safetensors files (memory-mapped, one tensor at a time)."""
+
+    def __init__(self, in_memory: dict, on_disk: dict):
+        self.in_memory, self.on_disk = in_memory, on_disk  # name -> tensor; name -> (file, stored name)
+        self.handles = {}
+
+    def __call__(self, name: str):
+        if name in self.in_memory:
+            return self.in_memory[name]
+        file, stored = self.on_disk[name]
+        if file not in self.handles:
+            from safetensors import safe_open
+
+            self.handles[file] = safe_open(str(file), framework="pt")
+        return self.handles[file].get_tensor(stored)
+
+
+def _weight_sources(ref_path: Path, names, prefix: str, keep=lambda name: True) -> dict | None:
+    """export name -> (file, stored name) for ``names`` of the directory at ``ref_path``, or None when its
+    weights are not all safetensors (then they are loaded the usual way)."""
+    from vpgtrans.formats.hf import weight_files
+
+    files = weight_files(ref_path)
+    if any(Path(file).suffix != ".safetensors" for file in files.values()):
+        return None
+    return {prefix + short: (files[stored], stored) for short, stored in names.items() if keep(short)}
 
 
 def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTemplate, dtype: str | None = None,
-              out_dir: Path | None = None) -> None:
+              out_dir: Path | None = None, max_shard_size: str | int = MAX_SHARD_SIZE) -> None:
+    """The BLIP-2 directory in ``tmp``. The weights are streamed: the composed model exists only on the meta
+    device (its names, shapes and the shards ``save_pretrained`` would write), and each tensor is read from
+    the bundle, the ViT or the LLM, cast to the export's one dtype and written, one at a time."""
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
+    from vpgtrans.formats.hf import WEIGHT_FILE, WEIGHT_INDEX, tensor_shapes, weight_files
+    from vpgtrans.formats.shards import save_state_metas, write_sharded
     from vpgtrans.images import build_image_processor
-    from vpgtrans.model.assemble import load_llm, load_vision_state
-    from vpgtrans.naming import LLM_PREFIX, VISION_PREFIX
+    from vpgtrans.model.assemble import load_llm
+    from vpgtrans.naming import LLM_PREFIX, VISION_PREFIX, vision_state
     from vpgtrans.prompting import prompt_ids
+    from vpgtrans.training import torch_dtype
 
     info, refs = manifest["model"], manifest["references"]
     is_encoder_decoder = bool(info["llm"]["is_encoder_decoder"])
     num_query_tokens = int(info["visual"]["vpg"]["num_query_tokens"])
+    llm_path, vision_ref = Path(refs["llm"]["path"]), refs["vision"]
 
-    # Weights: trained VPG + projector from the bundle, frozen ViT and LLM from their references.
-    state = _trained_parts(bundle_dir)
-    state.update({VISION_PREFIX + k: v for k, v in load_vision_state(refs["vision"]).items()})
-    llm, tokenizer = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+    llm_config, tokenizer, generation_config = _llm_side(refs["llm"])
+    llm = None
+    if not ((llm_path / WEIGHT_INDEX).is_file() or (llm_path / WEIGHT_FILE).is_file()):
+        # pytorch_model.bin: transformers reads it (weights_only, refusals named as before), whole.
+        llm, _ = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+    llm_shapes = tensor_shapes(llm_path) if llm is None else {}
+    llm_dtype = _stored_dtype(llm_config, llm_shapes) if llm is None else str(llm.dtype).replace("torch.", "")
+    # One dtype for every floating tensor: --dtype, else the LLM's (what from_pretrained's default dtype="auto"
+    # then loads the whole model in, recorded in config.json; transformers would record the first parameter's,
+    # the trained fp32 query tokens, and a 7B export would load in fp32).
+    saved_dtype = str(torch_dtype(dtype) or torch.float32).replace("torch.", "") if dtype is not None else llm_dtype
+    cast = getattr(torch, saved_dtype)
     image_token, image_token_id = _add_image_token(tokenizer)
-    if image_token_id >= llm.get_input_embeddings().weight.shape[0]:
-        _grow_embeddings(llm, image_token_id + 1)
-    state.update({LLM_PREFIX + k: v for k, v in llm.state_dict().items()})
-    # Without --dtype every part keeps the precision it is stored in (a bf16 LLM stays bf16 on disk, the
-    # trained VPG fp32) and config.json names the LLM's dtype, which from_pretrained's default dtype="auto"
-    # loads the whole model in (transformers would otherwise record the first parameter's: fp32 query_tokens,
-    # and a 7B export would load in fp32). With --dtype every floating tensor is cast to it.
-    llm_dtype = str(llm.dtype).replace("torch.", "")
-    if dtype is not None:
-        from vpgtrans.training import torch_dtype
-
-        cast = torch_dtype(dtype) or torch.float32
-        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
-    saved_dtype = str(cast).replace("torch.", "") if dtype is not None else llm_dtype
-    generation_config = _generation_config(llm, tokenizer, template, image_token_id)
-    text_config = {k: v for k, v in llm.config.to_dict().items() if k != "_name_or_path"}
+    generation_config = _generation_config(generation_config, llm_config, tokenizer, template, image_token_id)
+    text_config = {k: v for k, v in llm_config.to_dict().items() if k != "_name_or_path"}
+    # The image token's row: the embeddings grow to hold it (filled with the mean row below).
+    text_config["vocab_size"] = max(text_config.get("vocab_size") or 0, image_token_id + 1)
     # HF BLIP-2's generate() runs language_model.generate(), whose generation config comes from
     # text_config, not from generation_config.json: the stop token has to be there too.
     text_config["eos_token_id"] = generation_config.eos_token_id
@@ -324,17 +377,56 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
         raise VpgtransError(f"{refs['llm']['path']}: transformers cannot build a BLIP-2 around this LLM "
                             f"({str(exc).splitlines()[0]})") from None
     if config.use_decoder_only_language_model == is_encoder_decoder:
-        raise VpgtransError(f"{refs['llm']['path']}: BLIP-2 would wrap model_type {llm.config.model_type!r} as "
+        raise VpgtransError(f"{refs['llm']['path']}: BLIP-2 would wrap model_type {llm_config.model_type!r} as "
                             f"{'a causal' if config.use_decoder_only_language_model else 'a seq2seq'} LM, but the "
                             "bundle was made for the other kind")
-    with torch.device("meta"):  # no second copy of the LLM, no random init
+    with torch.device("meta"):  # names, shapes and shards only: no weights, no random init
         model = Blip2ForConditionalGeneration(config)
-    _load_strict(model, state)
-    model.generation_config = generation_config
-    del llm, state
+    metas = {name: meta.to(cast) if meta.is_floating_point() else meta for name, meta in save_state_metas(model).items()}
+
+    # Where each tensor comes from: the bundle (VPG, projector), the ViT's and the LLM's files.
+    prefixed = vision_ref["kind"] == "hf-blip2"
+    vision_names = vision_state({name: name for name in weight_files(Path(vision_ref["path"]))
+                                 if not prefixed or name.startswith(VISION_PREFIX)}, prefixed)
+    on_disk = _weight_sources(Path(vision_ref["path"]), vision_names, VISION_PREFIX) or {}
+    in_memory = _trained_parts(bundle_dir)
+    if len(on_disk) != len(vision_names):  # a pytorch_model.bin ViT: read whole, as before
+        from vpgtrans.model.assemble import load_vision_state
+
+        in_memory.update({VISION_PREFIX + k: v for k, v in load_vision_state(vision_ref).items()})
+    llm_names = {name[len(LLM_PREFIX):] for name in metas if name.startswith(LLM_PREFIX)}
+    llm_sources = None if llm is not None else \
+        _weight_sources(llm_path, {name: name for name in llm_shapes if name in llm_names}, LLM_PREFIX)
+    if llm_sources is not None and len(llm_sources) == len(llm_names):
+        on_disk.update(llm_sources)
+    else:  # weights the model names differently (or .bin files): load the LLM and take its checkpoint-format state
+        if llm is None:
+            llm, _ = load_llm(refs["llm"], is_encoder_decoder, dtype="auto")
+        in_memory.update({LLM_PREFIX + k: v for k, v in save_state_metas(llm).items()})
+    del llm
+    missing = sorted(set(metas) - set(in_memory) - set(on_disk))
+    if missing:
+        raise VpgtransError(f"the composed BLIP-2 weights lack {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    grow = _table_names(model)
+    source = _TensorSource(in_memory, on_disk)
+
+    def produce(name: str):
+        tensor, meta = source(name), metas[name]
+        if tensor.shape != meta.shape and name in grow and tensor.shape[1:] == meta.shape[1:]:
+            tensor = torch.cat([tensor, tensor.mean(0, keepdim=True).expand(meta.shape[0] - tensor.shape[0], *meta.shape[1:])])
+        if tensor.shape != meta.shape:
+            raise VpgtransError(f"the composed BLIP-2 weights: {name} is {tuple(tensor.shape)}, the model expects "
+                                f"{tuple(meta.shape)}")
+        return tensor.to(meta.dtype)
+
     with output_errors(out_dir or tmp, tmp):  # a full disk is the output's fault, never the input model's
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        write_sharded(tmp, metas, produce, max_shard_size, model.num_parameters())
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        generation_config.save_pretrained(tmp)
     del model
+    in_memory.clear()  # (the trained parts' copies)
+    source.handles.clear()
     _record_dtype(tmp / "config.json", saved_dtype)
 
     # The processor: BLIP-2 preprocessing + the LLM's tokenizer with <image>, K image tokens per image.
@@ -363,7 +455,7 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
                         f"{vit_eps} (as in transformers' own LAVIS conversion); outputs differ very slightly")
     for warning in warnings:
         log.warning("export: %s", warning)
-    export_info = _export_info(bundle_dir, manifest, "hf", llm_dtype=llm_dtype,
+    export_info = _export_info(bundle_dir, manifest, "hf", llm_dtype=llm_dtype, dtype=saved_dtype,
                                image_token=image_token, image_token_id=image_token_id, processor_prompts=prompts,
                                warnings=warnings)
     (tmp / EXPORT_INFO).write_text(json.dumps(export_info, indent=2) + "\n")
@@ -371,6 +463,19 @@ def _write_hf(tmp: Path, bundle_dir: Path, manifest: dict, template: PromptTempl
 
     model_card(bundle_dir, manifest, "hf", _HF_USAGE.format(
         prompt=prompts["vqa"].replace("{question}", "what is in the picture?"))).save(tmp / "README.md")
+
+
+def _table_names(model) -> set[str]:
+    """Names of the LLM's vocabulary-sized tensors in ``model`` (input embeddings, an untied output layer
+    and its bias): those the image token's row is appended to. The image token's input row is never read
+    (soft prompts replace it); its output row is suppressed at generation (``suppress_tokens``)."""
+    llm = model.language_model
+    names = {id(tensor): name for name, tensor in model.named_parameters()}
+    tables = [llm.get_input_embeddings().weight]
+    out = llm.get_output_embeddings()
+    if out is not None:
+        tables += [out.weight] + ([out.bias] if getattr(out, "bias", None) is not None else [])
+    return {names[id(tensor)] for tensor in tables if id(tensor) in names}
 
 
 _HF_USAGE = """```python

@@ -65,11 +65,27 @@ def _subset(shapes: Shapes, keep) -> Shapes:
     return {name: value for name, value in shapes.items() if keep(name)}
 
 
-def _hf_config(config: dict):
-    """A transformers config (defaults filled in, aliases such as T5's ``d_model`` -> ``hidden_size``
-    resolved); the raw dict as a namespace when transformers does not know the model type."""
+LLM_FIELDS = (("hidden_size", "d_model", "n_embd", "dim"), ("vocab_size",),
+              ("num_hidden_layers", "num_layers", "n_layer", "n_layers"))
+VISION_FIELDS = (("hidden_size",), ("num_hidden_layers",), ("image_size",), ("patch_size",))
+QFORMER_FIELDS = (("hidden_size",), ("num_hidden_layers",), ("cross_attention_frequency",))
+
+
+def _hf_config(config: dict, needed: tuple[tuple[str, ...], ...] = ()):
+    """The config as a namespace. When the raw dict lacks one of the ``needed`` fields (each a tuple of
+    the names it goes by), a transformers config instead (defaults filled in, aliases such as T5's
+    ``d_model`` -> ``hidden_size`` resolved); the raw dict when transformers does not know the model type.
+
+    Configs written by ``save_pretrained`` name every field, so the header path never imports transformers
+    (seconds of imports: torch with it), which is what keeps ``inspect`` instant on a 7B checkpoint."""
     if not isinstance(config, dict):
         return SimpleNamespace()
+    if all(any(config.get(name) is not None for name in names) for names in needed):
+        return SimpleNamespace(**config)
+    return _full_config(config)
+
+
+def _full_config(config: dict):
     try:
         from transformers import AutoConfig
 
@@ -110,7 +126,13 @@ def _model_class(config):
 
 def _tied_copies(shapes: Shapes, config) -> set[str]:
     """Stored tensors that the model ties to another stored tensor (old checkpoints save a tied
-    ``lm_head`` twice; the model holds it once). transformers ties only when ``tie_word_embeddings``."""
+    ``lm_head`` twice; the model holds it once). transformers ties only when ``tie_word_embeddings``.
+    Only vocabulary-sized tables can be tied: with fewer than two stored, transformers is not consulted."""
+    vocab = _field(config, "vocab_size")
+    if sum(len(shape) == 2 and shape[0] == vocab for shape, _ in shapes.values()) < 2:
+        return set()
+    if isinstance(config, SimpleNamespace) and getattr(config, "tie_word_embeddings", None) is None:
+        config = _full_config(vars(config))  # the model type's default
     if not getattr(config, "tie_word_embeddings", False):
         return set()
     tied = getattr(_model_class(config), "_tied_weights_keys", None)
@@ -195,9 +217,9 @@ def _inspect_blip2(path: Path) -> dict:
     raw = read_config(path)
     shapes = tensor_shapes(path)
     _require(shapes, ["query_tokens", "language_projection.weight"], path, "BLIP-2 checkpoint")
-    vision_config = _hf_config(raw.get("vision_config") or {"model_type": "blip_2_vision_model"})
-    qformer_config = _hf_config(raw.get("qformer_config") or {"model_type": "blip_2_qformer"})
-    text_config = _hf_config(raw.get("text_config") or {})
+    vision_config = _hf_config(raw.get("vision_config") or {"model_type": "blip_2_vision_model"}, VISION_FIELDS)
+    qformer_config = _hf_config(raw.get("qformer_config") or {"model_type": "blip_2_qformer"}, QFORMER_FIELDS)
+    text_config = _hf_config(raw.get("text_config") or {}, LLM_FIELDS)
     qformer = {"width": _field(qformer_config, "hidden_size"), "layers": _field(qformer_config, "num_hidden_layers"),
                "cross_attention_frequency": _field(qformer_config, "cross_attention_frequency"),
                "params": _count(shapes, "qformer.")}
@@ -213,7 +235,7 @@ def _inspect_vision(path: Path) -> dict:
     """A standalone ViT directory (``Blip2VisionModel``); ``post_layernorm`` is the VPG's ln_vision."""
     shapes = tensor_shapes(path)
     prefix = "vision_model." if any(n.startswith("vision_model.") for n in shapes) else ""
-    vision = _vision_from_config(_hf_config(read_config(path)), shapes, prefix)
+    vision = _vision_from_config(_hf_config(read_config(path), VISION_FIELDS), shapes, prefix)
     return {"vision": {**vision, "post_layernorm_params": _count(shapes, prefix + "post_layernorm."),
                        "dtype": _dtype(shapes)},
             "params": _count(shapes)}
@@ -222,7 +244,7 @@ def _inspect_vision(path: Path) -> dict:
 def _inspect_llm(path: Path) -> dict:
     """An HF causal LM or seq2seq LM directory (described from its config: its own code never runs)."""
     raw = read_config(path)
-    info = {"llm": _llm_fields(_hf_config(raw), tensor_shapes(path))}
+    info = {"llm": _llm_fields(_hf_config(raw, LLM_FIELDS), tensor_shapes(path))}
     code = custom_code(raw)
     if code:
         info["llm"]["custom_code"] = code

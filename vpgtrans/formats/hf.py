@@ -275,8 +275,10 @@ def embedding_param_name(hf_config) -> str:
     return f"{name}.weight"
 
 
-def read_input_embeddings(model_dir: Path, hf_config=None, prefix: str = ""):
-    """The (vocab, hidden) float input-embedding table of an LLM, read alone from its directory.
+def read_input_embeddings(model_dir: Path, hf_config=None, prefix: str = "", as_float: bool = True):
+    """The (vocab, hidden) input-embedding table of an LLM, read alone from its directory: float32, or
+    in its stored dtype when not ``as_float`` (half the memory of a bf16 table; the converter fit reads
+    it in float32 blocks).
 
     ``hf_config`` is the LLM's config (read from ``model_dir`` when omitted); ``prefix`` is where the
     LLM sits inside a composite checkpoint (``"language_model."`` in a BLIP-2 directory).
@@ -295,5 +297,6 @@ def read_input_embeddings(model_dir: Path, hf_config=None, prefix: str = ""):
     candidates = [name, name.split(".", 1)[-1], "shared.weight", "encoder.embed_tokens.weight"]
     for candidate in candidates:
         if prefix + candidate in stored:
-            return read_tensors(model_dir, [prefix + candidate])[prefix + candidate].float()
+            table = read_tensors(model_dir, [prefix + candidate])[prefix + candidate]
+            return table.float() if as_float else table
     raise VpgtransError(f"{model_dir}: input embeddings '{prefix}{name}' not found among the stored tensors")

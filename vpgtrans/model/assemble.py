@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -25,16 +26,33 @@ def load_vision_state(ref: dict) -> dict:
     return vision_state(read_tensors(path, prefix=VISION_PREFIX if prefixed else None, strip_prefix=False), prefixed)
 
 
-def load_vision_encoder(ref: dict, vision_config: dict):
+def load_vision_encoder(ref: dict, vision_config: dict, dtype=None):
+    """The frozen ViT in ``dtype`` (default fp32): built on the meta device (no random init, no second
+    copy) and given the checkpoint's tensors, each cast as it is taken."""
     from vpgtrans.model.vlm import build_vision_encoder
 
+    with torch.device("meta"):
+        vision = build_vision_encoder(vision_config)  # post_layernorm is an Identity: no weights
+    return load_on_meta(vision, load_vision_state(ref), f"{ref['path']}: the vision encoder", dtype or torch.float32)
+
+
+def load_on_meta(module: nn.Module, state: dict, what: str, dtype=None) -> nn.Module:
+    """Give a module built on the meta device the tensors of ``state`` (checked strictly first), floating
+    ones cast to ``dtype`` — default: the dtype the module declares, as ``load_state_dict`` copies would
+    (trained parts stay fp32 whatever the bundle stores) — one at a time, so the peak is one tensor above
+    the state's own size."""
     from vpgtrans.model.parts import check_state
 
-    vision = build_vision_encoder(vision_config)  # post_layernorm is an Identity: no weights
-    state = load_vision_state(ref)
-    check_state(vision.state_dict(), state, f"{ref['path']}: the vision encoder")
-    vision.load_state_dict(state, strict=True)
-    return vision
+    declared = module.state_dict()
+    check_state(declared, state, what)
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            state[name] = tensor.to(dtype or declared[name].dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if left:  # a buffer no checkpoint holds: the module cannot be built this way
+        raise VpgtransError(f"{what}: no weights for {', '.join(left[:5])}")
+    return module
 
 
 def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device=None, quantization: str | None = None,
@@ -87,12 +105,36 @@ def quantization_config(quantization: str, dtype=None):
                             'or pip install "bitsandbytes>=0.46"') from None
     from transformers import BitsAndBytesConfig
 
+    log_once(logging.getLogger("bitsandbytes.autograd._functions"))  # the logger of its 8-bit matmul
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype or torch.float32)
     raise VpgtransError(f"unknown quantization {quantization!r} (8bit or 4bit)")
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record of each message template and drops its repeats, counting them."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] > 1:
+            return False
+        record.msg = f"{key} (logged once: it repeats at every call of every such layer)"
+        return True
+
+
+def log_once(logger: logging.Logger) -> None:
+    """Make ``logger`` say each message once per process (idempotent). bitsandbytes logs "MatMul8bitLt: inputs
+    will be cast from torch.float32 to float16" at every 8-bit layer call: 192 lines a step at 7B."""
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly())
 
 
 def checkpoint_layers(llm) -> int:
@@ -155,15 +197,17 @@ def default_device():
 
 def build_visual(spec, states: dict[str, dict] | None = None):
     """The spec's visual kind, its parts loaded strictly from ``states`` when given (before any LLM is
-    read: a bundle that does not fit fails in a second, not after loading 14 GB)."""
-    from vpgtrans.model.parts import check_state
+    read: a bundle that does not fit fails in a second, not after loading 14 GB) — then built on the meta
+    device, so there is no random init to overwrite; freshly initialised without ``states``."""
     from vpgtrans.model.visual import visual_kind
 
-    visual = visual_kind(spec.visual_type)(spec.visual, spec.vision["config"], spec.llm_width)
-    for name in visual.parts if states is not None else ():
-        module = getattr(visual, name)
-        check_state(module.state_dict(), states.get(name, {}), f"{name}.safetensors")
-        module.load_state_dict(states[name], strict=True)
+    build = visual_kind(spec.visual_type)
+    if states is None:
+        return build(spec.visual, spec.vision["config"], spec.llm_width)
+    with torch.device("meta"):
+        visual = build(spec.visual, spec.vision["config"], spec.llm_width)
+    for name in visual.parts:
+        load_on_meta(getattr(visual, name), dict(states.get(name, {})), f"{name}.safetensors")
     return visual
 
 
@@ -193,7 +237,7 @@ def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=N
     spec, refs = ModelSpec.from_manifest(manifest["model"]), manifest["references"]
     device = default_device() if device is None else device
     expected = sorted(states)
-    vision = load_vision_encoder(refs["vision"], spec.vision["config"])
+    vision = load_vision_encoder(refs["vision"], spec.vision["config"], dtype)
     visual = build_visual(spec, states)
     llm, tokenizer = load_llm(refs["llm"], spec.llm["is_encoder_decoder"], dtype=dtype, device=device,
                               **llm_options)

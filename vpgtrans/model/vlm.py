@@ -85,7 +85,10 @@ class VisionLanguageModel(nn.Module):
             vision_dtype = next(self.vision.parameters()).dtype
             out = self.vision(pixel_values=pixel_values.to(vision_dtype),
                               output_hidden_states=self.visual.all_hidden_states)
-        features = VisionFeatures(out.last_hidden_state, out.hidden_states)  # (B, 1 + S*S, D_vit)
+        # A 16-bit frozen ViT feeds fp32 trained parts (outside autocast: eval --dtype bf16) in their dtype.
+        dtype = next(self.visual.parameters()).dtype
+        hidden = None if out.hidden_states is None else tuple(h.to(dtype) for h in out.hidden_states)
+        features = VisionFeatures(out.last_hidden_state.to(dtype), hidden)  # (B, 1 + S*S, D_vit)
         return self.visual(features)  # (B, N, D_llm)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:

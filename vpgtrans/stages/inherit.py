@@ -61,8 +61,9 @@ def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: I
     except Exception as exc:  # noqa: BLE001
         raise VpgtransError(f"cannot load the tokenizers of {llm_path} / {target_llm} ({str(exc).splitlines()[0]})") from None
     source_config = AutoConfig.for_model(**source.source_llm["text_config"])
-    source_embeddings = read_input_embeddings(llm_path, source_config, source.source_llm["prefix"])  # (V_s, D_s)
-    target_embeddings = read_input_embeddings(target_llm, target_config)  # (V_t, D_t)
+    # (V_s, D_s), (V_t, D_t) as stored (bf16 at 7B sizes): the fit reads them in float32 blocks of pairs.
+    source_embeddings = read_input_embeddings(llm_path, source_config, source.source_llm["prefix"], as_float=False)
+    target_embeddings = read_input_embeddings(target_llm, target_config, as_float=False)
     if source_embeddings.shape[1] != source.projector_weight.shape[0]:
         raise VpgtransError(f"source LLM width {source_embeddings.shape[1]} != source projector output "
                             f"{source.projector_weight.shape[0]}: --source-llm is not the LLM this VPG was trained for")
@@ -90,6 +91,7 @@ def _fit_converter(source: SourceVPG, target_llm: Path, target_config, config: I
     else:
         from vpgtrans.converter_gw import anchor_ids, fit_gw_converter
 
+        source_embeddings, target_embeddings = source_embeddings.float(), target_embeddings.float()
         anchors = [anchor_ids(min(len(tokenizer), len(table)), set(tokenizer.all_special_ids), config.gw_anchors,
                               _token_counts(tokenizer, lines, len(table)) if lines else None)
                    for tokenizer, table in ((source_tokenizer, source_embeddings), (target_tokenizer, target_embeddings))]

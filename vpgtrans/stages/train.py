@@ -33,7 +33,8 @@ from vpgtrans.sharding import (full_optimizer_state, full_state_dict, launch_eng
                                sharding_summary, whole_parameters)
 from vpgtrans.training import (DataCursor, RunOptions, StopSignal, TrainingInterrupted, accepts_logits_to_keep,
                                check_world_size, count_targets, lr_lambda, param_groups, set_trainable, split_batch,
-                               summed_loss, torch_dtype, total_steps, train_mode, trained_parts)
+                               slow_bf16_warning, summed_loss, torch_dtype, total_steps, train_mode,
+                               trained_parts)
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -232,6 +233,9 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
                         "not sharded", "1-process" if world == 1 else "CPU")
         engine = "ddp"
     precision = accelerator.mixed_precision
+    slow = slow_bf16_warning(precision, accelerator.device)
+    if slow and main:
+        log.warning(slow)
     record = _run_record(bundle_dir, data, config, stage, fresh_init, precision, options)
     how, checkpoint = _start(out_dir, options, force, record, main)
     if how == "done":
