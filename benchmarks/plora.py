@@ -134,7 +134,7 @@ def run_arm(cfg: PloraBenchConfig, zoo: dict, target: str, arm: str, seed: int, 
     from transformers import AutoModelForCausalLM
 
     from vpgtrans import load_model
-    from vpgtrans.config import InheritConfig, TrainConfig
+    from vpgtrans.config import InheritConfig
     from vpgtrans.stages.transfer import transfer
 
     world = Path(zoo["world"])

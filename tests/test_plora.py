@@ -4,7 +4,6 @@ at visual positions the adapted weights compute what merged weights ``W + (α/r)
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

@@ -55,9 +55,9 @@ def _stage_line(manifest: dict) -> str:
     if manifest.get("stage") == "inherit" or not isinstance(train, dict):
         converter = manifest.get("metrics", {}).get("converter", {})
         cosine = converter.get("heldout_cosine")
-        return (f"- **inherit**: the source's vision side; word converter: "
+        return ("- **inherit**: the source's vision side; word converter: "
                 + (f"{converter.get('pairs')} token pairs, held-out cosine {cosine:.3f}" if cosine is not None
-                   else "none") )
+                   else "none"))
     done = manifest.get("metrics", {}).get("train", {})
     data = config.get("data")
     return (f"- **{manifest['stage']}**: trains {', '.join(train.get('trainable', []))}; lr {train.get('lr')}"
