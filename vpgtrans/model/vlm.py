@@ -142,8 +142,9 @@ class VisionLanguageModel(nn.Module):
             self.check_length(input_ids.shape[1])
         image_mask = input_ids == IMAGE_TOKEN_ID
         text_only = pixel_values is None and not bool(image_mask.any())
+        blank_image = text_only and torch.is_grad_enabled() and self._vision_side_sharded()
         with self.token_context.call(image_mask):
-            if text_only and torch.is_grad_enabled() and self._vision_side_sharded():
+            if blank_image:
                 inputs_embeds = self.llm.get_input_embeddings()(input_ids) + self._blank_image_zero(input_ids.device)
                 out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
             elif text_only:  # exactly the LLM's own computation
@@ -151,7 +152,7 @@ class VisionLanguageModel(nn.Module):
             else:
                 inputs_embeds = self.embed(input_ids, pixel_values)
                 out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        return self._keep_visual_in_graph(out) if text_only and not self._vision_side_sharded() else out
+        return self._keep_visual_in_graph(out) if text_only and not blank_image else out
 
     def _vision_side_sharded(self) -> bool:
         try:
