@@ -132,10 +132,14 @@ class VisionLanguageModel(nn.Module):
                             + (", or lower --max-new-tokens" if new_tokens else " (--max-text-len caps the answer's tokens)"))
 
     def _learned_positions(self, limit: int) -> bool:
-        """Whether the LLM looks positions up in a table of ``limit`` rows (OPT keeps 2 more)."""
-        words = self.llm.get_input_embeddings()
-        return any(isinstance(module, nn.Embedding) and module is not words and module.num_embeddings in (limit, limit + 2)
-                   for module in self.llm.modules())
+        """Whether the LLM looks positions up in a table of ``limit`` rows (OPT keeps 2 more). Found once per
+        model: every forward of an over-long prompt asks."""
+        if "_learned_positions_found" not in self.__dict__:
+            words = self.llm.get_input_embeddings()
+            self.__dict__["_learned_positions_found"] = any(
+                isinstance(module, nn.Embedding) and module is not words and module.num_embeddings in (limit, limit + 2)
+                for module in self.llm.modules())
+        return self.__dict__["_learned_positions_found"]
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, **kwargs):
         if "past_key_values" not in kwargs:
