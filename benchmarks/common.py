@@ -147,3 +147,49 @@ def write_docs_section(text: str, begin: str, end: str, path: Path = Path("docs/
     start, stop = doc.index(begin), doc.index(end) + len(end)
     path.write_text(doc[:start] + text + doc[stop:])
     return path
+
+
+def code_version() -> dict:
+    """The git commit of the code that produced a record, and whether the work tree had changes."""
+    import subprocess
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=30,
+                                  cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+class RunRecords:
+    """Finished runs of a long benchmark, one JSON file each under ``root``, keyed by a digest of everything
+    that determines them (``identity``): a run found with the same digest is read back instead of trained
+    again. An interrupted benchmark resumes where it stopped, and several processes can share one benchmark
+    (e.g. one target each, then one more process that finds every run recorded and only assembles). Every
+    run gets ``code``: the code version that trained it. ``root=None``: nothing is kept."""
+
+    def __init__(self, root: Path | None, identity: dict):
+        import hashlib
+
+        self.root = None if root is None else Path(root)
+        self.digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.reused = 0
+
+    def get(self, name: str, train) -> dict:
+        """The run called ``name``: from its record when one with this digest exists, else ``train()``
+        (then recorded atomically, so a killed process never leaves half a record)."""
+        path = None if self.root is None else self.root / f"{name}.json"
+        if path is not None and path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("identity") == self.digest:
+                self.reused += 1
+                return record["run"]
+        run = {**train(), "code": code_version()}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"identity": self.digest, "run": run}) + "\n")
+            os.replace(tmp, path)
+        return run

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -56,8 +57,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import curves
-from benchmarks.common import (add_zoo_options, machine_info, quiet_libraries, require_matplotlib, result_config,
-                               result_parser, save_result, write_docs_section, zoo_v2)
+from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_libraries, require_matplotlib,
+                               result_config, result_parser, save_result, write_docs_section, zoo_v2)
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
@@ -198,16 +199,19 @@ def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, se
     return run
 
 
-def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, dev: Path, work_dir: Path, log) -> dict:
+def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, dev: Path, work_dir: Path, log,
+              records: RunRecords) -> dict:
     """One run per lr of ``lr_grid`` (seed ``search_seed``, the arm's full schedule, dev split every
     ``search_eval_every_samples``); the lr with the best smoothed dev CIDEr wins."""
     trials = []
     for lr in cfg.lr_grid:
-        run = run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / f"search-{target}-{arm}-{lr:g}",
-                      dev, plan["search_eval_every"], final=False)
+        name = f"search-{target}-{arm}-{lr:g}"
+        run = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / name,
+                                                dev, plan["search_eval_every"], final=False))
         trials.append({"lr": lr, "dev_best_smoothed": curves.best(curves.smooth(_points(run), cfg.smooth_window)),
                        "dev_best": curves.best(_points(run)), "dev_last": run["curve"][-1][METRIC],
-                       "curve": [(p["samples"], p[METRIC]) for p in run["curve"]], "train_seconds": run["train_seconds"]})
+                       "curve": [(p["samples"], p[METRIC]) for p in run["curve"]], "train_seconds": run["train_seconds"],
+                       "wall_seconds": run["wall_seconds"], "code": run.get("code")})
         log(f"  lr search {target} {arm} lr {lr:g}: dev best (smoothed) {trials[-1]['dev_best_smoothed']:.3f}")
     chosen = max(trials, key=lambda t: t["dev_best_smoothed"])
     return {"target": target, "arm": arm, "split": "dev", "dev_rows": cfg.dev_rows, "seed": cfg.search_seed,
@@ -401,7 +405,7 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
     machine = result["machine"]
     lines += [f"Run: {result.get('finished', '?')}, {machine['cpu']}, {machine['cores']} cores, torch "
               f"{machine['torch']}; load average at the start {result.get('loadavg_start')}, at the end "
-              f"{result.get('loadavg_end')}; {result['seconds']:.0f} s for the arms.", ""]
+              f"{result.get('loadavg_end')}; {_run_time(result)}.", ""]
     for target, block in result["summary"].items():
         lines += [f"**{result['source']} → {target}**", "", "| " + " | ".join(COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
@@ -417,6 +421,16 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
         lines.append(f"![caption CIDEr vs epochs, every arm]({Path(result['plot']).name})\n")
     lines.append(DOCS_END)
     return "\n".join(lines)
+
+
+def _run_time(result: dict) -> str:
+    """How long the runs took, and whether some were read back from an earlier process's records."""
+    text = f"{result.get('run_wall_seconds', result['seconds']):.0f} s of wall time in the runs (lr search included)"
+    records = result.get("records") or {}
+    if records.get("reused"):
+        text += (f"; {records['reused']} runs were recorded by earlier or parallel processes of the same protocol "
+                 f"and zoo (`RunRecords`) and read back; each run's own load average is in the JSON")
+    return text
 
 
 def write_docs(text: str, path: Path = Path("docs/benchmarks.md")) -> Path:
@@ -455,15 +469,39 @@ def plot(result: dict, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- main
 
-def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
-    """The lr search on the dev split, then every arm of every target and seed, then the summary."""
+def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
+    """What determines one run's record: the protocol (all of the config but which targets, seeds and ablations
+    are run) and the zoo it trains on (its record, the stage-1 Q-Former's)."""
+    protocol = {k: v for k, v in asdict(cfg).items() if k not in ("targets", "seeds", "ablations", "ablation_seed")}
+
+    def timeless(record):  # a rebuilt zoo is the same zoo: build times are not part of what it is
+        if isinstance(record, dict):
+            return {k: timeless(v) for k, v in record.items() if "seconds" not in k}
+        return [timeless(v) for v in record] if isinstance(record, list) else record
+
+    zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
+    return {"protocol": protocol, "zoo": timeless(zoo_record), "stage1": timeless(zoo.get("stage1_record"))}
+
+
+def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False) -> dict:
+    """The lr search on the dev split, then every arm of every target and seed, then the summary. With
+    ``keep_records``, every finished run is recorded under ``work_dir/records`` and a run already recorded
+    there for the same protocol and zoo is read back, not trained again (``RunRecords``)."""
     import torch
 
     from vpgtrans.demo import world2
 
     n_train = sum(1 for _ in open(Path(zoo["world"]) / "caption_train" / "data.jsonl"))
     plan = plan_steps(cfg, n_train)
-    dev = world2.make_split(work_dir / "caption_dev", "caption", cfg.dev_rows, seed=10_000 + cfg.zoo_seed)
+    dev = work_dir / "caption_dev"
+    if not (dev / "data.jsonl").is_file():  # built aside, then moved in: processes sharing work_dir never see half
+        built = world2.make_split(work_dir / f".caption_dev.{os.getpid()}", "caption", cfg.dev_rows,
+                                  seed=10_000 + cfg.zoo_seed)
+        try:
+            os.rename(built, dev)
+        except OSError:  # another process got there first; its split is the same
+            shutil.rmtree(built, ignore_errors=True)
+    records = RunRecords(work_dir / "records" if keep_records else None, run_identity(cfg, zoo))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     started, load = time.perf_counter(), os.getloadavg()
@@ -471,14 +509,15 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
     try:
         for target in cfg.targets:
             for arm in SEARCHED:
-                searches.append(search_lr(cfg, zoo, plan, target, arm, dev, work_dir, log))
+                searches.append(search_lr(cfg, zoo, plan, target, arm, dev, work_dir, log, records))
         lrs = {(s["target"], s["arm"]): s["chosen_lr"] for s in searches}
         jobs = [(t, a, s) for t in cfg.targets for a in ARMS for s in cfg.seeds] + \
                [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
         for i, (target, arm, seed) in enumerate(jobs, 1):
             lr = lrs[(target, arm if arm in SEARCHED else "vpgtrans")]
-            run_ = run_arm(cfg, zoo, plan, target, arm, seed, lr, work_dir / f"{target}-{arm}-seed{seed}",
-                           Path(zoo["world"]) / "caption_eval", plan["eval_every"])
+            name = f"{target}-{arm}-seed{seed}-lr{lr:g}"
+            run_ = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, seed, lr, work_dir / name,
+                                                     Path(zoo["world"]) / "caption_eval", plan["eval_every"]))
             search = next(x for x in searches if (x["target"], x["arm"]) == (target, arm if arm in SEARCHED else "vpgtrans"))
             run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": cfg.lr_grid,
                                  "split": "dev", "criterion": search["criterion"], "at_grid_edge": search["at_grid_edge"],
@@ -498,7 +537,11 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print) -> dict:
             "lr_search": searches, "runs": runs, "summary": summarize(runs, cfg, n_train),
             "loadavg_start": [round(x, 2) for x in load], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1),
+            "run_wall_seconds": round(sum(r["wall_seconds"] for r in runs)
+                                      + sum(t["wall_seconds"] for x in searches for t in x["trials"]), 1),
+            "records": {"kept": keep_records, "reused": records.reused, "identity": records.digest,
+                        "code": [json.loads(c) for c in sorted({json.dumps(r.get("code"), sort_keys=True) for r in runs})]}}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -527,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         zoo["stage1"], zoo["stage1_record"] = stage1_qformer(zoo, cfg.zoo_seed, log=print)
         print(f"zoo-v2 + stage-1 Q-Former ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
-        result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs")
+        result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs", keep_records=args.work_dir is not None)
     result["smoke"] = bool(args.smoke)
     out = save_result("transfer_speedup", args, result, plot)
     if args.write_docs and not args.smoke:
@@ -535,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from rich.console import Console
 
     Console(width=200).print(render(result))
-    print(f"results: {out} ({result['seconds']:.0f}s for the arms)")
+    print(f"results: {out} ({_run_time(result)})")
     return result
 
 

@@ -251,6 +251,15 @@ def test_transfer_speedup_smoke(tmp_path):
     for unit in ("epochs", "samples", "seconds"):
         assert block["speedup"][unit] == headline[unit].get("at_best", {}).get("speedup")
     assert saved["smoke"] is True
+    # a second process on the same work dir trains nothing: every run and search trial is read back
+    again = tmp_path / "again.json"
+    transfer_speedup.main(["--smoke", "--no-plot", "--out", str(again), "--targets", "llama-s",
+                           "--work-dir", str(tmp_path / "runs")])
+    resumed = json.loads(again.read_text())
+    trials = sum(len(s["trials"]) for s in saved["lr_search"])
+    assert resumed["records"]["reused"] == len(saved["runs"]) + trials
+    assert saved["records"]["reused"] == 0 and resumed["records"]["identity"] == saved["records"]["identity"]
+    assert resumed["runs"] == saved["runs"] and resumed["summary"] == saved["summary"]
 
 
 def test_docs_section_says_to_be_remeasured_without_a_full_run(tmp_path):
@@ -279,3 +288,26 @@ def test_plots_are_written(tmp_path):
 
     result = converter_fit.main(["--smoke", "--out", str(tmp_path / "c.json"), "--epochs", "1", "--zoo-pairs", ""])
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["plot"] == str(tmp_path / "c.png")
+
+
+def test_run_records_reuse_only_runs_of_the_same_identity(tmp_path):
+    from benchmarks.common import RunRecords
+
+    calls = []
+
+    def train(value):
+        calls.append(value)
+        return {"value": value}
+
+    first = RunRecords(tmp_path, {"lr": 1e-3, "zoo": "a"})
+    assert first.get("run-a", lambda: train(1))["value"] == 1
+    # the same identity (key order aside): read back, not trained, the code version kept from the first time
+    same = RunRecords(tmp_path, {"zoo": "a", "lr": 1e-3})
+    run = same.get("run-a", lambda: train(2))
+    assert run["value"] == 1 and same.reused == 1 and calls == [1] and set(run["code"]) == {"commit", "dirty"}
+    # another protocol: trained again and the record replaced; no temporary file left behind
+    other = RunRecords(tmp_path, {"lr": 2e-3, "zoo": "a"})
+    assert other.get("run-a", lambda: train(3))["value"] == 3 and other.reused == 0 and calls == [1, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-a.json"]
+    # no root: nothing kept, always trained
+    assert RunRecords(None, {}).get("run-a", lambda: train(4))["value"] == 4 and calls == [1, 3, 4]
