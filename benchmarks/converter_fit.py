@@ -212,7 +212,9 @@ def run_zoo_case(cfg: ConverterBenchConfig, zoo: dict) -> list[dict]:
     return cases
 
 
-def run(cfg: ConverterBenchConfig, zoo: dict | None = None) -> dict:
+def run(cfg: ConverterBenchConfig, zoo=None) -> dict:
+    """The synthetic case, then the zoo case on ``zoo`` (the zoo's paths, or a function returning them: the
+    zoo is then only built or read when the synthetic case is done)."""
     threads, load = torch.get_num_threads(), os.getloadavg()
     torch.set_num_threads(cfg.threads)
     try:
@@ -221,7 +223,7 @@ def run(cfg: ConverterBenchConfig, zoo: dict | None = None) -> dict:
         setup = time.perf_counter() - started
         closed = fit_closed_form(cfg, tables)
         sgd = fit_sgd(cfg, tables)
-        zoo_cases = run_zoo_case(cfg, zoo) if zoo is not None else []
+        zoo_cases = run_zoo_case(cfg, zoo() if callable(zoo) else zoo) if zoo is not None else []
     finally:
         torch.set_num_threads(threads)
     speedup = sgd["seconds"] / closed["seconds"]
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = result_config(args, ConverterBenchConfig, SMOKE)
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-converter-") as tmp:
-        zoo = zoo_v2(args, cfg.zoo_seed, Path(tmp)) if cfg.zoo_pairs else None
+        zoo = (lambda: zoo_v2(args, cfg.zoo_seed, Path(tmp))) if cfg.zoo_pairs else None
         result = run(cfg, zoo)
     out = save_result("converter_fit", args, result, plot)
     if args.write_docs and not args.smoke:

@@ -19,13 +19,15 @@ among those pairs is the right one). Times are wall clock of the fit only, ``tor
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, require_matplotlib, result_config, result_parser, save_result
+from benchmarks.common import (machine_info, require_matplotlib, result_config, result_parser, save_result,
+                               write_docs_section)
 
 
 @dataclass
@@ -81,6 +83,7 @@ def run_one(n: int, distortion: float, cfg: GwBenchConfig) -> dict:
     from vpgtrans.converter_gw import fit_gw_converter
 
     tables = make_tables(n, cfg, distortion)
+    load = os.getloadavg()
     source, target, perm = tables["source"], tables["target"], tables["perm"]
     ids = torch.arange(n)
     few = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.few_pairs]
@@ -92,7 +95,8 @@ def run_one(n: int, distortion: float, cfg: GwBenchConfig) -> dict:
     started = time.perf_counter()
     shared_w, shared_b = fit_ridge(source[few], target[perm[few]], None, cfg.ridge)
     shared_seconds = time.perf_counter() - started
-    return {"anchors": n, "distortion": distortion,
+    return {"anchors": n, "distortion": distortion, "loadavg_before": [round(v, 2) for v in load],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
             "gw": {"seconds": round(gw_seconds, 3), "solver_seconds": stats["gw_seconds"],
                    "gw_pairs": stats["gw_pairs"],
                    "solved_anchors": stats["solved_anchors"],
@@ -111,7 +115,33 @@ def run(cfg: GwBenchConfig) -> dict:
         torch.set_num_threads(threads)
     return {"benchmark": "converter_gw", "config": asdict(cfg),
             "machine": {**machine_info(), "torch_threads": cfg.threads},
-            "rows": rows}
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+
+
+DOCS_BEGIN, DOCS_END = "<!-- converter_gw:begin -->", "<!-- converter_gw:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The ``docs/benchmarks.md`` section, from a result JSON."""
+    cfg, machine = result["config"], result["machine"]
+    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.converter_gw --write-docs` from "
+             "`benchmarks/results/converter_gw.json`; do not edit by hand.*", "",
+             f"Run: {result.get('finished', '?')}, {machine['cpu']}, {machine['torch_threads']} torch thread(s), "
+             f"torch {machine['torch']}; {cfg['source_dim']} -> {cfg['target_dim']} widths, GW solved on the "
+             f"{cfg['solve']} most frequent anchors of each side, the shared-token fit given {cfg['few_pairs']} "
+             "pairs; both scored on the anchors neither used.", "",
+             "| anchors | distortion | GW fit (s) | of which GW solve (s) | GW held-out cosine | GW retrieval | "
+             "shared-token cosine | shared-token retrieval | load average before → after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        gw, shared = row["gw"], row["shared_tokens"]
+        load = (f"{row['loadavg_before'][0]:.2f} → {row['loadavg_after'][0]:.2f}" if "loadavg_before" in row
+                else "not recorded")
+        lines.append(f"| {row['anchors']} | {row['distortion']:.2f} | {gw['seconds']:.1f} | {gw['solver_seconds']:.1f} "
+                     f"| {gw['heldout_cosine']:.4f} | {gw['retrieval_accuracy']:.3f} | {shared['heldout_cosine']:.4f} "
+                     f"| {shared['retrieval_accuracy']:.3f} | {load} |")
+    lines += ["", DOCS_END]
+    return "\n".join(lines)
 
 
 def render(result: dict):
@@ -150,10 +180,14 @@ def plot(result: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("converter_gw", __doc__, "small anchors and widths (seconds)", GwBenchConfig)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, regenerate the GW section of docs/benchmarks.md from its JSON")
     args = parser.parse_args(argv)
     cfg = result_config(args, GwBenchConfig, SMOKE)
     result = run(cfg)
     out = save_result("converter_gw", args, result, plot)
+    if args.write_docs and not args.smoke:
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
     from rich.console import Console
 
     Console().print(render(result))

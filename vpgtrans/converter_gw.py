@@ -89,8 +89,10 @@ def fit_gw_converter(source_embeddings: torch.Tensor, target_embeddings: torch.T
     optional) only measures the result."""
     ot = _import_ot()
     start = time.perf_counter()
-    x = source_embeddings[source_anchors].double()  # (n_s, D_s)
-    y = target_embeddings[target_anchors].double()  # (n_t, D_t)
+    # float32 rows: the ridge fits' big products and the refinement's mappings run in float32 (as the
+    # shared-token fit's do; means, penalty and solve stay float64), the GW distances in float64
+    x = source_embeddings[source_anchors].float()  # (n_s, D_s)
+    y = target_embeddings[target_anchors].float()  # (n_t, D_t)
     if min(len(x), len(y)) < 4:
         raise VpgtransError(f"--converter gw needs at least 4 anchor tokens per side (got {len(x)}, {len(y)})")
     k_s, k_t = min(solve, len(x)), min(solve, len(y))
@@ -107,15 +109,15 @@ def fit_gw_converter(source_embeddings: torch.Tensor, target_embeddings: torch.T
     weight, bias = fit_ridge(x[i], y[j], coupling[i, j] * k_s, ridge)
     unit_y = torch.nn.functional.normalize(y, dim=-1)
     for _ in range(rounds):
-        mapped = torch.nn.functional.normalize(x @ weight.T + bias, dim=-1)
-        i, j = _mutual_best(mapped.float() @ unit_y.float().T)  # (n_s, n_t) cosines
+        mapped = torch.nn.functional.normalize(torch.addmm(bias.float(), x, weight.float().T), dim=-1)
+        i, j = _mutual_best(mapped @ unit_y.T)  # (n_s, n_t) cosines
         history.append(len(i))
         weight, bias = fit_ridge(x[i], y[j], None, ridge)
     stats = {"method": "gw", "anchors": [len(x), len(y)], "solved_anchors": [k_s, k_t], "gw_pairs": history[0],
              "refined_pairs": history[1:],
              "rounds": rounds, "ridge": ridge, "gw_seconds": round(gw_seconds, 3),
              "seconds": round(time.perf_counter() - start, 3), "source_dim": x.shape[1], "target_dim": y.shape[1],
-             "train_cosine": mean_cosine(x[i] @ weight.T + bias, y[j])}
+             "train_cosine": mean_cosine(torch.addmm(bias.float(), x[i], weight.float().T), y[j])}
     if true_pairs is not None and len(true_pairs.source_ids):
         stats.update(measure(weight, bias, source_embeddings, target_embeddings, true_pairs))
     return weight.float(), bias.float(), stats
@@ -124,8 +126,8 @@ def fit_gw_converter(source_embeddings: torch.Tensor, target_embeddings: torch.T
 def measure(weight, bias, source_embeddings, target_embeddings, pairs, max_pairs: int = 2000) -> dict:
     """Held-out cosine and retrieval accuracy on true pairs the fit did not use."""
     source_ids, target_ids = pairs.source_ids[:max_pairs], pairs.target_ids[:max_pairs]
-    mapped = source_embeddings[source_ids].double() @ weight.double().T + bias.double()  # (n, D_t)
-    truth = target_embeddings[target_ids].double()
+    mapped = torch.addmm(bias.float(), source_embeddings[source_ids].float(), weight.float().T)  # (n, D_t)
+    truth = target_embeddings[target_ids].float()
     scores = torch.nn.functional.normalize(mapped, dim=-1) @ torch.nn.functional.normalize(truth, dim=-1).T
     hits = (scores.argmax(dim=1) == torch.arange(len(target_ids))).double().mean()
     return {"heldout_pairs": len(target_ids), "heldout_cosine": mean_cosine(mapped, truth),
