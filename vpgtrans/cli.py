@@ -776,7 +776,9 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
 @command()
 def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundles here (default: a temp dir).")] = None,
          force: Force = False, verbose: Verbose = False):
-    """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU)."""
+    """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU): a smoke
+    run of the pipeline beside a short, untuned scratch baseline, not a speed-up measure (that is
+    benchmarks/transfer_speedup.py)."""
     quiet_libraries()
     setup_logging(verbose)
     from rich.console import Console
