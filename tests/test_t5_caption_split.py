@@ -187,6 +187,15 @@ def test_a_t5_run_splits_the_same_with_workers_and_the_option_reaches_the_collat
     assert _losses(whole) != pytest.approx(_losses(plain), abs=1e-6)  # other targets, other losses
 
 
+def test_one_stage_of_a_transfer_can_set_its_own_split():
+    from vpgtrans.cli import _stage_set
+
+    stages = {"finetune": TrainConfig.finetune()}
+    assert _stage_set(stages, ["finetune.t5_caption_split=none"], {})["finetune"].t5_caption_split == "none"
+    with pytest.raises(VpgtransError, match="t5_caption_split must be one of random-prefix, none"):
+        _stage_set(stages, ["finetune.t5_caption_split=half"], {})
+
+
 def test_the_cli_flag_sets_the_split(t5, tiny, tmp_path):
     from vpgtrans.cli import app
 

@@ -251,7 +251,7 @@ def _stage_trainable(configs: dict, specs: list[str] | None, named: dict) -> dic
 
 def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
     """``configs`` with ``--stage-set STAGE.FIELD=VALUE`` applied: a stage's own lr, budget, schedule
-    (``TrainConfig`` fields; VALUE read as JSON, ``none`` for None)."""
+    (``TrainConfig`` fields; VALUE read as JSON, ``none`` for None; a text field's VALUE as it is)."""
     from dataclasses import fields
 
     from vpgtrans.config import TrainConfig, replace
@@ -270,7 +270,10 @@ def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
         if base is None:
             raise VpgtransError(f"--stage-set {spec!r}: the recipe has no stage {stage!r}")
         try:
-            value = None if text.strip().lower() == "none" else json.loads(text)
+            if isinstance(getattr(base, name), str):  # a choice (t5_caption_split=none, choice_scoring=...)
+                value = text.strip()
+            else:
+                value = None if text.strip().lower() == "none" else json.loads(text)
         except ValueError:
             raise VpgtransError(f"--stage-set {spec!r}: {text!r} is not a number, true/false or none") from None
         configs[stage] = replace(base, **{name: value})
