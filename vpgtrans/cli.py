@@ -122,7 +122,8 @@ ReportTo = Annotated[Literal[REPORT_TO], typer.Option(help="Log to a tracker (th
 T5CaptionSplit = Annotated[Literal[T5_CAPTION_SPLITS], typer.Option(
     help="Caption training rows on a seq2seq LLM (FlanT5): random-prefix (BLIP-2's prefix LM, as LAVIS: the "
          "first 0 to n/2 (rounded down) of a caption's n words, drawn per sample and epoch from --seed, go to the "
-         "encoder after the prompt, the rest is the target) or none (the whole caption is the target). Decoder-only LLMs: unused.")]
+         "encoder after the prompt, the rest is the target) or none (the whole caption is the target). "
+         "Decoder-only LLMs: unused.")]
 NumWorkers = Annotated[int, typer.Option(help="DataLoader worker processes that decode images (0: in the main "
                                               "process); the data order and the results stay the same.")]
 PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "

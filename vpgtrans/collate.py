@@ -59,8 +59,8 @@ class Collator:
     ``account`` counts what it met, in the training process; calling the collator does both."""
 
     def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
-                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None,
-                 t5_caption_split: str = "none", seed: int = 0):
+                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64,
+                 stats: LoadStats | None = None, t5_caption_split: str = "none", seed: int = 0):
         self.tokenizer = tokenizer
         self.template = template
         self.task = task
