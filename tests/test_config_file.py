@@ -219,6 +219,7 @@ CHOICES = {  # option -> (a command that has it, the library's registry it must 
     "--connector": ("inherit", "vpgtrans.model.connectors", "CONNECTORS"),
     "--recipe": ("transfer", "vpgtrans.recipes", "RECIPES"),
     "--converter": ("transfer", "vpgtrans.config", "CONVERTERS"),
+    "--t5-caption-split": ("finetune", "vpgtrans.config", "T5_CAPTION_SPLITS"),
     "--template": ("inherit", "vpgtrans.config", "TEMPLATES"),
 }
 

@@ -148,8 +148,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(reference, inherited, ti
 class _NanImageCollator(train_module.Collator):
     """Sample 5's image becomes NaN pixels: a real non-finite loss through the whole model."""
 
-    def prepare(self, rows):
-        batch, outcomes = super().prepare(rows)
+    def prepare(self, rows, draws=None):
+        batch, outcomes = super().prepare(rows, draws)
         for i, row in enumerate(rows):
             if row["image"].endswith("0005.png"):
                 batch["pixel_values"][i] = float("nan")

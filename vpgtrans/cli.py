@@ -20,7 +20,7 @@ from vpgtrans.cli_commands import Command, ConfigCommand, Group, config_note, on
 from vpgtrans.cli_data import build_data_app
 from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, quiet_libraries, setup_logging,
                                   until_stopped)
-from vpgtrans.config import CONVERTERS, TEMPLATES
+from vpgtrans.config import CONVERTERS, T5_CAPTION_SPLITS, TEMPLATES
 from vpgtrans.data import TASKS
 from vpgtrans.errors import VpgtransError
 from vpgtrans.recipes import RECIPES
@@ -119,6 +119,11 @@ LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the froze
 LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
 ReportTo = Annotated[Literal[REPORT_TO], typer.Option(help="Log to a tracker (through accelerate's).")]
+T5CaptionSplit = Annotated[Literal[T5_CAPTION_SPLITS], typer.Option(
+    help="Caption training rows on a seq2seq LLM (FlanT5): random-prefix (BLIP-2's prefix LM, as LAVIS: the "
+         "first 0 to n/2 (rounded down) of a caption's n words, drawn per sample and epoch from --seed, go to the "
+         "encoder after the prompt, the rest is the target) or none (the whole caption is the target). "
+         "Decoder-only LLMs: unused.")]
 NumWorkers = Annotated[int, typer.Option(help="DataLoader worker processes that decode images (0: in the main "
                                               "process); the data order and the results stay the same.")]
 PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "
@@ -163,11 +168,12 @@ def _adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets, connecto
 
 
 def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len,
-                  recipe_name: str = "vpgtrans"):
+                  recipe_name: str = "vpgtrans", t5_caption_split: str = "random-prefix"):
     from vpgtrans.config import TrainConfig
 
     overrides = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_steps": max_steps,
-                 "max_samples": max_samples, "eval_every": eval_every, "max_text_len": max_text_len}
+                 "max_samples": max_samples, "eval_every": eval_every, "max_text_len": max_text_len,
+                 "t5_caption_split": t5_caption_split}
     if lr is not None:
         overrides["lr"] = lr
         if kind == "finetune":
@@ -246,7 +252,7 @@ def _stage_trainable(configs: dict, specs: list[str] | None, named: dict) -> dic
 
 def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
     """``configs`` with ``--stage-set STAGE.FIELD=VALUE`` applied: a stage's own lr, budget, schedule
-    (``TrainConfig`` fields; VALUE read as JSON, ``none`` for None)."""
+    (``TrainConfig`` fields; VALUE read as JSON, ``none`` for None; a text field's VALUE as it is)."""
     from dataclasses import fields
 
     from vpgtrans.config import TrainConfig, replace
@@ -265,7 +271,10 @@ def _stage_set(configs: dict, specs: list[str] | None, named: dict) -> dict:
         if base is None:
             raise VpgtransError(f"--stage-set {spec!r}: the recipe has no stage {stage!r}")
         try:
-            value = None if text.strip().lower() == "none" else json.loads(text)
+            if isinstance(getattr(base, name), str):  # a choice (t5_caption_split=none, choice_scoring=...)
+                value = text.strip()
+            else:
+                value = None if text.strip().lower() == "none" else json.loads(text)
         except ValueError:
             raise VpgtransError(f"--stage-set {spec!r}: {text!r} is not a number, true/false or none") from None
         configs[stage] = replace(base, **{name: value})
@@ -523,12 +532,13 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
                      dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
-                     num_workers: NumWorkers = 0, strict: Strict = False,
+                     num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
+                     strict: Strict = False,
                      bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
                      data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
-                           max_text_len)
+                           max_text_len, t5_caption_split=t5_caption_split)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -550,7 +560,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
              dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", num_workers: NumWorkers = 0,
-             strict: Strict = False,
+             t5_caption_split: T5CaptionSplit = "random-prefix", strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
              data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
@@ -558,7 +568,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
     recipe's fine-tune stage (lavin: connector + adapters, LaVIN's schedule)."""
     config = _with_bundle_adapters(_train_config("finetune", lr, max_steps, max_samples, epochs, batch_size,
                                                  grad_accum, seed, eval_every, max_text_len,
-                                                 _finetune_recipe(bundle)), bundle)
+                                                 _finetune_recipe(bundle), t5_caption_split), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -608,7 +618,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                                    "the running one from its latest checkpoint.")] = False,
              skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
-             num_workers: NumWorkers = 0, pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
+             num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
+             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
              lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
              mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
@@ -627,10 +638,11 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
 
     recipe_name = "scratch" if from_scratch else recipe or connector_entry(connector).recipe
     warmup_config = _train_config("warmup", warmup_lr, pick(warmup_max_steps, max_steps), pick(warmup_max_samples, max_samples),
-                                  epochs, batch_size, grad_accum, seed, eval_every, max_text_len, recipe_name)
+                                  epochs, batch_size, grad_accum, seed, eval_every, max_text_len, recipe_name,
+                                  t5_caption_split)
     finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
-                                    grad_accum, seed, eval_every, max_text_len, recipe_name)
+                                    grad_accum, seed, eval_every, max_text_len, recipe_name, t5_caption_split)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -646,7 +658,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                                      for path in (data, finetune_data, instruct_data, eval_data))
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                             seed=seed, eval_every=eval_every, max_text_len=max_text_len)
+                             seed=seed, eval_every=eval_every, max_text_len=max_text_len,
+                             t5_caption_split=t5_caption_split)
     named = {"warmup": warmup_config, "finetune": finetune_config, "scratch": finetune_config}
     configs = _stage_set(_stage_trainable(configs, stage_trainable, named), stage_set, named)
     lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
@@ -767,7 +780,9 @@ def export(bundle: Annotated[Path, typer.Argument(help="Bundle to export.")],
 @command()
 def demo(out: Annotated[Optional[Path], typer.Option(help="Keep the demo's bundles here (default: a temp dir).")] = None,
          force: Force = False, verbose: Verbose = False):
-    """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU)."""
+    """Run a complete transfer on tiny models and synthetic data made here (offline, ~2-3 min on CPU): a smoke
+    run of the pipeline beside a short, untuned scratch baseline, not a speed-up measure (that is
+    benchmarks/transfer_speedup.py)."""
     quiet_libraries()
     setup_logging(verbose)
     from rich.console import Console

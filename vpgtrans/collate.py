@@ -10,7 +10,7 @@ from vpgtrans.config import PromptTemplate
 from vpgtrans.data import IMAGE_OPTIONAL, NO_IMAGE_LIMIT, LoadStats, first_line
 from vpgtrans.errors import VpgtransError
 from vpgtrans.images import ImageTooLarge, image_name, open_image
-from vpgtrans.prompting import IGNORE_INDEX, prompt_ids, training_example
+from vpgtrans.prompting import IGNORE_INDEX, prompt_ids, split_caption, training_example
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,16 @@ class Collator:
     only, in order (None when no row of the batch has one). A generate batch's ``positions`` name the
     given rows it holds.
 
+    ``t5_caption_split="random-prefix"`` (train mode, caption rows, seq2seq LLM): each caption's first words
+    go to the encoder, the rest is the target (``vpgtrans.prompting.split_caption``), drawn from ``seed``
+    and each row's draw key (``prepare``'s ``draws``); "none" (the default): the whole caption is the target.
+
     ``prepare`` builds a batch and touches no state (it runs in DataLoader workers, ``vpgtrans.loader``);
     ``account`` counts what it met, in the training process; calling the collator does both."""
 
     def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
-                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64, stats: LoadStats | None = None):
+                 is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64,
+                 stats: LoadStats | None = None, t5_caption_split: str = "none", seed: int = 0):
         self.tokenizer = tokenizer
         self.template = template
         self.task = task
@@ -65,6 +70,9 @@ class Collator:
         self.mode = mode
         self.max_target_len = max_target_len
         self.stats = stats if stats is not None else LoadStats()
+        self.split_captions = (t5_caption_split == "random-prefix" and mode == "train" and task == "caption"
+                               and is_encoder_decoder)
+        self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._decoded = self._failed = 0
         self._pending: list[str] = []
@@ -91,8 +99,8 @@ class Collator:
             log.warning("%s", message)
         self._pending.clear()
 
-    def __call__(self, rows: list[dict]) -> dict:
-        batch, outcomes = self.prepare(rows)
+    def __call__(self, rows: list[dict], draws: list[tuple[int, ...]] | None = None) -> dict:
+        batch, outcomes = self.prepare(rows, draws)
         self.account(outcomes)
         return batch
 
@@ -107,10 +115,13 @@ class Collator:
         if self._decoded:
             self._flush_warnings()
 
-    def prepare(self, rows: list[dict]) -> tuple[dict, list]:
+    def prepare(self, rows: list[dict], draws: list[tuple[int, ...]] | None = None) -> tuple[dict, list]:
         """``(batch, outcomes)``: the batch of ``rows`` (``{}`` when no row is usable) and, for each row with an
         image, in order, ``None`` (decoded) or ``(kind, name, what)`` (left out). Touches no state, so it can
-        run in a DataLoader worker; ``account`` then counts the outcomes."""
+        run in a DataLoader worker; ``account`` then counts the outcomes. ``draws``: one key per row for its
+        random choices (training: ``(epoch, row index)``), needed when captions are split."""
+        if self.split_captions and (draws is None or len(draws) != len(rows)):
+            raise ValueError("splitting captions needs one draw key per row (e.g. (epoch, row index))")
         images, kept, outcomes = [], [], []
         for position, row in enumerate(rows):
             if row.get("image") is None and self.task in IMAGE_OPTIONAL:
@@ -152,9 +163,14 @@ class Collator:
                           for r, image in zip(kept, has_image)]
             return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                     "references": references, "positions": positions}, outcomes
+        targets = [("", _target(r, self.task)) for r in kept]
+        if self.split_captions:  # BLIP-2 FlanT5's prefix language modelling: (caption start, rest)
+            targets = [split_caption(target, self.seed, draws[position])
+                       for (_, target), position in zip(targets, positions)]
         examples = [training_example(self.tokenizer, self.template, prompt_task, self.num_query_tokens,
-                                     _target(r, self.task), question(r), self.is_encoder_decoder, self.max_target_len,
-                                     image) for r, image in zip(kept, has_image)]
+                                     target, question(r), self.is_encoder_decoder, self.max_target_len,
+                                     image, caption_start=start)
+                    for r, image, (start, target) in zip(kept, has_image, targets)]
         input_ids = self._pad([e["input_ids"] for e in examples], self.pad_id, left=False)
         attention_mask = self._pad([[1] * len(e["input_ids"]) for e in examples], 0, left=False)
         labels = self._pad([e["labels"] for e in examples], IGNORE_INDEX, left=False)

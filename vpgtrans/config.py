@@ -15,6 +15,10 @@ from vpgtrans.errors import VpgtransError
 
 MAX_SEED = 2**32  # seeds feed torch / numpy / Python generators and per-epoch permutations (seed * 100003 + epoch)
 IMAGE_SLOT = "{image}"
+# Caption training rows on a seq2seq (FlanT5) LLM: "random-prefix" is BLIP-2's prefix language modelling (the
+# first 0..n/2 words to the encoder, the rest as the target: vpgtrans.prompting.split_caption), "none" the
+# whole caption as the target.
+T5_CAPTION_SPLITS = ("random-prefix", "none")
 BOS_SLOT = "{bos}"
 
 
@@ -129,6 +133,7 @@ class TrainConfig:
     eval_max_samples: int = 200
     max_new_tokens: int = 20
     choice_scoring: str = "generate"  # multiple-choice eval points: "generate" (parse the answer) or "likelihood"
+    t5_caption_split: str = "random-prefix"  # seq2seq LLMs' caption rows (T5_CAPTION_SPLITS); decoder-only: unused
     trainable: list[str] = field(default_factory=lambda: ["connector"])
     log_every: int = 10
 
@@ -156,6 +161,9 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.choice_scoring not in ("generate", "likelihood"):
             problems.append(f"choice_scoring must be generate or likelihood (got {self.choice_scoring!r})")
+        if self.t5_caption_split not in T5_CAPTION_SPLITS:
+            problems.append(f"t5_caption_split must be one of {', '.join(T5_CAPTION_SPLITS)} "
+                            f"(got {self.t5_caption_split!r})")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):

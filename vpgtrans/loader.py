@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 class MicroBatches(Dataset):
     """A map-style dataset whose keys are micro-batches: ``self[[3, 17, 5]]`` -> ``(indices, batch, outcomes)``,
-    the prepared batch of rows 3, 17 and 5 (``Collator.prepare``)."""
+    the prepared batch of rows 3, 17 and 5 (``Collator.prepare``). Training's keys are ``(epoch, index)``
+    pairs, ``self[[(0, 3), (0, 17), (1, 5)]]``: the same rows, and each pair is the row's draw key for the
+    collator's random choices (the T5 caption split), so they depend on the run, never on the worker."""
 
     def __init__(self, rows, collate):
         self.rows = rows  # a datasets.Dataset or a list of row dicts
@@ -30,9 +32,11 @@ class MicroBatches(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, indices: list[int]) -> tuple[list[int], dict, list]:
-        batch, outcomes = self.collate.prepare([self.rows[i] for i in indices])
-        return list(indices), batch, outcomes
+    def __getitem__(self, samples: list) -> tuple[list[int], dict, list]:
+        draws = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in samples]
+        indices = [draw[-1] for draw in draws]
+        batch, outcomes = self.collate.prepare([self.rows[i] for i in indices], draws)
+        return indices, batch, outcomes
 
 
 def _as_is(item):
@@ -50,13 +54,15 @@ def _worker_init(worker_id: int) -> None:  # noqa: ARG001
 
 def load_micro_batches(rows, collate, plan: Iterable[list[int]], num_workers: int = 0,
                        device=None) -> Iterator[tuple[list[int], dict]]:
-    """``(indices, batch)`` for each micro-batch of ``plan`` (possibly endless), in plan order, the tensors on
-    ``device``; a micro-batch with no usable row is ``(indices, {})``. Each one's outcomes are counted in
+    """``(indices, batch)`` for each micro-batch of ``plan`` (possibly endless; row indices, or ``(epoch,
+    index)`` pairs: ``MicroBatches``), in plan order, the tensors on ``device``; a micro-batch with no usable
+    row is ``(indices, {})``. Each one's outcomes are counted in
     ``collate.stats`` as it is handed out. Close the generator (``contextlib.closing``) to stop the workers.
 
     Workers start once, for the whole plan; pinned memory when the device is a GPU. The DataLoader draws its
     workers' seeds from a generator of its own, never from the global RNG (a run's dropout stream is the
-    same with or without workers); nothing in ``prepare`` is random."""
+    same with or without workers); what ``prepare`` draws at random (the T5 caption split) is a function of
+    the run's seed and each row's draw key, never of a worker's RNG."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     pin = device.type == "cuda"
     loader = DataLoader(MicroBatches(rows, collate), batch_size=None, sampler=plan, num_workers=num_workers,

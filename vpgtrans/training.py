@@ -209,22 +209,28 @@ class DataCursor:
 
     def take(self, count: int) -> list[int]:
         """The next ``count`` sample indices (crossing into the next epoch's order when needed)."""
-        indices: list[int] = []
-        while len(indices) < count:
+        return [index for _, index in self.take_samples(count)]
+
+    def take_samples(self, count: int) -> list[tuple[int, int]]:
+        """The next ``count`` samples as ``(epoch, index)``: what ``take`` gives, each with its epoch (the
+        draw key of a sample's random choices, e.g. the T5 caption split: fresh in every epoch)."""
+        samples: list[tuple[int, int]] = []
+        while len(samples) < count:
             if self.cursor == len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = epoch_order(self.num_samples, self.seed, self.epoch)
-            take = min(count - len(indices), len(self.order) - self.cursor)
-            indices += self.order[self.cursor:self.cursor + take]
+            take = min(count - len(samples), len(self.order) - self.cursor)
+            samples += [(self.epoch, index) for index in self.order[self.cursor:self.cursor + take]]
             self.cursor += take
-        return indices
+        return samples
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
 
-def split_batch(indices: list[int], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
-    """This process's share of a global batch, cut into at most ``grad_accum`` micro-batches.
+def split_batch(indices: list, process_index: int, num_processes: int, grad_accum: int) -> list[list]:
+    """This process's share of a global batch, cut into at most ``grad_accum`` micro-batches (of sample
+    indices, or of whatever stands for the samples: ``DataCursor.take_samples``'s pairs).
 
     Shares may differ by one sample (the loss is normalised by the global number of target tokens,
     so an uneven split gives the same update)."""

@@ -145,9 +145,10 @@ def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: 
 
 def _plan(cursor: DataCursor, config: TrainConfig, rank: int, world: int):
     """This process's micro-batches, step after step, for as long as asked: what the loop's own cursor
-    will take, walked ahead by a copy of it (the DataLoader's workers prepare batches before their step)."""
+    will take, walked ahead by a copy of it (the DataLoader's workers prepare batches before their step).
+    Samples go as ``(epoch, index)``: the epoch keys their random choices (``MicroBatches``)."""
     while True:
-        yield from split_batch(cursor.take(config.batch_size), rank, world, config.grad_accum)
+        yield from split_batch(cursor.take_samples(config.batch_size), rank, world, config.grad_accum)
 
 
 def _micro_batches(loaded, chunks: list[list[int]]) -> list[tuple[list[int], dict]]:
@@ -270,7 +271,8 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         log.info(sharding_summary(core, world))
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
     collate = Collator(core.tokenizer, core.template, task, core.num_image_tokens, core.image_processor,
-                       core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats)
+                       core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats,
+                       t5_caption_split=config.t5_caption_split, seed=config.seed)
     run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world,
                                                      "engine": engine}}
     if options.report_to != "none":
