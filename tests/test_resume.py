@@ -118,7 +118,7 @@ def test_resume_refuses_what_it_cannot_continue(reference, inherited, tiny, tmp_
         train_module.finetune(inherited, tiny["caption"], out, config, progress=_fail_at(3),
                               options=RunOptions(save_every=2))
     other = TrainConfig.finetune(**{**FINETUNE, "max_steps": 9})
-    with pytest.raises(VpgtransError, match="different train"):
+    with pytest.raises(VpgtransError, match=r"different train\.max_steps"):
         train_module.finetune(inherited, tiny["caption"], out, other, options=RunOptions(resume=True))
     # A finished run is returned as it is.
     assert train_module.finetune(inherited, tiny["caption"], reference["finetune"], config, eval_data=tiny["caption"],
@@ -268,3 +268,16 @@ def test_transfer_resume_skips_finished_stages(inherited, tiny, tmp_path):
     with pytest.raises(VpgtransError, match="nothing to resume"):
         transfer(tiny["source"], tiny["llama"], tiny["caption"], tmp_path / "missing", options=RunOptions(resume=True),
                  **common)
+
+
+def test_a_record_made_before_an_option_existed_still_resumes():
+    """A checkpoint's record lacks the options added since (e.g. ``t5_caption_split``): not a change; a
+    changed option inside the train config is named."""
+    from vpgtrans.stages.train import _changed
+
+    old = {"stage": "finetune", "train": {"lr": 1e-4, "max_steps": 6}, "data_fingerprint": "a"}
+    now = {"stage": "finetune", "train": {"lr": 1e-4, "max_steps": 6, "t5_caption_split": "random-prefix"},
+           "data_fingerprint": "a", "quantization": None}
+    assert _changed(old, now) == []
+    assert _changed(old, {**now, "train": {**now["train"], "lr": 2e-4}}) == ["train.lr"]
+    assert _changed(old, {**now, "data_fingerprint": "b"}) == ["data (its rows changed)"]

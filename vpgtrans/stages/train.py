@@ -107,11 +107,20 @@ RECORD_WORDS = {"input_manifest": "input bundle (its content changed)", "data_fi
 CONTENT_OF = {"input": "input_manifest", "data": "data_fingerprint"}
 
 
-def _changed(saved: dict, record: dict) -> list[str]:
+def _changed(saved: dict, record: dict, prefix: str = "") -> list[str]:
     """What differs between a saved run record and this call's, in words (keys an older record lacks are
-    not compared; a path is not compared where both records hold the content behind it)."""
+    not compared, also inside a nested part such as ``train``: a run checkpointed before an option existed
+    resumes; a path is not compared where both records hold the content behind it)."""
     moved = {path for path, content in CONTENT_OF.items() if content in saved and content in record}
-    return sorted(RECORD_WORDS.get(k, k) for k in record if k in saved and k not in moved and saved[k] != record[k])
+    changed = []
+    for key in record:
+        if key not in saved or key in moved or saved[key] == record[key]:
+            continue
+        if isinstance(saved[key], dict) and isinstance(record[key], dict):
+            changed += _changed(saved[key], record[key], f"{prefix}{key}.")
+        else:
+            changed.append(RECORD_WORDS.get(key, f"{prefix}{key}"))
+    return sorted(changed)
 
 
 def _start(out_dir: Path, options: RunOptions, force: bool, record: dict, main: bool):
