@@ -77,7 +77,10 @@ PRESETS = {
                   qformer=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                cross_attention_frequency=1, encoder_hidden_size=32)),
 }
-STEPS = {"fp32": ["--dtype", "fp32"], "8bit": ["--load-in-8bit", "--dtype", "fp32"], "4bit": ["--load-in-4bit", "--dtype", "fp32"]}
+STEPS = {"fp32": ["--dtype", "fp32"], "8bit": ["--load-in-8bit", "--dtype", "fp32"], "4bit": ["--load-in-4bit", "--dtype", "fp32"],
+         # the frozen ViT stored in bf16 beside the quantised LLM (LAVIS keeps BLIP-2's ViT in fp16)
+         "8bit-vit-bf16": ["--load-in-8bit", "--dtype", "fp32", "--vision-dtype", "bf16"],
+         "4bit-vit-bf16": ["--load-in-4bit", "--dtype", "fp32", "--vision-dtype", "bf16"]}
 
 
 # --- checkpoints: meta-device models written one random tensor at a time ------------------------------

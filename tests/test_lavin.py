@@ -463,3 +463,31 @@ def test_lavin_llm_has_no_vit_adapters(tiny, tmp_path):
     assert not any(isinstance(m, MixtureOfModalityLayer) for m in model.vision.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, _base_logits(tiny["llama"], IDS))
+
+
+@pytest.mark.parametrize("options", [dict(dtype="bf16"), dict(vision_dtype="bf16")], ids=["dtype", "vision-dtype"])
+def test_vit_adapters_keep_fp32_master_weights_when_the_vit_is_16_bit(lavin_bundles, tiny, tmp_path, monkeypatch,
+                                                                      options):
+    """With the ViT stored in bf16 (--dtype bf16, or --vision-dtype bf16 with fp32 compute) the mma-vision
+    adapters trained inside it keep fp32 weights: the step trains them and saves fp32 updates finer than bf16's
+    resolution."""
+    from vpgtrans.recipes import stage
+    from vpgtrans.stages import train as train_module
+    from vpgtrans.stages.train import run_stage
+    from vpgtrans.training import RunOptions
+
+    captured, real = {}, train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: captured.setdefault("model", real(*a, **k)))
+    config = stage("lavin", "finetune").config(max_steps=1, batch_size=4, lr=1e-2, warmup_fraction=0.0)
+    out = run_stage(lavin_bundles["llama"], tiny["vqa"], tmp_path / "run", config, "finetune",
+                    options=RunOptions(**options))
+    vision = captured["model"].vision
+    trained = {n for n, p in vision.named_parameters() if p.requires_grad}
+    assert trained and all(".adapter." in n for n in trained)
+    assert {p.dtype for n, p in vision.named_parameters() if n in trained} == {torch.float32}
+    assert {p.dtype for n, p in vision.named_parameters() if n not in trained and ".adapter." not in n} == {torch.bfloat16}
+    before = load_file(str(lavin_bundles["llama"] / "mma-vision.safetensors"))
+    after = load_file(str(out / "mma-vision.safetensors"))
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    assert changed and any(not torch.equal(after[k], after[k].bfloat16().float()) for k in changed)

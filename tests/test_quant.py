@@ -188,3 +188,34 @@ def test_cli_progress_bar_shows_samples_per_second(monkeypatch):
     assert rates and 8 / 0.2 * 0.5 < max(rates) <= 8 / 0.2 * 1.01  # one step of 8 samples in ~0.2 s
     assert "4/5" in shown and "loss 2.0000" in shown
     update(5, 5, 1.5)  # the last step closes the bar
+
+
+def test_vision_dtype_stores_the_frozen_vit_in_16_bit_beside_an_8bit_llm(inherited, tiny, tmp_path, monkeypatch):
+    """--vision-dtype bf16 with fp32 compute (the CPU 8-bit case): the ViT is loaded in bf16 (never fp32
+    first), the trained parts and the LLM's non-quantised weights stay fp32, the step runs, the run records
+    it, and its loss differs from the fp32-ViT run's by bf16 rounding only."""
+    captured = {}
+    real = train_module.load_model
+
+    def capture(*args, **kwargs):
+        captured.setdefault("vision_dtype", []).append(kwargs.get("vision_dtype"))
+        captured["model"] = real(*args, **kwargs)
+        return captured["model"]
+
+    monkeypatch.setattr(train_module, "load_model", capture)
+    config = TrainConfig.warmup(max_steps=2, batch_size=4)
+    half = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "half", config,
+                                         options=RunOptions(load_in_8bit=True, vision_dtype="bf16"))
+    model = captured["model"]
+    assert captured["vision_dtype"] == [torch.bfloat16]
+    assert {p.dtype for p in model.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
+    assert read_manifest(half)["config"]["run"]["vision_dtype"] == "bf16"
+    full = train_module.warmup_projector(inherited, tiny["caption"], tmp_path / "full", config,
+                                         options=RunOptions(load_in_8bit=True))
+    assert {p.dtype for p in captured["model"].vision.parameters()} == {torch.float32}
+    loss_half = read_manifest(half)["metrics"]["train"]["final_loss"]
+    loss_full = read_manifest(full)["metrics"]["train"]["final_loss"]
+    assert loss_half == pytest.approx(loss_full, rel=2e-2) and loss_half != loss_full
+    with pytest.raises(VpgtransError, match="--vision-dtype must be one of fp32, bf16, fp16"):
+        RunOptions(vision_dtype="int8")

@@ -241,11 +241,12 @@ def load_tensors(bundle_dir: Path, file_name: str) -> dict:
     return state
 
 
-def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = False, **llm_options):
+def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = False, vision_dtype=None,
+               **llm_options):
     """Assemble the ``VisionLanguageModel`` of a bundle: trained parts from the bundle, frozen
     vision encoder and LLM from their references. Vision and LLM come back frozen; the whole model
     comes back in eval mode, on ``device`` (None: accelerate's device for this process, a GPU where
-    there is one). ``llm_options`` (``quantization="8bit"|"4bit"``,
+    there is one). ``vision_dtype``: the frozen ViT's torch dtype when not ``dtype``'s. ``llm_options`` (``quantization="8bit"|"4bit"``,
     ``gradient_checkpointing``, ``device_map="auto"``) go to ``vpgtrans.model.assemble.load_llm``."""
     from vpgtrans.model.assemble import assemble_model
 
@@ -259,7 +260,7 @@ def load_model(bundle_dir, device=None, dtype=None, check_fingerprints: bool = F
                 raise VpgtransError(f"{bundle_dir}: referenced {role} at {ref['path']} changed since the bundle was made")
     states = {name: load_tensors(bundle_dir, file) for name, file in part_files(manifest).items()}
     with reference_errors(manifest):
-        return assemble_model(manifest, states, device=device, dtype=dtype, **llm_options)
+        return assemble_model(manifest, states, device=device, dtype=dtype, vision_dtype=vision_dtype, **llm_options)
 
 
 def check_references(bundle_dir: Path, manifest: dict) -> None:

@@ -115,6 +115,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N batches with a non-finite loss (default: stop).")]
 Dtype = Annotated[Optional[Literal[DTYPES]], typer.Option(help="Mixed precision and frozen-weight dtype "
                                                    "(default: the accelerate launch config, else fp32).")]
+VisionDtype = Annotated[Optional[Literal[DTYPES]], typer.Option(
+    help="The frozen ViT's weights and compute (default: as --dtype). bf16/fp16 halve its memory next to a "
+         "--load-in-8bit/4bit LLM; LAVIS runs BLIP-2's ViT in fp16.")]
 LoadIn8bit = Annotated[bool, typer.Option("--load-in-8bit", help="Load the frozen LLM in 8-bit (bitsandbytes).")]
 LoadIn4bit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the frozen LLM in 4-bit NF4 (bitsandbytes).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute LLM activations in backward.")]
@@ -530,7 +533,8 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
                      batch_size: BatchSize = 8, grad_accum: GradAccum = 1, seed: Seed = 42,
                      eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
                      save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
-                     dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+                     dtype: Dtype = None, vision_dtype: VisionDtype = None,
+             load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
                      num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
                      strict: Strict = False,
@@ -540,7 +544,7 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
                            max_text_len, t5_caption_split=t5_caption_split)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
-                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
                            num_workers=num_workers)
     _train_command("warmup", bundle, data, out, config, options, eval_data=eval_data, strict=strict, force=force,
@@ -558,7 +562,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              eval_data: EvalData = None, eval_every: EvalEvery = None, max_text_len: int = 64,
              from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise VPG + projector first (baseline).")] = False,
              save_every: SaveEvery = None, resume: Resume = False, skip_nonfinite: SkipNonfinite = 0,
-             dtype: Dtype = None, load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
+             dtype: Dtype = None, vision_dtype: VisionDtype = None,
+             load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", num_workers: NumWorkers = 0,
              t5_caption_split: T5CaptionSplit = "random-prefix", strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
@@ -570,7 +575,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
                                                  grad_accum, seed, eval_every, max_text_len,
                                                  _finetune_recipe(bundle), t5_caption_split), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
-                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
                            num_workers=num_workers)
     _train_command("scratch" if from_scratch else "finetune", bundle, data, out, config, options, eval_data=eval_data,
@@ -616,7 +621,8 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              save_every: SaveEvery = None,
              resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run: skip finished stages, resume "
                                                                    "the running one from its latest checkpoint.")] = False,
-             skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, load_in_8bit: LoadIn8bit = False,
+             skip_nonfinite: SkipNonfinite = 0, dtype: Dtype = None, vision_dtype: VisionDtype = None,
+             load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
              pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
@@ -644,7 +650,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
                                     grad_accum, seed, eval_every, max_text_len, recipe_name, t5_caption_split)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
-                           load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                           vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
                            num_workers=num_workers)
     from vpgtrans.outputs import check_out_dir

@@ -168,6 +168,7 @@ class RunOptions:
     resume: bool = False
     skip_nonfinite: int = 0  # batches with a non-finite loss to skip before stopping
     dtype: str | None = None  # mixed precision; None: accelerate's launch config, else fp32
+    vision_dtype: str | None = None  # the frozen ViT's weights and compute; None: as dtype
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
@@ -184,6 +185,8 @@ class RunOptions:
             problems.append(f"--skip-nonfinite must be >= 0 (got {self.skip_nonfinite})")
         if self.dtype is not None and self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.vision_dtype is not None and self.vision_dtype not in DTYPES:
+            problems.append(f"--vision-dtype must be one of {', '.join(DTYPES)} (got {self.vision_dtype!r})")
         if self.load_in_8bit and self.load_in_4bit:
             problems.append("--load-in-8bit and --load-in-4bit exclude each other")
         if self.num_workers < 0:

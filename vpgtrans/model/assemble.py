@@ -227,9 +227,11 @@ def build_model(spec, vision, visual, llm, tokenizer=None, template=None, image_
                                image_processor=image_processor, adapter_parts=adapter_parts, token_context=context)
 
 
-def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=None, **llm_options):
+def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=None, vision_dtype=None,
+                   **llm_options):
     """The model of a manifest with the trained parts' ``states``; ``llm_options`` (``quantization``,
-    ``gradient_checkpointing``, ``device_map``) go to ``load_llm``. ``device`` None: ``default_device()``."""
+    ``gradient_checkpointing``, ``device_map``) go to ``load_llm``. ``device`` None: ``default_device()``.
+    ``vision_dtype``: the frozen ViT's dtype where it differs from ``dtype`` (loaded in it, never in fp32 first)."""
     from vpgtrans.config import PromptTemplate, from_dict
     from vpgtrans.images import build_image_processor
     from vpgtrans.model.spec import ModelSpec
@@ -237,7 +239,7 @@ def assemble_model(manifest: dict, states: dict[str, dict], device=None, dtype=N
     spec, refs = ModelSpec.from_manifest(manifest["model"]), manifest["references"]
     device = default_device() if device is None else device
     expected = sorted(states)
-    vision = load_vision_encoder(refs["vision"], spec.vision["config"], dtype)
+    vision = load_vision_encoder(refs["vision"], spec.vision["config"], vision_dtype or dtype)
     visual = build_visual(spec, states)
     llm, tokenizer = load_llm(refs["llm"], spec.llm["is_encoder_decoder"], dtype=dtype, device=device,
                               **llm_options)

@@ -90,13 +90,24 @@ def _accelerator(options: RunOptions, out_dir: Path):
                        project_dir=str(out_dir / "logs"))
 
 
+def _keep_trained_vision_fp32(model, vision_dtype) -> None:
+    """Adapters trained inside the ViT (lavin's ``mma-vision``) keep fp32 master weights when the ViT is stored
+    in 16-bit (they cast the ViT's activations to their own dtype and their output back)."""
+    if vision_dtype in (None, torch.float32):
+        return
+    for param in model.vision.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def _run_record(bundle_dir: Path, data: Path, config: TrainConfig, stage: str, fresh_init: bool, precision: str,
                 options: RunOptions) -> dict:
     """What a checkpoint (or a finished run) must have been made with to be resumed by this call: the same
     paths and options, and the same contents behind the paths (the input bundle's manifest, the data's rows)."""
     return {"stage": stage, "input": str(bundle_dir.resolve()), "data": str(Path(data).resolve()),
             "train": to_dict(config), "fresh_init": fresh_init, "precision": precision,
-            "quantization": options.quantization, "input_manifest": file_sha256(bundle_dir / MANIFEST),
+            "quantization": options.quantization, "vision_dtype": options.vision_dtype,
+            "input_manifest": file_sha256(bundle_dir / MANIFEST),
             "data_fingerprint": data_fingerprint(data)}
 
 
@@ -256,16 +267,19 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
         check_writable(out_dir)
     accelerator.wait_for_everyone()  # rank 0 has cleared stale checkpoints before anyone looks
     frozen_dtype = torch_dtype(precision)
+    vision_dtype = frozen_dtype if options.vision_dtype is None else torch_dtype(options.vision_dtype) or torch.float32
     # FSDP: load on the CPU and let prepare() move each process's shard to its device, one unit at a time.
     model = load_model(bundle_dir, device="cpu" if engine == "fsdp" else accelerator.device, dtype=frozen_dtype,
-                       quantization=options.quantization, gradient_checkpointing=options.gradient_checkpointing)
-    if frozen_dtype is not None:
-        model.vision.to(frozen_dtype)  # frozen: 16-bit weights; the trained parts keep fp32 master weights
+                       vision_dtype=vision_dtype, quantization=options.quantization,
+                       gradient_checkpointing=options.gradient_checkpointing)
+    if vision_dtype is not None:
+        model.vision.to(vision_dtype)  # frozen: 16-bit weights; the trained parts keep fp32 master weights
     if fresh_init:  # train-from-scratch: the architecture of the bundle, none of its trained weights
         for offset, part in enumerate(model.parts):
             part.init_fresh(model, config.seed + offset)
     trained = trained_parts(model, config.trainable)
     counts = set_trainable(model, config.trainable)
+    _keep_trained_vision_fp32(model, vision_dtype)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     steps = total_steps(config, len(dataset))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
