@@ -20,6 +20,10 @@ tokenizer) — and each seed, these arms run through the toolkit's library API
   fine-tune VPG + projector with the same linear warm-up + cosine as the scratch arms.
 - ablations (seed ``ablation_seed``, the vpgtrans arm's lr): ``no-converter`` (fresh projector),
   ``no-warmup`` (fine-tune right after inherit), ``warmup-1x`` (warm-up at the normal lr).
+- ``scratch-long`` (seed ``ablation_seed``, scratch's lr): the scratch arm with ``LONG_FACTOR`` times the
+  budget (its cosine that much longer): does scratch's best within the common budget stand for its plateau?
+  Reported as plateau evidence and as one more row, vpgtrans over scratch-long's best (the paper's TFS is
+  trained for 10 epochs too; this row says how much a longer-trained baseline would change the speed-up).
 
 **One measure for every arm.** Every arm trains ``epochs`` epochs in all (VPGTrans: its warm-up epoch +
 ``epochs - 1`` of fine-tuning; no-warmup: ``epochs`` of fine-tuning), so every cosine schedule has the same
@@ -62,9 +66,11 @@ from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
-ABLATIONS = ("no-converter", "no-warmup", "warmup-1x")
+ABLATIONS = ("no-converter", "no-warmup", "warmup-1x", "scratch-long")
+LONG_FACTOR = 2  # scratch-long: the scratch arm with this many times the budget (is scratch's best its plateau?)
 INIT = {"scratch": "stage1-pretrained", "scratch-random": "random", "vpgtrans": "inherited",
-        "no-converter": "inherited", "no-warmup": "inherited", "warmup-1x": "inherited"}
+        "no-converter": "inherited", "no-warmup": "inherited", "warmup-1x": "inherited",
+        "scratch-long": "stage1-pretrained"}
 SEARCHED = ARMS  # ablations take the vpgtrans arm's lr
 MEASURES = ("epochs", "samples", "seconds")
 METRIC = "cider"
@@ -146,7 +152,7 @@ def arm_configs(cfg: SpeedupConfig, plan: dict, arm: str, seed: int, lr: float, 
     if arm == "scratch-random":
         return dict(source="source", from_scratch=True, finetune_config=cosine(plan["total_steps"]),
                     inherit_config=InheritConfig(seed=seed))
-    if arm == "scratch":  # the stage-1 Q-Former, a fresh projector (no converter), the same single stage
+    if arm in ("scratch", "scratch-long"):  # the stage-1 Q-Former, a fresh projector (no converter), one stage
         return dict(source="stage1", skip_warmup=True, finetune_config=cosine(plan["total_steps"]),
                     inherit_config=InheritConfig(converter="none", seed=seed))
     inherit = InheritConfig(converter="none" if arm == "no-converter" else "shared-tokens", seed=seed)
@@ -305,7 +311,8 @@ def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
     keyed by measure (epochs, samples, seconds), ``rows`` = every comparison with its spread, ``baselines``."""
     by_key = {(r["target"], r["arm"], r["seed"]): r for r in runs}
     comparisons = [("vpgtrans", "scratch"), ("vpgtrans", "scratch-random"), ("scratch", "scratch-random"),
-                   *((a, "scratch") for a in cfg.ablations)]
+                   *((a, "scratch") for a in cfg.ablations if a != "scratch-long"),
+                   *([("vpgtrans", "scratch-long")] if "scratch-long" in cfg.ablations else [])]
     summary = {}
     for target in cfg.targets:
         rows = []
@@ -324,8 +331,8 @@ def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
                          "final_vqa": _spread([f and f["vqa"]["vqa_accuracy"] for f in finals])})
         headline = next((r for r in rows if (r["arm"], r["baseline"]) == ("vpgtrans", "scratch")), None)
         baselines = {}
-        for base in BASELINES:
-            found = [by_key[(target, base, s)] for s in cfg.seeds if (target, base, s) in by_key]
+        for base in (*BASELINES, "scratch-long"):
+            found = [by_key[(target, base, s)] for s in sorted({*cfg.seeds, cfg.ablation_seed}) if (target, base, s) in by_key]
             if found:
                 baselines[base] = {"seeds": [r["seed"] for r in found],
                                    "best_cider": _spread([curves.best(_points(r)) for r in found]),
@@ -443,7 +450,7 @@ def plot(result: dict, path: Path) -> Path:
     targets = list(result["summary"])
     fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.5), squeeze=False)
     colours = {"scratch": "tab:grey", "scratch-random": "black", "vpgtrans": "tab:red", "no-converter": "tab:blue",
-               "no-warmup": "tab:green", "warmup-1x": "tab:orange"}
+               "no-warmup": "tab:green", "warmup-1x": "tab:orange", "scratch-long": "tab:brown"}
     for ax, target in zip(axes[0], targets):
         labelled = set()
         for run in result["runs"]:
@@ -468,6 +475,11 @@ def plot(result: dict, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- main
+
+def searched_arm(arm: str) -> str:
+    """Whose lr search an arm takes: its own, scratch's for scratch-long, else (ablations) vpgtrans's."""
+    return arm if arm in SEARCHED else "scratch" if arm == "scratch-long" else "vpgtrans"
+
 
 def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     """What determines one run's record: the protocol (all of the config but which targets, seeds and ablations
@@ -511,14 +523,16 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
             for arm in SEARCHED:
                 searches.append(search_lr(cfg, zoo, plan, target, arm, dev, work_dir, log, records))
         lrs = {(s["target"], s["arm"]): s["chosen_lr"] for s in searches}
+        long_plan = {**plan, "total_steps": plan["total_steps"] * LONG_FACTOR}
         jobs = [(t, a, s) for t in cfg.targets for a in ARMS for s in cfg.seeds] + \
                [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
         for i, (target, arm, seed) in enumerate(jobs, 1):
-            lr = lrs[(target, arm if arm in SEARCHED else "vpgtrans")]
+            lr = lrs[(target, searched_arm(arm))]
             name = f"{target}-{arm}-seed{seed}-lr{lr:g}"
-            run_ = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, seed, lr, work_dir / name,
+            arm_plan = long_plan if arm == "scratch-long" else plan
+            run_ = records.get(name, lambda: run_arm(cfg, zoo, arm_plan, target, arm, seed, lr, work_dir / name,
                                                      Path(zoo["world"]) / "caption_eval", plan["eval_every"]))
-            search = next(x for x in searches if (x["target"], x["arm"]) == (target, arm if arm in SEARCHED else "vpgtrans"))
+            search = next(x for x in searches if (x["target"], x["arm"]) == (target, searched_arm(arm)))
             run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": cfg.lr_grid,
                                  "split": "dev", "criterion": search["criterion"], "at_grid_edge": search["at_grid_edge"],
                                  "dev_best_smoothed": {str(t["lr"]): t["dev_best_smoothed"] for t in search["trials"]}}

@@ -220,15 +220,20 @@ def test_transfer_speedup_smoke(tmp_path):
     arms = {(r["target"], r["arm"], r["seed"]) for r in saved["runs"]}
     assert arms == {("llama-s", arm, 0) for arm in (*transfer_speedup.ARMS, *transfer_speedup.ABLATIONS)}
     assert (plan["n_train"], plan["epoch_steps"]) == (16, 16 // cfg["batch_size"])
-    grid = list(range(0, int(cfg["epochs"] * plan["n_train"]) + 1, cfg["eval_every_samples"]))
+    budget = int(cfg["epochs"] * plan["n_train"])
     for run in saved["runs"]:
         # the interface: every run names its arm, init, grid, warm-up length, lr search and plateau evidence
         assert run["init"] == transfer_speedup.INIT[run["arm"]] and run["eval_every_samples"] == cfg["eval_every_samples"]
+        long = transfer_speedup.LONG_FACTOR if run["arm"] == "scratch-long" else 1
+        assert run["total_samples"] == long * budget
+        grid = list(range(0, long * budget + 1, cfg["eval_every_samples"]))
         assert [p["samples"] for p in run["curve"]] == grid  # one grid for every arm, warm-up counted
         seconds = [p["train_seconds"] for p in run["curve"]]
         assert seconds[0] == 0 and seconds == sorted(seconds)
         assert run["warmup_epochs"] == (1.0 if run["arm"] in ("vpgtrans", "no-converter", "warmup-1x") else 0.0)
         assert run["lr_search"]["chosen_lr"] == run["lr"] and run["lr_search"]["split"] == "dev"
+        assert run["lr_search"]["searched_arm"] == {"scratch-long": "scratch", "scratch-random": "scratch-random",
+                                                    "scratch": "scratch"}.get(run["arm"], "vpgtrans")
         assert {"plateaued", "relative_gain_in_last", "slope_per_epoch_in_last"} <= set(run["plateau"])
         cosine = run["stage_lrs"]["scratch" if run["arm"] == "scratch-random" else "finetune"]
         assert cosine == {"lr": run["lr"], "min_lr": pytest.approx(run["lr"] * cfg["min_lr_ratio"]),
@@ -248,6 +253,11 @@ def test_transfer_speedup_smoke(tmp_path):
     block = saved["summary"]["llama-s"]
     headline = speedups(by_arm["scratch"], by_arm["vpgtrans"], transfer_speedup.SpeedupConfig(**cfg), plan["n_train"])
     assert set(block["speedup"]) == {"epochs", "samples", "seconds"}
+    rows = {(r["arm"], r["baseline"]): r for r in block["rows"]}
+    against_long = speedups(by_arm["scratch-long"], by_arm["vpgtrans"], transfer_speedup.SpeedupConfig(**cfg),
+                            plan["n_train"])
+    assert rows[("vpgtrans", "scratch-long")]["samples"]["at_best"]["mean"] == against_long["samples"]["at_best"]["speedup"]
+    assert ("scratch-long", "scratch") not in rows and "scratch-long" in block["baselines"]
     for unit in ("epochs", "samples", "seconds"):
         assert block["speedup"][unit] == headline[unit].get("at_best", {}).get("speedup")
     assert saved["smoke"] is True
