@@ -16,20 +16,39 @@ on the same training split in the same data order per seed, evaluated on the sam
   evaluated on the eval rows without images too: what the questions give away without vision.
 
 Each arm gets its own learning-rate search: every lr of its grid (``lavin_lrs`` for lavin and
-text-only, ``blip2_lrs`` for blip2) trains with seed ``seeds[0]`` and is scored on a **dev** split (its own
-seed, disjoint from train and eval); the best dev accuracy picks the lr, then every seed trains at that lr
-and is scored on the eval split. Nothing is tuned on the eval split.
+text-only, ``blip2_lrs`` for blip2: five lrs a factor ~3 apart, one decade more than the first run's
+three-lr grids, whose picks all sat at the lower edge) trains with seed ``seeds[0]`` and is scored on a
+**dev** split (its own seed, disjoint from train and eval) at the end of training only (no eval curve, no
+generation: what the pick needs); the best dev accuracy picks the lr, then every seed trains at that lr
+and is scored on the eval split. Nothing is tuned on the eval split. A pick at either end of its grid is
+worth a wider grid (``lr_search.<arm>.chosen_at_edge`` says so). Cost: 24 trainings (15 search trials, 9 runs) instead of the first run's 18, the
+trials now without eval curve and generation; estimated (not measured) at 1.0-1.35x the first run's
+1,384 s.
+
+**Answer format** (``choice_answer``, default ``text``): the models are trained to answer, and scored
+on, ``The answer is <the option's words>`` (``--choice-answer text``), not LaVIN's ``The answer is <letter>``.
+The zoo's tiny LLMs were pre-trained on the demo world's lower-case text, so capital letters are
+SentencePiece byte-fallback tokens whose embedding and LM-head rows never trained; the first full run, in
+the letter format, had every arm answer one constant letter (accuracy = that letter's share of the eval
+split): a frozen LLM with a few thousand adapter parameters could not map image content to an untrained
+token. The option words (``red``, ``circle``, ``top-left``) are the words the LLMs were pre-trained on. The
+prompt still lists lettered options (``Options: (A) red (B) blue``). ``--choice-answer letter`` runs the
+first run's protocol.
 
 Answers are read by **likelihood** (``eval --choice-scoring likelihood``, lm-evaluation-harness's ``acc``):
-the option whose ``The answer is X`` the model finds most likely. The zoo's tiny LLMs were pre-trained on
-the demo world's lower-case captions, so capital letters are SentencePiece byte-fallback tokens whose rows
-never trained: their models cannot *say* "The answer is B" with a few thousand adapter parameters (every
-generated answer of a first run was unparseable), but they can prefer it. Generation accuracy and the
-unparseable count are reported beside it.
+the option whose ``The answer is ...`` the model finds most likely (the summed log-probability: the shared
+``The answer is`` counts the same for every option; with ``text``, an option of fewer tokens is favoured —
+the harness's ``acc``, not its length-normalised ``acc_norm``). Generation accuracy and the unparseable
+count are reported beside it.
 
 Reported per arm (mean, min, max over seeds): final accuracy on image questions, on text-only questions
 and overall, the same by generation with its unparseable answers, trainable parameters, wall seconds,
 and the optimizer steps to reach ``target_accuracy`` overall on the eval curve (None when never reached).
+Per run, ``predicted_options``: how often each option was answered on the eval split, by position
+(``A``, ``B``, ..., ``unparseable``) and by option text, for likelihood and for generation; the summary's
+``top_position_share`` is the share of answers on the most answered position (1.0: one constant answer;
+unparseable answers count in the total, never as a position), to be read beside the eval split's own
+answer distribution (``eval_answers``).
 """
 
 from __future__ import annotations
@@ -59,12 +78,14 @@ class ChoiceConfig:
     batch_size: int = 16
     steps: int = 300  # optimizer steps of every arm (blip2: warm-up included)
     warmup_steps: int = 30  # blip2's projector warm-up (at 5x its lr, as the vpgtrans recipe)
-    lavin_lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])  # lavin and text-only
-    blip2_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    # lavin and text-only; the lavin recipe's own lr at batch 16 is 9e-3 x 16/256 = 5.6e-4
+    lavin_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    blip2_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3, 3e-3])  # vpgtrans recipe: 1e-4
     n_dev: int = 120  # the lr search's split
     eval_every: int = 50
     target_accuracy: float = 0.6
     max_new_tokens: int = 24
+    choice_answer: str = "text"  # the answer format trained and scored: "text" or "letter" (see the docstring)
 
 
 SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "n_dev": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1,
@@ -82,9 +103,10 @@ def make_splits(root: Path, cfg: ChoiceConfig) -> dict[str, Path]:
 
 
 def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig,
-            scored_on: str = "eval") -> dict:
+            scored_on: str = "eval", search: bool = False) -> dict:
     """One arm, one seed, one lr: train (eval curve on ``scored_on``), then score the final bundle there
-    by question kind."""
+    by question kind. ``search``: an lr-search trial, scored by likelihood at the end only (no curve, no
+    generation)."""
     from vpgtrans.config import InheritConfig
     from vpgtrans.recipes import stage
     from vpgtrans.stages.transfer import transfer
@@ -93,7 +115,7 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
     suffix = "-text" if text else ""
     train, evaluation = splits["train" + suffix], splits[scored_on + suffix]
     common = {"batch_size": cfg.batch_size, "seed": seed, "eval_every": cfg.eval_every, "eval_max_samples": cfg.n_eval,
-              "max_new_tokens": cfg.max_new_tokens, "choice_scoring": "likelihood"}
+              "max_new_tokens": cfg.max_new_tokens, "choice_scoring": "likelihood", "choice_answer": cfg.choice_answer}
     if arm == "blip2":
         configs = {"warmup_config": stage("vpgtrans", "warmup").config(lr=5 * lr, max_steps=cfg.warmup_steps, **common),
                    "finetune_config": stage("vpgtrans", "finetune").config(
@@ -104,47 +126,78 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
         inherit_config = InheritConfig(connector="lavin", seed=seed)
     out = work / f"{arm}-seed{seed}-lr{lr:g}"
     started = time.perf_counter()
-    summary = transfer(zoo["source"], zoo[cfg.target], train, out, eval_data=evaluation, inherit_config=inherit_config,
-                       force=True, **configs)
+    summary = transfer(zoo["source"], zoo[cfg.target], train, out, eval_data=None if search else evaluation,
+                       inherit_config=inherit_config, force=True, **configs)
     seconds = time.perf_counter() - started
     final = Path(summary["final_bundle"])
     manifest = json.loads((final / "manifest.json").read_text())
     curve = [{"step": p["step"], "accuracy": p["accuracy"], "accuracy_image": p.get("accuracy_image")}
              for p in summary["curve"]]
     reached = next((p["step"] for p in curve if p["accuracy"] >= cfg.target_accuracy), None)
-    return {"arm": arm, "seed": seed, "lr": lr, "scored_on": scored_on, "curve": curve,
-            "final": final_scores(final, splits, scored_on, text, cfg),
-            "trainable_params": manifest["metrics"]["train"]["trainable"], "steps": curve[-1]["step"],
-            "seconds": round(seconds, 1), "steps_to_target": reached}
+    steps = sum(metrics["train"]["steps"] for name, metrics in summary["metrics"].items() if name != "inherit")
+    scores, predicted = final_scores(final, splits, scored_on, text, cfg, generate=not search)
+    return {"arm": arm, "seed": seed, "lr": lr, "scored_on": scored_on, "curve": curve, "final": scores,
+            "predicted_options": predicted, "trainable_params": manifest["metrics"]["train"]["trainable"],
+            "steps": steps, "seconds": round(seconds, 1), "steps_to_target": reached}
 
 
-def final_scores(bundle: Path, splits: dict, split: str, text: bool, cfg: ChoiceConfig) -> dict:
+def final_scores(bundle: Path, splits: dict, split: str, text: bool, cfg: ChoiceConfig,
+                 generate: bool = True) -> tuple[dict, dict]:
     """Scores on ``split``'s questions, split by whether the question came with an image (the text-only
     arm sees none, but its image questions are still the image questions): by likelihood, and by
-    generation (``generated_*``, with the unparseable answers)."""
+    generation (``generated_*``, with the unparseable answers; unless not ``generate``); and, for each,
+    the histogram of the options answered (``vpgtrans.multiple_choice.option_histogram``)."""
     from vpgtrans import load_model
     from vpgtrans.data import load_rows
     from vpgtrans.evaluate import evaluate_model
-    from vpgtrans.multiple_choice import multiple_choice_scores
+    from vpgtrans.multiple_choice import multiple_choice_scores, option_histogram
 
     rows = list(load_rows(splits[split + ("-text" if text else "")])[0])
     had_image = [r["image"] is not None for r in load_rows(splits[split])[0]]
     model = load_model(bundle, device="cpu")
-    scores = {}
-    for how, prefix in (("likelihood", ""), ("generate", "generated_")):
+    scores, predicted = {}, {}
+    for how, prefix in (("likelihood", ""), ("generate", "generated_"))[:2 if generate else 1]:
         result = evaluate_model(model, rows, "multiple-choice", batch_size=32, max_new_tokens=cfg.max_new_tokens,
-                                choice_scoring=how)
+                                choice_scoring=how, choice_answer=cfg.choice_answer)
         references = [{**ref, "image": image} for ref, image in zip(result["references"], had_image)]
-        scores.update({prefix + k: v for k, v in multiple_choice_scores(result["predictions"], references).items()})
-    return scores
+        scores.update({prefix + k: v for k, v in
+                       multiple_choice_scores(result["predictions"], references, cfg.choice_answer).items()})
+        predicted[how] = option_histogram(result["predictions"], references, cfg.choice_answer)
+    return scores, predicted
+
+
+def answer_histogram(split: Path, cfg: ChoiceConfig) -> dict:
+    """The split's right answers counted as ``predicted_options`` counts predictions (by position, by option
+    text): the accuracy of always answering one position or one word."""
+    from vpgtrans.data import load_rows
+    from vpgtrans.multiple_choice import option_histogram, target_text
+
+    rows = list(load_rows(split)[0])
+    return option_histogram([target_text(r["answer"], r["choices"], cfg.choice_answer) for r in rows],
+                            [{"num_choices": len(r["choices"]), "choices": r["choices"]} for r in rows],
+                            cfg.choice_answer)
+
+
+def top_share(histogram: dict) -> float | None:
+    """The share of all answers that went to the most answered position (1.0: every answer the same
+    position); None when no answer named an option."""
+    counts = histogram["by_position"]
+    named = [count for key, count in counts.items() if key != "unparseable"]
+    return max(named) / sum(counts.values()) if named else None
 
 
 def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> tuple[float, list[dict]]:
     """The arm's lr: the best final dev accuracy over its grid, seed ``seeds[0]`` (ties: the smaller lr)."""
     grid = cfg.blip2_lrs if arm == "blip2" else cfg.lavin_lrs
-    trials = [run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg, scored_on="dev") for lr in sorted(grid)]
+    trials = [run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg, scored_on="dev", search=True)
+              for lr in sorted(grid)]
     best = max(trials, key=lambda t: t["final"]["accuracy"])  # max keeps the first (smallest lr) of equals
     return best["lr"], trials
+
+
+def _at_edge(chosen: float, grid: list[float]) -> bool | None:
+    """Whether the lr search picked the smallest or largest lr of its grid (None: a grid of one lr)."""
+    return chosen in (min(grid), max(grid)) if len(set(grid)) > 1 else None
 
 
 def _spread(values: list) -> dict:
@@ -162,6 +215,8 @@ def summarize(runs: list[dict]) -> dict:
                   "lr": rs[0]["lr"],
                   **{key: _spread([r["final"][key] for r in rs]) for key in
                      ("accuracy", "accuracy_image", "accuracy_text", "generated_accuracy", "generated_unparseable")},
+                  "top_position_share": _spread([top_share(r["predicted_options"]["likelihood"]) for r in rs]),
+                  "generated_top_position_share": _spread([top_share(r["predicted_options"]["generate"]) for r in rs]),
                   "trainable_params": rs[0]["trainable_params"],
                   "seconds": _spread([r["seconds"] for r in rs]),
                   "steps_to_target": _spread([r["steps_to_target"] for r in rs])}
@@ -195,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    from vpgtrans.config import CHOICE_ANSWERS
+
+    if cfg.choice_answer not in CHOICE_ANSWERS:
+        parser.error(f"--choice-answer must be one of {', '.join(CHOICE_ANSWERS)} (got {cfg.choice_answer!r})")
     logging.getLogger("vpgtrans").setLevel(logging.WARNING)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,12 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
         search = {arm: search_lr(arm, zoo, splits, work, cfg) for arm in cfg.arms}
         runs = [run_arm(arm, seed, search[arm][0], zoo, splits, work / "runs", cfg)
                 for seed in cfg.seeds for arm in cfg.arms]
-    lr_search = {arm: {"chosen": lr, "trials": [{"lr": t["lr"], **{k: t["final"][k] for k in
-                                                                   ("accuracy", "accuracy_image", "accuracy_text")}}
-                                                 for t in trials]}
+        eval_answers = answer_histogram(splits["eval"], cfg)
+    lr_search = {arm: {"chosen": lr, "chosen_at_edge": _at_edge(lr, [t["lr"] for t in trials]),
+                       "trials": [{"lr": t["lr"],
+                                   **{k: t["final"][k] for k in ("accuracy", "accuracy_image", "accuracy_text")},
+                                   "predicted_options": t["predicted_options"]["likelihood"]} for t in trials]}
                  for arm, (lr, trials) in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "lr_search": lr_search, "runs": runs, "summary": summarize(runs),
+              "lr_search": lr_search, "eval_answers": eval_answers, "runs": runs, "summary": summarize(runs),
               "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("lavin_choice", args, result, plot)
     print(json.dumps(result["summary"], indent=2))

@@ -20,6 +20,7 @@ def _json_round_trip(config):
     TrainConfig(),
     TrainConfig.warmup(max_steps=3, batch_size=4),
     TrainConfig.finetune(max_samples=100, batch_size=6, grad_accum=3, eval_every=2, betas=(0.8, 0.95)),
+    TrainConfig(choice_answer="text", choice_scoring="likelihood"),
     InheritConfig(),
     InheritConfig(converter="none", ridge=0.5, heldout_fraction=0.2, lowercase_fallback=False, seed=3),
     PromptTemplate(),
@@ -81,6 +82,7 @@ def test_invalid_train_values_reported_together():
     ({"eval_every": 0}, "eval_every must be >= 1"),
     ({"max_samples": 0}, "max_samples must be >= 1"),
     ({"trainable": []}, "non-empty"),
+    ({"choice_answer": "Letter"}, "choice_answer must be one of letter, text (got 'Letter')"),
 ])
 def test_invalid_train_value(kwargs, expected):
     with pytest.raises(VpgtransError, match="training config") as err:

@@ -220,6 +220,7 @@ CHOICES = {  # option -> (a command that has it, the library's registry it must 
     "--recipe": ("transfer", "vpgtrans.recipes", "RECIPES"),
     "--converter": ("transfer", "vpgtrans.config", "CONVERTERS"),
     "--t5-caption-split": ("finetune", "vpgtrans.config", "T5_CAPTION_SPLITS"),
+    "--choice-answer": ("eval", "vpgtrans.config", "CHOICE_ANSWERS"),
     "--template": ("inherit", "vpgtrans.config", "TEMPLATES"),
 }
 

@@ -36,5 +36,23 @@ def test_lavin_choice_smoke(tmp_path):
         # The lr search ran on the dev split and chose the lr every seed then trained with.
         search = saved["lr_search"][arm]
         assert block["lr"] == search["chosen"] == max(search["trials"], key=lambda t: t["accuracy"])["lr"]
+        assert search["chosen_at_edge"] is None  # (a one-lr grid at smoke size)
+    # The answers counted per option, by position and by option text (constant answers show as one bar),
+    # beside the eval split's own answers; the default format is the options' words.
+    assert cfg["choice_answer"] == "text"
+    letters = {"A", "B", "C", "unparseable"}
+    for run in saved["runs"]:
+        for how, prefix in (("likelihood", ""), ("generate", "generated_")):
+            histogram = run["predicted_options"][how]
+            assert set(histogram["by_position"]) <= letters and sum(histogram["by_position"].values()) == cfg["n_eval"]
+            assert histogram["by_position"].get("unparseable", 0) == run["final"][prefix + "unparseable"]
+            assert sum(histogram["by_value"].values()) == cfg["n_eval"]
+        assert "unparseable" not in run["predicted_options"]["likelihood"]["by_position"]
+        shares = run["predicted_options"]["likelihood"]["by_position"].values()
+        assert saved["summary"][run["arm"]]["top_position_share"]["mean"] == pytest.approx(max(shares) / cfg["n_eval"])
+    answers = saved["eval_answers"]
+    assert sum(answers["by_position"].values()) == cfg["n_eval"] and "unparseable" not in answers["by_position"]
+    for trial in (t for search in saved["lr_search"].values() for t in search["trials"]):
+        assert sum(trial["predicted_options"]["by_position"].values()) == cfg["n_dev"]
     assert (tmp_path / "work" / "runs" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()
     assert (tmp_path / "work" / "search" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()

@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from vpgtrans.cli import app
 from vpgtrans.demo.choices import make_choice_split, strip_images
-from vpgtrans.multiple_choice import format_question, multiple_choice_scores, parse_answer, target_text
+from vpgtrans.errors import VpgtransError
+from vpgtrans.multiple_choice import (format_question, multiple_choice_scores, option_histogram, parse_answer,
+                                      parse_text_answer, read_answer, target_text)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -39,7 +41,50 @@ def test_prompt_and_target_text():
     row = {"question": "what color is the ball?", "context": "The ball is red.", "choices": ["blue", "red"], "answer": 1}
     assert format_question(row) == "what color is the ball? Context: The ball is red. Options: (A) blue (B) red"
     assert format_question({**row, "context": ""}) == "what color is the ball? Options: (A) blue (B) red"
-    assert target_text(1) == "The answer is B"
+    assert target_text(1, row["choices"]) == target_text(1, row["choices"], "letter") == "The answer is B"
+    assert target_text(1, [" blue ", " dark red "], "text") == "The answer is dark red"  # the option's own words
+    with pytest.raises(VpgtransError, match="--choice-answer must be one of letter, text"):
+        target_text(1, row["choices"], "word")
+
+
+OPTIONS = ["top", "top-left", "Red ball", "big", "big red"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is top", 0), ("the answer is TOP.", 0), ("The answer is: top-left", 1), ("top-left", 1),
+    ("  Top-Left!  ", 1), ("The answer is red   ball", 2), ("Answer: the answer is Red Ball, because", 2),
+    ("The answer is top-left because it is at the top", 1),  # "top" is not read inside "top-left"
+    ("The answer is big red", 4), ("the answer is big.", 3),  # of two options that fit there, the longer
+    ("The answer is top. No, the answer is big", None),  # two options named: ambiguous
+    ("The answer is B", None), ("B", None), ("(A)", None),  # a letter is no option's text
+    ("The answer is blue", None), ("red", None), ("", None), ("the answer is", None), ("topless", None),
+    ("I think top", None),  # not stated, not the whole answer
+])
+def test_parse_text_answer(text, expected):
+    assert parse_text_answer(text, OPTIONS) == expected
+    assert read_answer(text, {"choices": OPTIONS, "num_choices": len(OPTIONS)}, "text") == expected
+
+
+def test_text_answers_of_options_equal_as_text_are_ambiguous():
+    assert parse_text_answer("The answer is red", ["red", "Red.", "blue"]) is None
+    assert parse_text_answer("red", ["red", "RED", "blue"]) is None
+    assert parse_text_answer("blue", ["red", "RED", "blue"]) == 2
+
+
+def test_text_scores_read_the_options_and_need_them():
+    references = [{"answer": 0, "num_choices": 2, "choices": ["red", "blue"], "image": True},
+                  {"answer": 1, "num_choices": 3, "choices": ["small", "large", "tiny"], "image": False},
+                  {"answer": 2, "num_choices": 3, "choices": ["one", "two", "three"], "image": True}]
+    predictions = ["The answer is red", "small", "The answer is C"]  # right, wrong, unparseable (a letter)
+    scores = multiple_choice_scores(predictions, references, "text")
+    assert (scores["accuracy"], scores["accuracy_image"], scores["accuracy_text"]) == (1 / 3, 1 / 2, 0.0)
+    assert scores["unparseable"] == 1
+    assert multiple_choice_scores(predictions, references)["unparseable"] == 2  # read as letters: C is right
+    with pytest.raises(VpgtransError, match="need 'choices'"):
+        multiple_choice_scores(["red"], [{"answer": 0, "num_choices": 2, "image": True}], "text")
+    assert option_histogram(predictions, references, "text") == {
+        "by_position": {"A": 2, "unparseable": 1}, "by_value": {"red": 1, "small": 1, "unparseable": 1}}
+    assert option_histogram(["B", "B", "x"], [{"num_choices": 2}] * 3) == {"by_position": {"B": 2, "unparseable": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +145,7 @@ def test_collator_gives_text_only_rows_no_slots(choices, tiny):
         assert any(ids[i:i + len(no_image)] == no_image for i in range(len(ids)))
     references = batch["references"]
     assert references[text_row] == {"answer": rows[text_row]["answer"], "num_choices": len(rows[text_row]["choices"]),
-                                    "image": False}
+                                    "choices": rows[text_row]["choices"], "image": False}
     text_rows = [r for r in rows if r["image"] is None]
     batch = Collator(tokenizer, PromptTemplate(), "multiple-choice", 3, build_image_processor(32), False)(text_rows)
     assert batch["pixel_values"] is None
@@ -142,25 +187,26 @@ def test_lavin_trains_and_evaluates_on_multiple_choice(choices, tiny, tmp_path):
     assert scores["samples_text"] == sum(not s["references"]["image"] for s in samples)
 
 
-@pytest.mark.parametrize("target", ["llama", "t5"])
-def test_likelihood_scoring_ranks_options_by_the_models_own_loss(choices, tiny, tmp_path, target):
+@pytest.mark.parametrize("target, choice_answer", [("llama", "letter"), ("t5", "letter"), ("llama", "text")])
+def test_likelihood_scoring_ranks_options_by_the_models_own_loss(choices, tiny, tmp_path, target, choice_answer):
     """``--choice-scoring likelihood``: each option's score is the summed log-probability of its answer
-    text, checked against the LLM's own loss (mean over the target tokens) x the target-token count for
-    that option alone; the prediction is the best option; a bad image is skipped and counted."""
+    text in the ``choice_answer`` format (the scored tokens decode to it), checked against the LLM's own loss
+    (mean over the target tokens) x the target-token count for that option alone; the prediction is the best
+    option; a bad image is skipped and counted."""
     import torch
 
     from vpgtrans import load_model
     from vpgtrans.collate import Collator
     from vpgtrans.data import LoadStats, load_rows
     from vpgtrans.evaluate import answer_log_likelihoods, evaluate_model
-    from vpgtrans.prompting import IGNORE_INDEX
+    from vpgtrans.prompting import IGNORE_INDEX, target_ids
     from vpgtrans.stages.inherit import inherit
 
     bundle = inherit(tiny["source"], tiny[target], tmp_path / "bundle")
     model = load_model(bundle, device="cpu")
     rows = list(load_rows(choices)[0])[:6]
     collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
-                       model.image_processor, model.is_encoder_decoder, mode="train")
+                       model.image_processor, model.is_encoder_decoder, mode="train", choice_answer=choice_answer)
     expected = []
     with torch.no_grad():
         for row in rows:
@@ -170,14 +216,19 @@ def test_likelihood_scoring_ranks_options_by_the_models_own_loss(choices, tiny, 
                 loss = model(one["input_ids"], one["pixel_values"], one["attention_mask"], labels=one["labels"]).loss
                 labels = one["labels"] if model.is_encoder_decoder else one["labels"][:, 1:]
                 scores.append(-float(loss) * int((labels != IGNORE_INDEX).sum()))
+                # the tokens scored are the answer text's ("The answer is B" / "The answer is red", + suffix)
+                said = "The answer is " + (row["choices"][option] if choice_answer == "text" else "ABCD"[option])
+                assert labels[labels != IGNORE_INDEX].tolist() == target_ids(
+                    model.tokenizer, model.template, "vqa", said, model.is_encoder_decoder)
             batch = collate([{**row, "answer": option} for option in range(len(row["choices"]))])
             ours = answer_log_likelihoods(model, batch).tolist()
             assert ours == pytest.approx(scores, abs=1e-4)
             expected.append(max(range(len(scores)), key=scores.__getitem__))
     broken = {**next(r for r in rows if r["image"] is not None), "image": str(tmp_path / "missing.png")}
     stats = LoadStats()
-    result = evaluate_model(model, [*rows, broken], "multiple-choice", stats=stats, choice_scoring="likelihood")
-    assert [parse_answer(p, 4) for p in result["predictions"]] == expected
+    result = evaluate_model(model, [*rows, broken], "multiple-choice", stats=stats, choice_scoring="likelihood",
+                            choice_answer=choice_answer)
+    assert result["predictions"] == [target_text(e, r["choices"], choice_answer) for e, r in zip(expected, rows)]
     assert stats.skipped_unreadable_image == 1 and result["scores"]["samples"] == len(rows)
     assert result["scores"]["unparseable"] == 0
     assert result["scores"]["accuracy"] == sum(e == r["answer"] for e, r in zip(expected, rows)) / len(rows)
@@ -193,3 +244,81 @@ def test_eval_choice_scoring_on_the_cli(choices, inherited):
     assert report["scores"]["samples"] == 4
     result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--choice-scoring", "vote"])
     assert result.exit_code == 2 and "--choice-scoring must be one of generate, likelihood" in result.output
+
+
+def test_choice_answer_from_the_cli_and_a_config_file_reaches_training_and_eval(choices, inherited, tmp_path,
+                                                                               monkeypatch):
+    """``--choice-answer text`` (flag or ``--config`` key) is the stage's config, recorded in the bundle and used by
+    its eval points; ``eval`` reads the bundle's format unless told otherwise, and an untrained bundle's default
+    is letter."""
+    import yaml
+
+    from vpgtrans.bundle import read_manifest
+    from vpgtrans.stages import train as stages
+
+    asked = []
+
+    def evaluate_model(*args, **kwargs):
+        asked.append((kwargs["choice_answer"], kwargs["choice_scoring"]))
+        return original(*args, **kwargs)
+
+    original = stages.evaluate_model
+    monkeypatch.setattr(stages, "evaluate_model", evaluate_model)
+    runner = CliRunner()
+    train = ["warmup-projector", str(inherited), "--data", str(choices), "--max-steps", "1", "--batch-size", "4"]
+    result = runner.invoke(app, [*train, "--out", str(tmp_path / "flag"), "--choice-answer", "text",
+                                 "--eval-data", str(choices)])
+    assert result.exit_code == 0, result.output
+    assert asked == [("text", "generate")]  # the stage's (final) eval point read text answers
+    monkeypatch.undo()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"choice_answer": "text"}))
+    result = runner.invoke(app, [*train, "--out", str(tmp_path / "file"), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    flag, file = (read_manifest(tmp_path / name)["config"]["train"] for name in ("flag", "file"))
+    assert flag == file and flag["choice_answer"] == "text" and flag["choice_scoring"] == "generate"
+
+    def evaluate(bundle, *options):
+        result = runner.invoke(app, ["eval", str(bundle), "--data", str(choices), "--max-samples", "4",
+                                     "--max-new-tokens", "3", "--json", *options])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert {"accuracy", "accuracy_image", "accuracy_text", "unparseable"} <= set(report["scores"])
+        return report["choice_answer"], report["choice_answer_from"]
+
+    assert evaluate(tmp_path / "flag") == ("text", "bundle")
+    assert evaluate(tmp_path / "flag", "--choice-answer", "letter") == ("letter", "option")
+    assert evaluate(inherited) == ("letter", "default")
+    assert evaluate(inherited, "--choice-answer", "text", "--choice-scoring", "likelihood") == ("text", "option")
+    result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--choice-answer", "word"])
+    assert result.exit_code == 2 and "--choice-answer must be one of letter, text" in result.output
+
+
+def test_transfer_flag_and_stage_set_give_each_stage_its_answer_format():
+    from vpgtrans.cli import _stage_configs, _stage_set, _train_config
+
+    assert _train_config("finetune", None, 1, None, None, 4, 1, 0, None, 64, "lavin",
+                         choice_answer="text").choice_answer == "text"
+    configs = _stage_configs("infmllm", (), choice_answer="text")
+    assert {c.choice_answer for c in configs.values()} == {"text"}
+    assert _stage_set(configs, ["instruct.choice_answer=letter"], {})["instruct"].choice_answer == "letter"
+    with pytest.raises(VpgtransError, match="choice_answer must be one of letter, text"):
+        _stage_set(configs, ["instruct.choice_answer=words"], {})
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"task": "caption", "train": {"choice_answer": "letter"},  # a later caption stage: its default says nothing
+      "parent_config": {"task": "multiple-choice", "train": {"choice_answer": "text"}, "parent_config": {}}}, "text"),
+    ({"task": "multiple-choice", "train": {"lr": 1e-3}}, "letter"),  # trained before the option existed
+    ({"inherit": {"connector": "lavin"}}, None),  # never trained on multiple choice
+])
+def test_the_trained_answer_format_is_the_latest_multiple_choice_stages(config, expected, monkeypatch, tmp_path):
+    import vpgtrans.bundle
+    from vpgtrans.evaluate import trained_choice_answer
+
+    monkeypatch.setattr(vpgtrans.bundle, "read_manifest", lambda path: {"config": config})
+    assert trained_choice_answer(tmp_path) == expected
+    monkeypatch.setattr(vpgtrans.bundle, "read_manifest",
+                        lambda path: {"config": {"task": "multiple-choice", "train": {"choice_answer": "words"}}})
+    with pytest.raises(VpgtransError, match="'words', not one of letter, text; pass --choice-answer"):
+        trained_choice_answer(tmp_path)

@@ -20,7 +20,7 @@ from vpgtrans.cli_commands import Command, ConfigCommand, Group, config_note, on
 from vpgtrans.cli_data import build_data_app
 from vpgtrans.cli_runtime import (err_console, is_main_process, progress_bar, quiet_libraries, setup_logging,
                                   until_stopped)
-from vpgtrans.config import CONVERTERS, T5_CAPTION_SPLITS, TEMPLATES
+from vpgtrans.config import CHOICE_ANSWERS, CONVERTERS, T5_CAPTION_SPLITS, TEMPLATES
 from vpgtrans.data import TASKS
 from vpgtrans.errors import VpgtransError
 from vpgtrans.recipes import RECIPES
@@ -127,6 +127,11 @@ T5CaptionSplit = Annotated[Literal[T5_CAPTION_SPLITS], typer.Option(
          "first 0 to n/2 (rounded down) of a caption's n words, drawn per sample and epoch from --seed, go to the "
          "encoder after the prompt, the rest is the target) or none (the whole caption is the target). "
          "Decoder-only LLMs: unused.")]
+ChoiceAnswer = Annotated[Literal[CHOICE_ANSWERS], typer.Option(
+    help="Multiple-choice rows: the answer the model is trained to give (and its eval points read): letter "
+         "('The answer is B', LaVIN's) or text ('The answer is <the option's words>': words the LLM knows, where "
+         "a bare capital letter may be a token it barely trained). The prompt lists lettered options either way. "
+         "Other tasks: unused.")]
 NumWorkers = Annotated[int, typer.Option(help="DataLoader worker processes that decode images (0: in the main "
                                               "process); the data order and the results stay the same.")]
 PoolSize = Annotated[Optional[int], typer.Option(help="infmllm: pool the ViT's SxS patch grid to PxP visual tokens "
@@ -171,12 +176,12 @@ def _adapter_options(lora_rank, lora_alpha, lora_dropout, lora_targets, connecto
 
 
 def _train_config(kind: str, lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every, max_text_len,
-                  recipe_name: str = "vpgtrans", t5_caption_split: str = "random-prefix"):
+                  recipe_name: str = "vpgtrans", t5_caption_split: str = "random-prefix", choice_answer: str = "letter"):
     from vpgtrans.config import TrainConfig
 
     overrides = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_steps": max_steps,
                  "max_samples": max_samples, "eval_every": eval_every, "max_text_len": max_text_len,
-                 "t5_caption_split": t5_caption_split}
+                 "t5_caption_split": t5_caption_split, "choice_answer": choice_answer}
     if lr is not None:
         overrides["lr"] = lr
         if kind == "finetune":
@@ -537,12 +542,12 @@ def warmup_projector(bundle: Annotated[Path, typer.Argument(help="Input bundle (
              load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
                      gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
                      num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
-                     strict: Strict = False,
+                     choice_answer: ChoiceAnswer = "letter", strict: Strict = False,
                      bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
                      data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 1: train only the projector (5x lr, constant, one epoch); VPG and LLM frozen."""
     config = _train_config("warmup", lr, max_steps, max_samples, epochs, batch_size, grad_accum, seed, eval_every,
-                           max_text_len, t5_caption_split=t5_caption_split)
+                           max_text_len, t5_caption_split=t5_caption_split, choice_answer=choice_answer)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -565,7 +570,8 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
              dtype: Dtype = None, vision_dtype: VisionDtype = None,
              load_in_8bit: LoadIn8bit = False, load_in_4bit: LoadIn4bit = False,
              gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none", num_workers: NumWorkers = 0,
-             t5_caption_split: T5CaptionSplit = "random-prefix", strict: Strict = False,
+             t5_caption_split: T5CaptionSplit = "random-prefix", choice_answer: ChoiceAnswer = "letter",
+             strict: Strict = False,
              bbox_format: BboxFormat = "xyxy", image_root: ImageRoot = None, data_split: DataSplit = None,
              data_columns: DataColumns = None, force: Force = False, verbose: Verbose = False):
     """Stage 2: fine-tune VPG + projector (lr 1e-4 cosine to 5e-5), and the bundle's adapters inside the LLM
@@ -573,7 +579,7 @@ def finetune(bundle: Annotated[Path, typer.Argument(help="Input bundle (from war
     recipe's fine-tune stage (lavin: connector + adapters, LaVIN's schedule)."""
     config = _with_bundle_adapters(_train_config("finetune", lr, max_steps, max_samples, epochs, batch_size,
                                                  grad_accum, seed, eval_every, max_text_len,
-                                                 _finetune_recipe(bundle), t5_caption_split), bundle)
+                                                 _finetune_recipe(bundle), t5_caption_split, choice_answer), bundle)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -625,7 +631,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
              load_in_8bit: LoadIn8bit = False,
              load_in_4bit: LoadIn4bit = False, gradient_checkpointing: GradCkpt = False, report_to: ReportTo = "none",
              num_workers: NumWorkers = 0, t5_caption_split: T5CaptionSplit = "random-prefix",
-             pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
+             choice_answer: ChoiceAnswer = "letter", pool_size: PoolSize = None, adaptive_pool: AdaptivePool = False,
              lavin_hidden: LavinHidden = None, lavin_tokens: LavinTokens = None, lavin_layers: LavinLayers = None,
              mma_rank: MmaRank = None, mma_tau: MmaTau = None, mma_scale: MmaScale = None, mma_dropout: MmaDropout = None,
              lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
@@ -645,10 +651,11 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     recipe_name = "scratch" if from_scratch else recipe or connector_entry(connector).recipe
     warmup_config = _train_config("warmup", warmup_lr, pick(warmup_max_steps, max_steps), pick(warmup_max_samples, max_samples),
                                   epochs, batch_size, grad_accum, seed, eval_every, max_text_len, recipe_name,
-                                  t5_caption_split)
+                                  t5_caption_split, choice_answer)
     finetune_config = _train_config("finetune", finetune_lr, pick(finetune_max_steps, max_steps),
                                     pick(finetune_max_samples, max_samples), pick(finetune_epochs, epochs), batch_size,
-                                    grad_accum, seed, eval_every, max_text_len, recipe_name, t5_caption_split)
+                                    grad_accum, seed, eval_every, max_text_len, recipe_name, t5_caption_split,
+                                    choice_answer)
     options = _run_options(save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite, dtype=dtype,
                            vision_dtype=vision_dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to,
@@ -665,7 +672,7 @@ def transfer(source: Annotated[Path, typer.Option(help="Source model: HF BLIP-2/
     configs = _stage_configs(recipe_name, ("warmup", "finetune", "scratch"), max_steps=max_steps,
                              max_samples=max_samples, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                              seed=seed, eval_every=eval_every, max_text_len=max_text_len,
-                             t5_caption_split=t5_caption_split)
+                             t5_caption_split=t5_caption_split, choice_answer=choice_answer)
     named = {"warmup": warmup_config, "finetune": finetune_config, "scratch": finetune_config}
     configs = _stage_set(_stage_trainable(configs, stage_trainable, named), stage_set, named)
     lavin = _lavin_flags(lavin_hidden, lavin_tokens, lavin_layers, mma_rank, mma_tau, mma_scale, mma_dropout)
@@ -715,6 +722,10 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           choice_scoring: Annotated[Literal[CHOICE_SCORING], typer.Option(help="multiple-choice: generate (parse the generated answer, "
                                                            "LaVIN's way) or likelihood (the option whose answer the "
                                                            "model finds most likely).")] = "generate",
+          choice_answer: Annotated[Optional[Literal[CHOICE_ANSWERS]], typer.Option(
+              help="multiple-choice: the answer format to read (generate) or score (likelihood): letter ('The "
+                   "answer is B') or text ('The answer is <option>'). Default: the one the bundle was trained "
+                   "with (recorded in its manifest), else letter.")] = None,
           submission: Annotated[Optional[Path], typer.Option(help="vqa: also write the answers as a VQAv2 test-server "
                                                                  "file, [{question_id, answer}, ...] (rows need "
                                                                  "question_id).")] = None,
@@ -733,7 +744,7 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
                       out, strict=strict,
                       force=force, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
                       progress=progress_bar("eval"), tokenizer=tokenizer, num_workers=num_workers,
-                      submission=submission, choice_scoring=choice_scoring)
+                      submission=submission, choice_scoring=choice_scoring, choice_answer=choice_answer)
     if as_json:
         _print_json(report)
     else:

@@ -27,7 +27,7 @@ def most_common_answer(answers: list[str]) -> str:
     return max(counts, key=counts.get)
 
 
-def _target(row: dict, task: str) -> str:
+def _target(row: dict, task: str, choice_answer: str) -> str:
     if task == "caption":
         return _first(row["caption"])
     if task == "vqa":
@@ -35,7 +35,7 @@ def _target(row: dict, task: str) -> str:
     if task == "multiple-choice":
         from vpgtrans.multiple_choice import target_text
 
-        return target_text(row["answer"])
+        return target_text(row["answer"], row["choices"], choice_answer)
     from vpgtrans.grounding import format_box
 
     return format_box(row["box"])
@@ -55,12 +55,20 @@ class Collator:
     go to the encoder, the rest is the target (``vpgtrans.prompting.split_caption``), drawn from ``seed``
     and each row's draw key (``prepare``'s ``draws``); "none" (the default): the whole caption is the target.
 
+    ``choice_answer`` (multiple-choice rows): the target's format, "letter" (``The answer is B``, the default)
+    or "text" (``The answer is <option>``; ``vpgtrans.multiple_choice``). Generate batches' references carry
+    the options (``choices``), so either format can be read back.
+
     ``prepare`` builds a batch and touches no state (it runs in DataLoader workers, ``vpgtrans.loader``);
     ``account`` counts what it met, in the training process; calling the collator does both."""
 
     def __init__(self, tokenizer, template: PromptTemplate, task: str, num_query_tokens: int, image_processor,
                  is_encoder_decoder: bool, mode: str = "train", max_target_len: int = 64,
-                 stats: LoadStats | None = None, t5_caption_split: str = "none", seed: int = 0):
+                 stats: LoadStats | None = None, t5_caption_split: str = "none", seed: int = 0,
+                 choice_answer: str = "letter"):
+        from vpgtrans.multiple_choice import check_choice_answer
+
+        check_choice_answer(choice_answer)
         self.tokenizer = tokenizer
         self.template = template
         self.task = task
@@ -73,6 +81,7 @@ class Collator:
         self.split_captions = (t5_caption_split == "random-prefix" and mode == "train" and task == "caption"
                                and is_encoder_decoder)
         self.seed = seed
+        self.choice_answer = choice_answer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._decoded = self._failed = 0
         self._pending: list[str] = []
@@ -157,13 +166,14 @@ class Collator:
             input_ids = self._pad(ids, self.pad_id, left=left)
             attention_mask = self._pad([[1] * len(s) for s in ids], 0, left=left)
             references = [r["answers"] if self.task == "vqa" else list(r["box"]) if self.task == "grounding" else
-                          {"answer": r["answer"], "num_choices": len(r["choices"]), "image": image}
+                          {"answer": r["answer"], "num_choices": len(r["choices"]), "choices": list(r["choices"]),
+                           "image": image}
                           if self.task == "multiple-choice" else
                           (r["caption"] if isinstance(r["caption"], list) else [r["caption"]])
                           for r, image in zip(kept, has_image)]
             return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                     "references": references, "positions": positions}, outcomes
-        targets = [("", _target(r, self.task)) for r in kept]
+        targets = [("", _target(r, self.task, self.choice_answer)) for r in kept]
         if self.split_captions:  # BLIP-2 FlanT5's prefix language modelling: (caption start, rest)
             targets = [split_caption(target, self.seed, draws[position])
                        for (_, target), position in zip(targets, positions)]

@@ -19,6 +19,9 @@ IMAGE_SLOT = "{image}"
 # first 0..n/2 words to the encoder, the rest as the target: vpgtrans.prompting.split_caption), "none" the
 # whole caption as the target.
 T5_CAPTION_SPLITS = ("random-prefix", "none")
+# Multiple-choice answers (vpgtrans.multiple_choice): "letter" trains and reads "The answer is B" (LaVIN's
+# format), "text" "The answer is <the option's own words>" (words an LLM has trained embedding rows for).
+CHOICE_ANSWERS = ("letter", "text")
 BOS_SLOT = "{bos}"
 
 
@@ -133,6 +136,7 @@ class TrainConfig:
     eval_max_samples: int = 200
     max_new_tokens: int = 20
     choice_scoring: str = "generate"  # multiple-choice eval points: "generate" (parse the answer) or "likelihood"
+    choice_answer: str = "letter"  # multiple-choice targets and eval points: CHOICE_ANSWERS
     t5_caption_split: str = "random-prefix"  # seq2seq LLMs' caption rows (T5_CAPTION_SPLITS); decoder-only: unused
     trainable: list[str] = field(default_factory=lambda: ["connector"])
     log_every: int = 10
@@ -161,6 +165,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.choice_scoring not in ("generate", "likelihood"):
             problems.append(f"choice_scoring must be generate or likelihood (got {self.choice_scoring!r})")
+        if self.choice_answer not in CHOICE_ANSWERS:
+            problems.append(f"choice_answer must be one of {', '.join(CHOICE_ANSWERS)} (got {self.choice_answer!r})")
         if self.t5_caption_split not in T5_CAPTION_SPLITS:
             problems.append(f"t5_caption_split must be one of {', '.join(T5_CAPTION_SPLITS)} "
                             f"(got {self.t5_caption_split!r})")

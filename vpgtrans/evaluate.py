@@ -22,11 +22,11 @@ from vpgtrans.prompting import clean_generation, stop_token_ids
 
 
 def score(task: str, predictions: list[str], references: list, tokenizer: str = "regex",
-          answer_types: list[str | None] | None = None) -> dict:
+          answer_types: list[str | None] | None = None, choice_answer: str = "letter") -> dict:
     """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM (and by answer type when
     ``answer_types`` names any); grounding -> accuracy at
     IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes); multiple-choice -> accuracy overall,
-    with / without an image, unparseable answers counted."""
+    with / without an image, unparseable answers counted, the answers read in format ``choice_answer``."""
     from vpgtrans.grounding import grounding_accuracy
     from vpgtrans.metrics import caption_scores, vqa_scores
     from vpgtrans.multiple_choice import multiple_choice_scores
@@ -37,8 +37,9 @@ def score(task: str, predictions: list[str], references: list, tokenizer: str = 
         return caption_scores(predictions, references, tokenizer)
     if task == "vqa":
         return vqa_scores(predictions, references, answer_types)
-    return {"grounding": grounding_accuracy,
-            "multiple-choice": multiple_choice_scores}[task](predictions, references)
+    if task == "multiple-choice":
+        return multiple_choice_scores(predictions, references, choice_answer)
+    return grounding_accuracy(predictions, references)
 
 
 def group_caption_rows(dataset) -> list[dict]:
@@ -55,21 +56,24 @@ def group_caption_rows(dataset) -> list[dict]:
 @torch.no_grad()
 def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples: int | None = None,
                    max_new_tokens: int = 20, num_beams: int = 1, stats: LoadStats | None = None, progress=None,
-                   tokenizer: str = "regex", num_workers: int = 0, choice_scoring: str = "generate") -> dict:
+                   tokenizer: str = "regex", num_workers: int = 0, choice_scoring: str = "generate",
+                   choice_answer: str = "letter") -> dict:
     """Scores and predictions of ``model`` on ``dataset`` (a ``datasets.Dataset`` or list of rows of one task),
     and ``indices``: the evaluated row (caption: image) each prediction is for. ``num_workers`` DataLoader
     workers decode the images. ``progress(done, total)``: called after each batch with the rows done so far.
     ``choice_scoring`` (multiple-choice only): "generate" parses the generated answer (LaVIN's way);
-    "likelihood" picks the option whose answer text the model finds most likely (see ``_rank_choices``)."""
+    "likelihood" picks the option whose answer text the model finds most likely (see ``_rank_choices``).
+    ``choice_answer`` (multiple-choice only): the answer's format, "letter" (``The answer is B``) or "text"
+    (``The answer is <option>``), as parsed from the generation and as scored by likelihood."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
     if max_samples is not None:
         rows = rows[:max_samples]
     if choice_scoring not in CHOICE_SCORING:
         raise VpgtransError(f"--choice-scoring must be {' or '.join(CHOICE_SCORING)} (got {choice_scoring!r})")
     if task == "multiple-choice" and choice_scoring == "likelihood":
-        return _rank_choices(model, rows, stats, progress)
+        return _rank_choices(model, rows, stats, progress, choice_answer)
     collate = Collator(model.tokenizer, model.template, task, model.num_image_tokens, model.image_processor,
-                       model.is_encoder_decoder, mode="generate", stats=stats)
+                       model.is_encoder_decoder, mode="generate", stats=stats, choice_answer=choice_answer)
     device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
@@ -92,7 +96,7 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
     answer_types = [rows[i].get("answer_type") for i in indices] if task == "vqa" else None
-    scores = score(task, predictions, references, tokenizer, answer_types)
+    scores = score(task, predictions, references, tokenizer, answer_types, choice_answer)
     return {"scores": scores, "predictions": predictions, "references": references, "indices": indices}
 
 
@@ -113,17 +117,22 @@ def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
     return (log_probs * chosen).sum(dim=-1)
 
 
-def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress) -> dict:
-    """Multiple-choice by likelihood (lm-evaluation-harness's ``acc``): each option's training target
-    (``The answer is X``) is scored after the row's prompt and image, and the most likely option is the
-    prediction, written as that target so ``multiple_choice_scores`` reads it. No answer is unparseable by
-    construction, so this measures what the model prefers, not whether it can say it; the prompts are
-    exactly the training prompts. One forward pass per row (its options as one batch); rows whose image
-    cannot be used are skipped and counted as in generation."""
+def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress, choice_answer: str = "letter") -> dict:
+    """Multiple-choice by likelihood (lm-evaluation-harness's ``acc``): each option's training target in
+    format ``choice_answer`` (``The answer is X`` / ``The answer is <option>``) is scored after the row's
+    prompt and image, and the most likely option is the prediction, written as that target so
+    ``multiple_choice_scores`` reads it. No answer is unparseable by construction (except between options
+    that are equal as text), so this measures what the model prefers, not whether it can say it; the prompts
+    are exactly the training prompts. The score is the summed log-probability of the target's tokens: the
+    shared ``The answer is`` adds the same to every option, so with "text" the options' own tokens decide,
+    and a shorter option (fewer tokens to pay for) is favoured (harness's ``acc``, not its length-normalised
+    ``acc_norm``). One forward pass per row (its options as one batch); rows whose image cannot be used are
+    skipped and counted as in generation."""
     from vpgtrans.multiple_choice import target_text
 
     collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
-                       model.image_processor, model.is_encoder_decoder, mode="train", stats=stats)
+                       model.image_processor, model.is_encoder_decoder, mode="train", stats=stats,
+                       choice_answer=choice_answer)
     device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
@@ -134,16 +143,16 @@ def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress) ->
             indices.append(done - 1)
             batch = {k: v if v is None else v.to(device) for k, v in batch.items()}
             best = int(answer_log_likelihoods(model, batch).argmax())
-            predictions.append(target_text(best))
+            predictions.append(target_text(best, row["choices"], choice_answer))
             references.append({"answer": row["answer"], "num_choices": len(row["choices"]),
-                               "image": row.get("image") is not None})
+                               "choices": list(row["choices"]), "image": row.get("image") is not None})
         if progress is not None:
             progress(done, len(rows))
     model.train(was_training)
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
-    return {"scores": score("multiple-choice", predictions, references), "predictions": predictions,
-            "references": references, "indices": indices}
+    return {"scores": score("multiple-choice", predictions, references, choice_answer=choice_answer),
+            "predictions": predictions, "references": references, "indices": indices}
 
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
@@ -151,14 +160,15 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
              out: Path | None = None, device=None, strict: bool | None = None, force: bool = False,
              dtype: str | None = None, quantization: str | None = None, device_map=None, progress=None,
              tokenizer: str = "regex", num_workers: int = 0, submission: Path | None = None,
-             choice_scoring: str = "generate") -> dict:
+             choice_scoring: str = "generate", choice_answer: str | None = None) -> dict:
     """Load a bundle, score it on ``data``; write scores + predictions to ``out`` (never to the bundle;
     an existing ``out`` file only with ``force``). ``strict``: a bad data row is an error, not a skip.
     ``submission`` (VQA rows with a ``question_id``): also write the answers as a VQAv2 test-server file.
     ``num_workers``: DataLoader worker processes decoding the images.
     ``dtype`` ("bf16" / "fp16" / "fp32") for the frozen LLM, ``quantization`` ("8bit" / "4bit") and
     ``device_map`` ("auto", ...) let an LLM larger than one device be evaluated. ``device`` None: accelerate's
-    device for this process (the GPU where there is one)."""
+    device for this process (the GPU where there is one). ``choice_answer`` (multiple-choice): "letter" or
+    "text"; None: the format the bundle was trained with (``trained_choice_answer``)."""
     from vpgtrans.bundle import load_model
     from vpgtrans.outputs import check_out_dir, check_writable
 
@@ -173,6 +183,10 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         raise VpgtransError(f"--tokenizer must be regex or ptb (got {tokenizer!r})")
     if choice_scoring not in CHOICE_SCORING:
         raise VpgtransError(f"--choice-scoring must be {' or '.join(CHOICE_SCORING)} (got {choice_scoring!r})")
+    if choice_answer is not None:
+        from vpgtrans.multiple_choice import check_choice_answer
+
+        check_choice_answer(choice_answer)
     bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in
            (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
             ("max_samples", max_samples)) if value is not None and value < 1]
@@ -198,11 +212,15 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
     dataset, found_task, stats = load_rows(data, task, strict=strict)
     if submission is not None:  # before any model is loaded
         check_submission_rows(dataset, found_task, max_samples)
+    answer_from = "option"
+    if choice_answer is None:  # the format the bundle learned to answer in, else LaVIN's
+        trained = trained_choice_answer(bundle_dir) if found_task == "multiple-choice" else None
+        choice_answer, answer_from = (trained, "bundle") if trained is not None else ("letter", "default")
     llm_options = {k: v for k, v in (("quantization", quantization), ("device_map", device_map)) if v is not None}
     model = load_model(bundle_dir, device=device, dtype=frozen_dtype, **llm_options)
     result = evaluate_model(model, dataset, found_task, batch_size, max_samples, max_new_tokens, num_beams, stats,
                             progress=progress, tokenizer=tokenizer, num_workers=num_workers,
-                            choice_scoring=choice_scoring)
+                            choice_scoring=choice_scoring, choice_answer=choice_answer)
     data_name = str(Path(data).resolve()) if Path(data).exists() else os.fspath(data)  # a datasets name as given
     report = {"bundle": str(Path(bundle_dir).resolve()), "data": data_name, "task": found_task,
               "scores": result["scores"], "data_stats": stats.to_dict()}
@@ -210,6 +228,8 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         report["tokenizer"] = tokenizer  # which caption tokenisation the scores used (ptb: COCO's own)
     if found_task == "multiple-choice":
         report["choice_scoring"] = choice_scoring  # how the answer was read: generated text or likelihood
+        # In which format (letter / text), and whether --choice-answer, the bundle's training or the default said so.
+        report["choice_answer"], report["choice_answer_from"] = choice_answer, answer_from
     if found_task == "grounding":  # what ignoring the expression scores on the same rows, beside the model
         from vpgtrans.grounding import grounding_baselines
 
@@ -229,6 +249,33 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         report["submission"] = write_submission(submission, [dataset[i]["question_id"] for i in result["indices"]],
                                                 result["predictions"])
     return report
+
+
+def trained_choice_answer(bundle_dir: Path) -> str | None:
+    """The answer format the bundle's latest multiple-choice training used (``config.train.choice_answer`` of
+    the newest stage, following ``parent_config``, whose ``task`` was multiple-choice; "letter" for one trained
+    before the option existed), or None when no stage of it trained on multiple choice (or the manifest
+    cannot be read: loading the bundle then names the problem)."""
+    from vpgtrans.bundle import read_manifest
+
+    try:
+        config = read_manifest(Path(bundle_dir)).get("config")
+    except VpgtransError:
+        return None
+    for _ in range(64):  # parent_config nests one level per stage
+        if not isinstance(config, dict):
+            return None
+        train = config.get("train")
+        if config.get("task") == "multiple-choice" and isinstance(train, dict):
+            from vpgtrans.config import CHOICE_ANSWERS
+
+            value = train.get("choice_answer", "letter")
+            if value not in CHOICE_ANSWERS:
+                raise VpgtransError(f"{bundle_dir}: the manifest's training choice_answer is {value!r}, not one of "
+                                    f"{', '.join(CHOICE_ANSWERS)}; pass --choice-answer")
+            return value
+        config = config.get("parent_config")
+    return None
 
 
 def check_submission_rows(dataset, task: str, max_samples: int | None) -> None:

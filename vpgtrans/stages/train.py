@@ -56,11 +56,12 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
         with whole_parameters(core):  # under FSDP: each process generates alone, with whole weights
             result = evaluate_model(core, mine, task, batch_size=max(8, config.batch_size // world),
                                     max_new_tokens=config.max_new_tokens, stats=stats,
-                                    choice_scoring=config.choice_scoring, num_workers=num_workers)
+                                    choice_scoring=config.choice_scoring, choice_answer=config.choice_answer,
+                                    num_workers=num_workers)
     shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
     predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
     references = [r for _, refs in shards for r in refs]
-    scores = score(task, predictions, references)
+    scores = score(task, predictions, references, choice_answer=config.choice_answer)
     point = {"step": step, "samples": samples, **{k: v for k, v in scores.items() if k != "n"}}
     if accelerator.is_main_process:
         log.info("eval @ step %d: %s", step, point)
@@ -295,7 +296,8 @@ def _run_stage(bundle_dir: Path, data: Path, out_dir: Path, config: TrainConfig,
     keep_logits = not core.is_encoder_decoder and accepts_logits_to_keep(core.llm)
     collate = Collator(core.tokenizer, core.template, task, core.num_image_tokens, core.image_processor,
                        core.is_encoder_decoder, mode="train", max_target_len=config.max_text_len, stats=data_stats,
-                       t5_caption_split=config.t5_caption_split, seed=config.seed)
+                       t5_caption_split=config.t5_caption_split, seed=config.seed,
+                       choice_answer=config.choice_answer)
     run_config = {"train": to_dict(config), "run": {**vars(options), "precision": precision, "num_processes": world,
                                                      "engine": engine}}
     if options.report_to != "none":
