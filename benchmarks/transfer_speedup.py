@@ -92,7 +92,7 @@ class SpeedupConfig:
     lr_warmup_samples: int = 1200  # linear lr warm-up of every cosine schedule (scratch arms, VPGTrans fine-tune)
     min_lr_ratio: float = 0.1  # cosine floor / lr (the paper's TFS: 1e-4 -> 1e-5)
     warmup_lr_multiplier: float = 5.0  # VPGTrans's projector warm-up at 5x lr, constant, one epoch
-    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3, 8e-3])
     search_seed: int = 100  # the lr-search runs' seed (data order, fresh parts); not one of the measured seeds
     search_eval_every_samples: int = 3000
     dev_rows: int = 200
@@ -482,9 +482,12 @@ def searched_arm(arm: str) -> str:
 
 
 def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
-    """What determines one run's record: the protocol (all of the config but which targets, seeds and ablations
-    are run) and the zoo it trains on (its record, the stage-1 Q-Former's)."""
-    protocol = {k: v for k, v in asdict(cfg).items() if k not in ("targets", "seeds", "ablations", "ablation_seed")}
+    """What determines one run's record: the protocol (all of the config but which targets, seeds, ablations
+    and lrs are run: a run's lr is in its record's name) and the zoo it trains on (its record, the stage-1
+    Q-Former's). So widening ``lr_grid`` trains only the new lrs' trials (and the runs of an arm whose pick
+    changes)."""
+    protocol = {k: v for k, v in asdict(cfg).items()
+                if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid")}
 
     def timeless(record):  # a rebuilt zoo is the same zoo: build times are not part of what it is
         if isinstance(record, dict):

@@ -270,6 +270,17 @@ def test_transfer_speedup_smoke(tmp_path):
     assert resumed["records"]["reused"] == len(saved["runs"]) + trials
     assert saved["records"]["reused"] == 0 and resumed["records"]["identity"] == saved["records"]["identity"]
     assert resumed["runs"] == saved["runs"] and resumed["summary"] == saved["summary"]
+    # a wider lr grid trains only the new lr's trials (and the runs of arms whose pick changed)
+    wider = tmp_path / "wider.json"
+    transfer_speedup.main(["--smoke", "--no-plot", "--out", str(wider), "--targets", "llama-s",
+                           "--work-dir", str(tmp_path / "runs"), "--lr-grid", *map(str, cfg["lr_grid"]), "3e-3"])
+    widened = json.loads(wider.read_text())
+    changed = {s["arm"] for s in widened["lr_search"]} - {
+        s["arm"] for s in widened["lr_search"] if s["chosen_lr"] == next(
+            x["chosen_lr"] for x in saved["lr_search"] if x["arm"] == s["arm"])}
+    kept = [r for r in widened["runs"] if transfer_speedup.searched_arm(r["arm"]) not in changed]
+    assert widened["records"]["reused"] == trials + len(kept)
+    assert widened["records"]["identity"] == saved["records"]["identity"]
 
 
 def test_docs_section_says_to_be_remeasured_without_a_full_run(tmp_path):
