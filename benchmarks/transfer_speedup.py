@@ -44,7 +44,10 @@ point strictly above that best) and ``at_95`` (first point reaching 95% of the b
 
 **Learning rates**: each searched arm (scratch, scratch-random, vpgtrans) and target gets its own lr from
 ``lr_grid``, chosen by the best smoothed CIDEr on a **dev split** (``dev_rows`` fresh world scenes, never the
-eval split) of one run with seed ``search_seed`` and the arm's full schedule; the search is in the JSON.
+eval split) of one run with seed ``search_seed`` and the arm's full schedule; the search is in the JSON. Where the
+pick is the grid's largest (smallest) lr, the grid is extended by its own end ratio in that direction and searched
+again, up to ``lr_grid_extend`` times (the same rule for every arm), so an arm is not left under-tuned by a grid
+that stops too early.
 **Plateau evidence** for every run: the gain of its smoothed curve in the last ``plateau_fraction`` of the
 budget over its best before, and the slope there.
 """
@@ -93,6 +96,7 @@ class SpeedupConfig:
     min_lr_ratio: float = 0.1  # cosine floor / lr (the paper's TFS: 1e-4 -> 1e-5)
     warmup_lr_multiplier: float = 5.0  # VPGTrans's projector warm-up at 5x lr, constant, one epoch
     lr_grid: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3, 8e-3])
+    lr_grid_extend: int = 2  # at most this many lrs added beyond an edge pick, each the grid's end ratio further
     search_seed: int = 100  # the lr-search runs' seed (data order, fresh parts); not one of the measured seeds
     search_eval_every_samples: int = 3000
     dev_rows: int = 200
@@ -106,7 +110,7 @@ class SpeedupConfig:
 
 
 SMOKE = dict(targets=["opt-l", "llama-s"], seeds=[0], batch_size=4, epochs=2.0, eval_every_samples=8,
-             lr_warmup_samples=4, lr_grid=[1e-3, 2e-3], search_eval_every_samples=8, dev_rows=4, eval_samples=4,
+             lr_warmup_samples=4, lr_grid=[1e-3, 2e-3], lr_grid_extend=0, search_eval_every_samples=8, dev_rows=4, eval_samples=4,
              final_eval_samples=4, max_new_tokens=3)
 
 
@@ -205,25 +209,47 @@ def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, se
     return run
 
 
+def next_lr(trials: list[dict]) -> float | None:
+    """The lr to try next when the best of ``trials`` sits at an end of the searched grid: one step of the
+    grid's own end ratio beyond that end; ``None`` when the best is inside (or the grid has one lr)."""
+    grid = sorted(t["lr"] for t in trials)
+    if len(grid) < 2:
+        return None
+    best = max(trials, key=lambda t: t["dev_best_smoothed"])["lr"]
+    if best == grid[-1]:
+        return grid[-1] * grid[-1] / grid[-2]
+    if best == grid[0]:
+        return grid[0] * grid[0] / grid[1]
+    return None
+
+
 def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, dev: Path, work_dir: Path, log,
               records: RunRecords) -> dict:
     """One run per lr of ``lr_grid`` (seed ``search_seed``, the arm's full schedule, dev split every
-    ``search_eval_every_samples``); the lr with the best smoothed dev CIDEr wins."""
-    trials = []
-    for lr in cfg.lr_grid:
+    ``search_eval_every_samples``), extended beyond an edge pick up to ``lr_grid_extend`` times (``next_lr``);
+    the lr with the best smoothed dev CIDEr wins."""
+    def trial(lr: float) -> dict:
         name = f"search-{target}-{arm}-{lr:g}"
         run = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / name,
                                                 dev, plan["search_eval_every"], final=False))
-        trials.append({"lr": lr, "dev_best_smoothed": curves.best(curves.smooth(_points(run), cfg.smooth_window)),
-                       "dev_best": curves.best(_points(run)), "dev_last": run["curve"][-1][METRIC],
-                       "curve": [(p["samples"], p[METRIC]) for p in run["curve"]], "train_seconds": run["train_seconds"],
-                       "wall_seconds": run["wall_seconds"], "code": run.get("code")})
-        log(f"  lr search {target} {arm} lr {lr:g}: dev best (smoothed) {trials[-1]['dev_best_smoothed']:.3f}")
+        found = {"lr": lr, "dev_best_smoothed": curves.best(curves.smooth(_points(run), cfg.smooth_window)),
+                 "dev_best": curves.best(_points(run)), "dev_last": run["curve"][-1][METRIC],
+                 "curve": [(p["samples"], p[METRIC]) for p in run["curve"]], "train_seconds": run["train_seconds"],
+                 "wall_seconds": run["wall_seconds"], "code": run.get("code")}
+        log(f"  lr search {target} {arm} lr {lr:g}: dev best (smoothed) {found['dev_best_smoothed']:.3f}")
+        return found
+
+    trials = [trial(lr) for lr in cfg.lr_grid]
+    added = []
+    while len(added) < cfg.lr_grid_extend and (lr := next_lr(trials)) is not None:
+        added.append(float(f"{lr:.6g}"))  # 8e-3 * 2 is 0.016, not 0.016000000000000004, in names and JSON
+        trials.append(trial(added[-1]))
+    trials.sort(key=lambda t: t["lr"])
     chosen = max(trials, key=lambda t: t["dev_best_smoothed"])
     return {"target": target, "arm": arm, "split": "dev", "dev_rows": cfg.dev_rows, "seed": cfg.search_seed,
             "criterion": f"best {cfg.smooth_window}-point moving average of dev CIDEr over the run",
-            "trials": trials, "chosen_lr": chosen["lr"],
-            "at_grid_edge": len(cfg.lr_grid) > 1 and chosen["lr"] in (min(cfg.lr_grid), max(cfg.lr_grid))}
+            "trials": trials, "chosen_lr": chosen["lr"], "grid": [t["lr"] for t in trials], "extended": added,
+            "at_grid_edge": len(trials) > 1 and chosen["lr"] in (trials[0]["lr"], trials[-1]["lr"])}
 
 
 # ------------------------------------------------------------------------------------------- measures
@@ -397,7 +423,8 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
              f"{cfg.eval_samples} eval images; every cosine schedule: linear lr warm-up over {cfg.lr_warmup_samples} "
              f"samples, then cosine to {cfg.min_lr_ratio:g} × lr at the end of the arm's budget; VPGTrans's projector "
              f"warm-up: one epoch at {cfg.warmup_lr_multiplier:g}× lr, constant; lr per arm and target from "
-             f"{cfg.lr_grid} on a {cfg.dev_rows}-row dev split (seed {cfg.search_seed}); seeds {cfg.seeds}.", "",
+             f"{cfg.lr_grid} on a {cfg.dev_rows}-row dev split (seed {cfg.search_seed}), extended by the grid's end ratio "
+             f"beyond an edge pick, up to {cfg.lr_grid_extend} times; seeds {cfg.seeds}.", "",
              f"Measures: **epochs** — the paper's: \"{PAPER_MEASURE}\" (DESIGN §7's statement of the paper's "
              "measure; whole-epoch grid points, epoch 0 left out); **samples** seen (warm-up counted); **seconds** "
              "of training wall time in the same run (evaluation left out). *to best* = the baseline's first point at "
@@ -423,7 +450,9 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
                          f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3, undefined='n/a')}.")
         searched = [s for s in result["lr_search"] if s["target"] == target]
         lines.append("\nlr chosen on dev: " + "; ".join(
-            f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}" for s in searched) + "\n")
+            f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}"
+            f"{' (grid extended: ' + ', '.join(f'{x:g}' for x in s['extended']) + ')' if s.get('extended') else ''}"
+            for s in searched) + "\n")
     if result.get("plot") and Path(result["plot"]).parent.name == "docs":
         lines.append(f"![caption CIDEr vs epochs, every arm]({Path(result['plot']).name})\n")
     lines.append(DOCS_END)
@@ -487,7 +516,7 @@ def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     Q-Former's). So widening ``lr_grid`` trains only the new lrs' trials (and the runs of an arm whose pick
     changes)."""
     protocol = {k: v for k, v in asdict(cfg).items()
-                if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid")}
+                if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
 
     def timeless(record):  # a rebuilt zoo is the same zoo: build times are not part of what it is
         if isinstance(record, dict):
@@ -498,10 +527,13 @@ def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     return {"protocol": protocol, "zoo": timeless(zoo_record), "stage1": timeless(zoo.get("stage1_record"))}
 
 
-def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False) -> dict:
+def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False,
+        reverse: bool = False) -> dict:
     """The lr search on the dev split, then every arm of every target and seed, then the summary. With
     ``keep_records``, every finished run is recorded under ``work_dir/records`` and a run already recorded
-    there for the same protocol and zoo is read back, not trained again (``RunRecords``)."""
+    there for the same protocol and zoo is read back, not trained again (``RunRecords``). ``reverse`` trains
+    the measured runs last-first, so a second process on the same work dir and target shares them (the two
+    meet in the middle; the lr search stays in order: its extensions depend on its earlier trials)."""
     import torch
 
     from vpgtrans.demo import world2
@@ -529,14 +561,14 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
         long_plan = {**plan, "total_steps": plan["total_steps"] * LONG_FACTOR}
         jobs = [(t, a, s) for t in cfg.targets for a in ARMS for s in cfg.seeds] + \
                [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
-        for i, (target, arm, seed) in enumerate(jobs, 1):
+        for i, (target, arm, seed) in enumerate(reversed(jobs) if reverse else jobs, 1):
             lr = lrs[(target, searched_arm(arm))]
             name = f"{target}-{arm}-seed{seed}-lr{lr:g}"
             arm_plan = long_plan if arm == "scratch-long" else plan
             run_ = records.get(name, lambda: run_arm(cfg, zoo, arm_plan, target, arm, seed, lr, work_dir / name,
                                                      Path(zoo["world"]) / "caption_eval", plan["eval_every"]))
             search = next(x for x in searches if (x["target"], x["arm"]) == (target, searched_arm(arm)))
-            run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": cfg.lr_grid,
+            run_["lr_search"] = {"searched_arm": search["arm"], "chosen_lr": search["chosen_lr"], "grid": search["grid"],
                                  "split": "dev", "criterion": search["criterion"], "at_grid_edge": search["at_grid_edge"],
                                  "dev_best_smoothed": {str(t["lr"]): t["dev_best_smoothed"] for t in search["trials"]}}
             runs.append(run_)
@@ -567,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     add_zoo_options(parser)
     parser.add_argument("--write-docs", action="store_true",
                         help="after a full run, regenerate the speed-up section of docs/benchmarks.md from its JSON")
+    parser.add_argument("--reverse", action="store_true",
+                        help="train the measured runs last-first (a second process sharing a --work-dir and target)")
     parser.add_argument("--docs-from", type=Path, default=None,
                         help="only regenerate the docs section from this result JSON (no run)")
     args = parser.parse_args(argv)
@@ -587,7 +621,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         zoo["stage1"], zoo["stage1_record"] = stage1_qformer(zoo, cfg.zoo_seed, log=print)
         print(f"zoo-v2 + stage-1 Q-Former ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
-        result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs", keep_records=args.work_dir is not None)
+        result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs", keep_records=args.work_dir is not None,
+                     reverse=args.reverse)
     result["smoke"] = bool(args.smoke)
     out = save_result("transfer_speedup", args, result, plot)
     if args.write_docs and not args.smoke:

@@ -126,6 +126,21 @@ def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
 
 # ---------------------------------------------------------------------------------------- converter
 
+def test_lr_search_extends_the_grid_beyond_an_edge_pick_only():
+    from benchmarks.transfer_speedup import next_lr
+
+    def trials(scores):
+        return [{"lr": lr, "dev_best_smoothed": v} for lr, v in scores.items()]
+
+    grid = [1e-3, 2e-3, 4e-3, 8e-3]
+    assert next_lr(trials(dict(zip(grid, [1, 2, 3, 4])))) == pytest.approx(1.6e-2)  # top pick: one more doubling up
+    assert next_lr(trials(dict(zip(grid, [4, 3, 2, 1])))) == pytest.approx(5e-4)  # bottom pick: one halving down
+    assert next_lr(trials(dict(zip(grid, [1, 4, 3, 2])))) is None  # an inside pick ends the search
+    assert next_lr(trials({1e-3: 1.0})) is None  # one lr: no grid to extend
+    # the step is the grid's own end ratio, whatever order the trials were run in
+    assert next_lr(trials({3e-3: 2.0, 1e-3: 1.0})) == pytest.approx(9e-3)
+
+
 def test_converter_fit_smoke(tmp_path):
     import numpy as np
     import torch
