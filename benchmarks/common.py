@@ -193,3 +193,46 @@ class RunRecords:
             tmp.write_text(json.dumps({"identity": self.digest, "run": run}) + "\n")
             os.replace(tmp, path)
         return run
+
+
+def spread(values: list[float | None]) -> dict:
+    """mean, std (sample), min, max of the defined values; ``missing`` counts the undefined ones."""
+    import statistics
+
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "missing": len(values)}
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
+            "min": min(present), "max": max(present), "n": len(present), "missing": len(values) - len(present)}
+
+
+def next_lr(scores: dict[float, float]) -> float | None:
+    """The lr to try next when the best of ``scores`` (lr -> score, higher is better; ties: the smaller lr)
+    sits at an end of the searched grid: one step of the grid's own end ratio beyond that end; ``None`` when
+    the best is inside (or the grid has one lr)."""
+    grid = sorted(scores)
+    if len(grid) < 2:
+        return None
+    best = max(grid, key=lambda lr: scores[lr])  # max keeps the first, i.e. smallest, of equal scores
+    if best == grid[-1]:
+        return grid[-1] * grid[-1] / grid[-2]
+    if best == grid[0]:
+        return grid[0] * grid[0] / grid[1]
+    return None
+
+
+def search_lr_grid(grid: list[float], trial, score, extend: int) -> dict:
+    """An lr search: ``trial(lr)`` for every lr of ``grid``, then, while the best ``score(trial)`` sits at an
+    end of the searched lrs, one more lr beyond that end (``next_lr``), at most ``extend`` times — the same
+    rule for every arm, so no arm is left under-tuned by a grid that stops too early. Returns the trials in
+    lr order, the chosen lr (best score; ties: the smaller lr), the lrs added and whether the pick still sits
+    at an end."""
+    trials = {lr: trial(lr) for lr in grid}
+    added = []
+    while len(added) < extend and (lr := next_lr({k: score(t) for k, t in trials.items()})) is not None:
+        added.append(float(f"{lr:.6g}"))  # 8e-3 * 2 is 0.016, not 0.016000000000000004, in names and JSON
+        trials[added[-1]] = trial(added[-1])
+    lrs = sorted(trials)
+    chosen = max(lrs, key=lambda lr: score(trials[lr]))
+    return {"trials": [trials[lr] for lr in lrs], "chosen_lr": chosen, "grid": lrs, "extended": added,
+            "at_grid_edge": len(lrs) > 1 and chosen in (lrs[0], lrs[-1])}

@@ -65,7 +65,8 @@ from pathlib import Path
 
 from benchmarks import curves
 from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_libraries, require_matplotlib,
-                               result_config, result_parser, save_result, write_docs_section, zoo_v2)
+                               result_config, result_parser, save_result, search_lr_grid, spread,
+                               write_docs_section, zoo_v2)
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
@@ -209,25 +210,11 @@ def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, se
     return run
 
 
-def next_lr(trials: list[dict]) -> float | None:
-    """The lr to try next when the best of ``trials`` sits at an end of the searched grid: one step of the
-    grid's own end ratio beyond that end; ``None`` when the best is inside (or the grid has one lr)."""
-    grid = sorted(t["lr"] for t in trials)
-    if len(grid) < 2:
-        return None
-    best = max(trials, key=lambda t: t["dev_best_smoothed"])["lr"]
-    if best == grid[-1]:
-        return grid[-1] * grid[-1] / grid[-2]
-    if best == grid[0]:
-        return grid[0] * grid[0] / grid[1]
-    return None
-
-
 def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, dev: Path, work_dir: Path, log,
               records: RunRecords) -> dict:
     """One run per lr of ``lr_grid`` (seed ``search_seed``, the arm's full schedule, dev split every
-    ``search_eval_every_samples``), extended beyond an edge pick up to ``lr_grid_extend`` times (``next_lr``);
-    the lr with the best smoothed dev CIDEr wins."""
+    ``search_eval_every_samples``), extended beyond an edge pick up to ``lr_grid_extend`` times
+    (``search_lr_grid``); the lr with the best smoothed dev CIDEr wins."""
     def trial(lr: float) -> dict:
         name = f"search-{target}-{arm}-{lr:g}"
         run = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / name,
@@ -239,17 +226,9 @@ def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, 
         log(f"  lr search {target} {arm} lr {lr:g}: dev best (smoothed) {found['dev_best_smoothed']:.3f}")
         return found
 
-    trials = [trial(lr) for lr in cfg.lr_grid]
-    added = []
-    while len(added) < cfg.lr_grid_extend and (lr := next_lr(trials)) is not None:
-        added.append(float(f"{lr:.6g}"))  # 8e-3 * 2 is 0.016, not 0.016000000000000004, in names and JSON
-        trials.append(trial(added[-1]))
-    trials.sort(key=lambda t: t["lr"])
-    chosen = max(trials, key=lambda t: t["dev_best_smoothed"])
+    found = search_lr_grid(cfg.lr_grid, trial, lambda t: t["dev_best_smoothed"], cfg.lr_grid_extend)
     return {"target": target, "arm": arm, "split": "dev", "dev_rows": cfg.dev_rows, "seed": cfg.search_seed,
-            "criterion": f"best {cfg.smooth_window}-point moving average of dev CIDEr over the run",
-            "trials": trials, "chosen_lr": chosen["lr"], "grid": [t["lr"] for t in trials], "extended": added,
-            "at_grid_edge": len(trials) > 1 and chosen["lr"] in (trials[0]["lr"], trials[-1]["lr"])}
+            "criterion": f"best {cfg.smooth_window}-point moving average of dev CIDEr over the run", **found}
 
 
 # ------------------------------------------------------------------------------------------- measures
@@ -323,15 +302,6 @@ def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> d
     return out
 
 
-def _spread(values: list[float | None]) -> dict:
-    """mean, std (sample), min, max of the defined values; ``missing`` counts the undefined ones."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "missing": len(values)}
-    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
-            "min": min(present), "max": max(present), "n": len(present), "missing": len(values) - len(present)}
-
-
 def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
     """Per target: ``speedup`` / ``speedup_95`` = the headline means (vpgtrans over the stage-1 scratch arm)
     keyed by measure (epochs, samples, seconds), ``rows`` = every comparison with its spread, ``baselines``."""
@@ -351,20 +321,20 @@ def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
                         for s in seeds]
             finals = [by_key[(target, arm, s)].get("final") for s in seeds]
             rows.append({"arm": arm, "baseline": base, "seeds": seeds, "per_seed": per_seed,
-                         **{unit: {bar: _spread([c[unit].get(bar, {}).get("speedup") for c in per_seed])
+                         **{unit: {bar: spread([c[unit].get(bar, {}).get("speedup") for c in per_seed])
                                    for bar in ("at_best", "at_95")} for unit in MEASURES},
-                         "final_cider": _spread([f and f["caption"]["cider"] for f in finals]),
-                         "final_vqa": _spread([f and f["vqa"]["vqa_accuracy"] for f in finals])})
+                         "final_cider": spread([f and f["caption"]["cider"] for f in finals]),
+                         "final_vqa": spread([f and f["vqa"]["vqa_accuracy"] for f in finals])})
         headline = next((r for r in rows if (r["arm"], r["baseline"]) == ("vpgtrans", "scratch")), None)
         baselines = {}
         for base in (*BASELINES, "scratch-long"):
             found = [by_key[(target, base, s)] for s in sorted({*cfg.seeds, cfg.ablation_seed}) if (target, base, s) in by_key]
             if found:
                 baselines[base] = {"seeds": [r["seed"] for r in found],
-                                   "best_cider": _spread([curves.best(_points(r)) for r in found]),
-                                   "samples_to_best": _spread([curves.steps_to_best(_points(r)) for r in found]),
+                                   "best_cider": spread([curves.best(_points(r)) for r in found]),
+                                   "samples_to_best": spread([curves.steps_to_best(_points(r)) for r in found]),
                                    "plateaued": [r["plateau"]["plateaued"] for r in found],
-                                   "relative_gain_in_last": _spread([r["plateau"]["relative_gain_in_last"] for r in found])}
+                                   "relative_gain_in_last": spread([r["plateau"]["relative_gain_in_last"] for r in found])}
         summary[target] = {
             "baseline": "scratch", "arm": "vpgtrans",
             "speedup": {unit: headline[unit]["at_best"]["mean"] if headline else None for unit in MEASURES},

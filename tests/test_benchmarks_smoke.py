@@ -127,18 +127,30 @@ def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
 # ---------------------------------------------------------------------------------------- converter
 
 def test_lr_search_extends_the_grid_beyond_an_edge_pick_only():
-    from benchmarks.transfer_speedup import next_lr
-
-    def trials(scores):
-        return [{"lr": lr, "dev_best_smoothed": v} for lr, v in scores.items()]
+    from benchmarks.common import next_lr, search_lr_grid
 
     grid = [1e-3, 2e-3, 4e-3, 8e-3]
-    assert next_lr(trials(dict(zip(grid, [1, 2, 3, 4])))) == pytest.approx(1.6e-2)  # top pick: one more doubling up
-    assert next_lr(trials(dict(zip(grid, [4, 3, 2, 1])))) == pytest.approx(5e-4)  # bottom pick: one halving down
-    assert next_lr(trials(dict(zip(grid, [1, 4, 3, 2])))) is None  # an inside pick ends the search
-    assert next_lr(trials({1e-3: 1.0})) is None  # one lr: no grid to extend
-    # the step is the grid's own end ratio, whatever order the trials were run in
-    assert next_lr(trials({3e-3: 2.0, 1e-3: 1.0})) == pytest.approx(9e-3)
+    assert next_lr(dict(zip(grid, [1, 2, 3, 4]))) == pytest.approx(1.6e-2)  # top pick: one more doubling up
+    assert next_lr(dict(zip(grid, [4, 3, 2, 1]))) == pytest.approx(5e-4)  # bottom pick: one halving down
+    assert next_lr(dict(zip(grid, [1, 4, 3, 2]))) is None  # an inside pick ends the search
+    assert next_lr({1e-3: 1.0}) is None  # one lr: no grid to extend
+    assert next_lr({3e-3: 2.0, 1e-3: 1.0}) == pytest.approx(9e-3)  # the grid's own end ratio, in any order
+    assert next_lr({1e-3: 0.5, 2e-3: 1.0, 4e-3: 1.0}) is None  # a tie goes to the smaller lr: inside here
+
+    def searched(curve, extend):  # score rising with lr up to a peak at 3.2e-2
+        ran = []
+        found = search_lr_grid(grid, lambda lr: ran.append(lr) or {"lr": lr, "s": -abs(lr - 3.2e-2)},
+                               lambda t: t["s"], extend)
+        return found, ran
+
+    found, ran = searched(None, 2)
+    assert ran == [1e-3, 2e-3, 4e-3, 8e-3, 0.016, 0.032] and found["extended"] == [0.016, 0.032]
+    assert found["chosen_lr"] == 0.032 and found["at_grid_edge"]  # the limit reached: the pick is still the top
+    assert [t["lr"] for t in found["trials"]] == found["grid"] == sorted(found["grid"])
+    found, ran = searched(None, 3)
+    assert ran[-1] == 0.064 and found["chosen_lr"] == 0.032 and not found["at_grid_edge"]
+    found, ran = searched(None, 0)
+    assert ran == grid and found["chosen_lr"] == 8e-3 and found["at_grid_edge"] and found["extended"] == []
 
 
 def test_converter_fit_smoke(tmp_path):
