@@ -175,13 +175,17 @@ def arm_configs(cfg: SpeedupConfig, plan: dict, arm: str, seed: int, lr: float, 
 def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, seed: int, lr: float, out_dir: Path,
             eval_data: Path, eval_every: int, final: bool = True) -> dict:
     """Train one arm through ``vpgtrans.stages.transfer.transfer``; its curve on the samples grid with the
-    training seconds at each point; with ``final``, its final bundle scored on the eval splits."""
+    training seconds at each point; with ``final``, its final bundle scored on the eval splits. The bundles go
+    to ``out_dir.PID`` (one process's: a killed run's leftovers or another process training the same run are
+    never in the way) and are deleted once scored: the returned record is the run."""
     from vpgtrans.evaluate import evaluate
     from vpgtrans.stages.transfer import transfer
 
     world = Path(zoo["world"])
     kwargs = arm_configs(cfg, plan, arm, seed, lr, eval_every)
     source = zoo[kwargs.pop("source")]
+    out_dir = out_dir.with_name(f"{out_dir.name}.{os.getpid()}")
+    shutil.rmtree(out_dir, ignore_errors=True)
     load = os.getloadavg()
     started = time.perf_counter()
     summary = transfer(source, zoo[target], world / "caption_train", out_dir, eval_data=eval_data, force=True, **kwargs)
@@ -207,6 +211,7 @@ def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, se
                                 max_new_tokens=cfg.max_new_tokens)["scores"],
             "vqa": evaluate(bundle, world / "vqa_eval", max_samples=cfg.final_eval_samples, batch_size=50,
                             max_new_tokens=min(8, cfg.max_new_tokens))["scores"]}
+    shutil.rmtree(out_dir)
     return run
 
 

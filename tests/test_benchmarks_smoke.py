@@ -244,6 +244,8 @@ def test_transfer_speedup_smoke(tmp_path):
                            "--work-dir", str(tmp_path / "runs")])
     saved = json.loads(out.read_text())
     cfg, plan = saved["config"], saved["plan"]
+    # the records are the runs: no run's bundles are left behind (a killed run's would be in a later run's way)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["caption_dev", "records"]
     arms = {(r["target"], r["arm"], r["seed"]) for r in saved["runs"]}
     assert arms == {("llama-s", arm, 0) for arm in (*transfer_speedup.ARMS, *transfer_speedup.ABLATIONS)}
     assert (plan["n_train"], plan["epoch_steps"]) == (16, 16 // cfg["batch_size"])
