@@ -236,3 +236,11 @@ def search_lr_grid(grid: list[float], trial, score, extend: int) -> dict:
     chosen = max(lrs, key=lambda lr: score(trials[lr]))
     return {"trials": [trials[lr] for lr in lrs], "chosen_lr": chosen, "grid": lrs, "extended": added,
             "at_grid_edge": len(lrs) > 1 and chosen in (lrs[0], lrs[-1])}
+
+
+def without_times(record):
+    """``record`` with every key naming seconds left out, at any depth: a rebuilt zoo is the same zoo, so a
+    record's identity must not depend on how long it took to build."""
+    if isinstance(record, dict):
+        return {k: without_times(v) for k, v in record.items() if "seconds" not in k}
+    return [without_times(v) for v in record] if isinstance(record, list) else record

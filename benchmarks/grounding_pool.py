@@ -16,22 +16,30 @@ same order per seed, evaluated every ``eval_every`` steps on the same eval rows 
 - **qformer**: ``--connector linear``: projector warm-up for ``warmup_steps`` at 5x ``lr``, then VPG +
   projector at ``lr`` cosine to lr/2 (the vpgtrans recipe's shape).
 
-Reported per arm (mean, min, max over seeds): final acc_iou50, mean IoU, unparseable answers, trainable
+**Learning rates**: each arm gets its own, from its grid (``pool_lrs``, ``qformer_lrs``), by the final
+acc_iou50 on a **dev** split (``n_dev`` scenes of their own seed, never the eval split; ties: the smaller
+lr, then mean IoU) of one run with seed ``search_seed`` (not a measured seed) and the arm's full budget;
+where the pick is an end of the grid the grid is extended one step of its end ratio, up to
+``lr_grid_extend`` times (``benchmarks.common.search_lr_grid``). The search is in the JSON.
+
+Reported per arm (mean, std, min, max over seeds): final acc_iou50, mean IoU, unparseable answers, trainable
 parameters, seconds, steps to reach ``target_accuracy``; and the centre-box and largest-object baselines
-of the eval rows. Budgets and learning rates are fixed in ``GroundingConfig`` before any run.
+of the eval rows. With ``--work-dir``, every finished run and search trial is recorded there and read back
+by a later call with the same protocol (``benchmarks.common.RunRecords``): a killed run resumes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine_info, result_config, result_parser, save_result
+from benchmarks.common import (RunRecords, machine_info, result_config, result_parser, save_result, search_lr_grid,
+                               spread, without_times)
 
 ARMS = ("pool", "qformer")
 
@@ -44,67 +52,86 @@ class GroundingConfig:
     target: str = "llama-s"
     n_train: int = 3000
     n_eval: int = 150
+    n_dev: int = 150  # the lr search's split
     pool_size: int = 3  # zoo-v2's ViT: 48 px / patch 8 = a 6x6 grid -> 3x3 = 9 tokens (the Q-Former has 12)
     batch_size: int = 16
     steps: int = 600  # optimizer steps of every arm, warm-up included
     warmup_steps: int = 60
-    lr: float = 1e-3
+    pool_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
+    qformer_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])  # vpgtrans recipe: 1e-4 (x16/...)
+    lr_grid_extend: int = 1
+    search_seed: int = 100
     eval_every: int = 100
     target_accuracy: float = 0.5
     max_new_tokens: int = 24
 
 
-SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1, "eval_every": 1,
-         "max_new_tokens": 4}
+SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "n_dev": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1,
+         "eval_every": 1, "max_new_tokens": 4, "pool_lrs": [1e-3, 3e-3], "qformer_lrs": [1e-3], "lr_grid_extend": 0}
 
 
-def _stage_config(trainable: list[str], lr: float, min_lr: float | None, steps: int, seed: int, cfg: GroundingConfig):
+def _stage_config(trainable: list[str], lr: float, min_lr: float | None, steps: int, seed: int, cfg: GroundingConfig,
+                  eval_every: int):
     from vpgtrans.config import TrainConfig
 
     return TrainConfig(trainable=trainable, lr=lr, min_lr=min_lr, max_steps=steps, batch_size=cfg.batch_size, seed=seed,
-                       eval_every=cfg.eval_every, eval_max_samples=cfg.n_eval, max_new_tokens=cfg.max_new_tokens)
+                       eval_every=eval_every, eval_max_samples=max(cfg.n_eval, cfg.n_dev),
+                       max_new_tokens=cfg.max_new_tokens)
 
 
-def run_arm(arm: str, seed: int, zoo: dict, splits: dict, work: Path, cfg: GroundingConfig) -> dict:
-    """One arm, one seed: inherit, two stages, the combined eval curve and the final scores."""
+def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path, cfg: GroundingConfig,
+            scored_on: str = "grounding_eval", search: bool = False) -> dict:
+    """One arm, one seed, one lr: inherit, two stages, the combined curve on ``scored_on`` and the final
+    scores there. ``search``: an lr-search trial, scored at the end only."""
     from vpgtrans.config import InheritConfig
     from vpgtrans.stages.inherit import inherit
     from vpgtrans.stages.train import run_stage
 
-    out = work / f"{arm}-seed{seed}"
+    import shutil
+
+    out = work / f"{arm}-seed{seed}-lr{lr:g}.{os.getpid()}"  # this process's: never a killed run's leftovers
+    shutil.rmtree(out, ignore_errors=True)
+    every = cfg.steps if search else cfg.eval_every
     if arm == "pool":
         inherit_config = InheritConfig(connector="infmllm", seed=seed, visual_options={"pool_size": cfg.pool_size})
-        stages = [("align", _stage_config(["pool_adapter"], cfg.lr, None, cfg.warmup_steps, seed, cfg)),
-                  ("multitask", _stage_config(["ln_vision", "pool_adapter"], cfg.lr, cfg.lr / 2,
-                                              cfg.steps - cfg.warmup_steps, seed, cfg))]
+        stages = [("align", _stage_config(["pool_adapter"], lr, None, cfg.warmup_steps, seed, cfg, every)),
+                  ("multitask", _stage_config(["ln_vision", "pool_adapter"], lr, lr / 2,
+                                              cfg.steps - cfg.warmup_steps, seed, cfg, every))]
     else:
         inherit_config = InheritConfig(connector="linear", seed=seed)
-        stages = [("warmup", _stage_config(["connector"], 5 * cfg.lr, None, cfg.warmup_steps, seed, cfg)),
-                  ("finetune", _stage_config(["vpg", "connector"], cfg.lr, cfg.lr / 2, cfg.steps - cfg.warmup_steps,
-                                             seed, cfg))]
+        stages = [("warmup", _stage_config(["connector"], 5 * lr, None, cfg.warmup_steps, seed, cfg, every)),
+                  ("finetune", _stage_config(["vpg", "connector"], lr, lr / 2, cfg.steps - cfg.warmup_steps,
+                                             seed, cfg, every))]
     started = time.perf_counter()
     bundle = inherit(zoo["source"], zoo[cfg.target], out / "inherit", inherit_config, force=True)
     curve, offset = [], 0
     for name, config in stages:
         bundle = run_stage(bundle, splits["grounding_train"], out / name, config, name,
-                           eval_data=splits["grounding_eval"], force=True)
+                           eval_data=splits[scored_on], force=True)
         manifest = json.loads((bundle / "manifest.json").read_text())
         curve += [{"step": p["step"] + offset, "acc_iou50": p["acc_iou50"], "mean_iou": p["mean_iou"]}
                   for p in manifest["curve"] if not (curve and p["step"] == 0)]
         offset += manifest["metrics"]["train"]["steps"]
     final = manifest["metrics"]["eval"]
     reached = next((p["step"] for p in curve if p["acc_iou50"] >= cfg.target_accuracy), None)
-    return {"arm": arm, "seed": seed, "curve": curve,
+    shutil.rmtree(out)  # the record is the run
+    return {"arm": arm, "seed": seed, "lr": lr, "scored_on": scored_on, "curve": curve,
             "final": {k: final[k] for k in ("acc_iou50", "mean_iou", "parsed", "unparseable")},
             "trainable_params": manifest["metrics"]["train"]["trainable"], "steps": offset,
             "seconds": round(time.perf_counter() - started, 1), "steps_to_target": reached}
 
 
-def _spread(values: list) -> dict:
-    known = [v for v in values if v is not None]
-    if not known:
-        return {"mean": None, "min": None, "max": None, "missing": len(values)}
-    return {"mean": statistics.fmean(known), "min": min(known), "max": max(known), "missing": len(values) - len(known)}
+def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: GroundingConfig, records: RunRecords) -> dict:
+    """The arm's lr: the best final dev acc_iou50 (then mean IoU; ties: the smaller lr) over its grid."""
+    def trial(lr: float) -> dict:
+        return records.get(f"search-{arm}-{lr:g}", lambda: run_arm(arm, cfg.search_seed, lr, zoo, splits,
+                                                                   work / "search", cfg, "grounding_dev", True))
+
+    grid = cfg.pool_lrs if arm == "pool" else cfg.qformer_lrs
+    found = search_lr_grid(grid, trial, lambda t: (t["final"]["acc_iou50"], t["final"]["mean_iou"]), cfg.lr_grid_extend)
+    found["trials"] = [{"lr": t["lr"], **t["final"], "seconds": t["seconds"]} for t in found["trials"]]
+    return {"arm": arm, "split": "grounding_dev", "seed": cfg.search_seed,
+            "criterion": "final dev acc_iou50, then mean IoU", **found}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -112,9 +139,10 @@ def summarize(runs: list[dict]) -> dict:
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
     return {arm: {"seeds": [r["seed"] for r in rs],
-                  **{key: _spread([r["final"][key] for r in rs]) for key in ("acc_iou50", "mean_iou", "unparseable")},
-                  "trainable_params": rs[0]["trainable_params"], "seconds": _spread([r["seconds"] for r in rs]),
-                  "steps_to_target": _spread([r["steps_to_target"] for r in rs])}
+                  **{key: spread([r["final"][key] for r in rs]) for key in ("acc_iou50", "mean_iou", "unparseable")},
+                  "lr": rs[0]["lr"], "trainable_params": rs[0]["trainable_params"],
+                  "seconds": spread([r["seconds"] for r in rs]),
+                  "steps_to_target": spread([r["steps_to_target"] for r in rs])}
             for arm, rs in by_arm.items()}
 
 
@@ -141,7 +169,9 @@ def plot(result: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("grounding_pool", __doc__, "tiny random models, a few steps: plumbing only", GroundingConfig)
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs' bundles here (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="record every finished run and lr-search trial here and reuse them (resume); "
+                             "default: a temp dir, nothing kept")
     parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
     args = parser.parse_args(argv)
     cfg = result_config(args, GroundingConfig, SMOKE)
@@ -150,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
     logging.getLogger("vpgtrans").setLevel(logging.WARNING)
     from vpgtrans.data import load_rows
-    from vpgtrans.demo.grounding_world import make_grounding_world
+    from vpgtrans.demo.grounding_world import make_grounding_world, make_split
     from vpgtrans.grounding import grounding_baselines
 
     started = time.perf_counter()
@@ -164,11 +194,22 @@ def main(argv: list[str] | None = None) -> dict:
             from vpgtrans.demo.zoo2 import build_zoo_v2
 
             zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
-        splits = make_grounding_world(work / "splits", cfg.n_train, cfg.n_eval, seed=cfg.zoo_seed)
+        splits = make_grounding_world(work / f"splits.{os.getpid()}", cfg.n_train, cfg.n_eval, seed=cfg.zoo_seed)
+        splits["grounding_dev"] = make_split(work / f"splits.{os.getpid()}" / "grounding_dev", cfg.n_dev,
+                                             cfg.zoo_seed + 20_000)
         baselines = grounding_baselines(list(load_rows(splits["grounding_eval"])[0]))
-        runs = [run_arm(arm, seed, zoo, splits, work / "runs", cfg) for seed in cfg.seeds for arm in cfg.arms]
+        protocol = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "arms", "lr_grid_extend", "pool_lrs",
+                                                                        "qformer_lrs")}
+        records = RunRecords(work / "records" if args.work_dir else None,
+                             {"protocol": protocol,
+                              "zoo": without_times(json.loads((Path(zoo["root"]) / "zoo.json").read_text()))})
+        search = {arm: search_lr(arm, zoo, splits, work, cfg, records) for arm in cfg.arms}
+        runs = [records.get(f"{arm}-seed{seed}-lr{search[arm]['chosen_lr']:g}",
+                            lambda: run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg))
+                for seed in cfg.seeds for arm in cfg.arms]
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "baselines": baselines, "runs": runs, "summary": summarize(runs),
+              "baselines": baselines, "lr_search": search, "runs": runs, "summary": summarize(runs),
+              "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},
               "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("grounding_pool", args, result, plot)
     print(json.dumps({"baselines": baselines, "summary": result["summary"]}, indent=2))

@@ -66,7 +66,7 @@ from pathlib import Path
 from benchmarks import curves
 from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_libraries, require_matplotlib,
                                result_config, result_parser, save_result, search_lr_grid, spread,
-                               write_docs_section, zoo_v2)
+                               without_times, write_docs_section, zoo_v2)
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
@@ -493,13 +493,8 @@ def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     protocol = {k: v for k, v in asdict(cfg).items()
                 if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
 
-    def timeless(record):  # a rebuilt zoo is the same zoo: build times are not part of what it is
-        if isinstance(record, dict):
-            return {k: timeless(v) for k, v in record.items() if "seconds" not in k}
-        return [timeless(v) for v in record] if isinstance(record, list) else record
-
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
-    return {"protocol": protocol, "zoo": timeless(zoo_record), "stage1": timeless(zoo.get("stage1_record"))}
+    return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record"))}
 
 
 def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False,

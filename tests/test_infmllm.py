@@ -314,10 +314,24 @@ def test_grounding_world_names_one_object_by_attributes(tmp_path):
 def test_grounding_benchmark_smoke(tmp_path):
     from benchmarks.grounding_pool import main
 
-    result = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g.json")])
+    work = tmp_path / "work"
+    result = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g.json"), "--work-dir", str(work)])
     assert json.loads((tmp_path / "g.json").read_text())["smoke"] is True
     assert set(result["summary"]) == {"pool", "qformer"} and result["baselines"]["largest_object"]["n"] == 6
     assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2]
+    # each arm's lr from its own grid, by final dev accuracy; the measured runs train at the chosen lr
+    search = result["lr_search"]
+    assert search["pool"]["grid"] == [1e-3, 3e-3] and search["qformer"]["grid"] == [1e-3]
+    for arm, found in search.items():
+        assert found["split"] == "grounding_dev" and found["seed"] == 100
+        best = max(found["trials"], key=lambda t: (t["acc_iou50"], t["mean_iou"]))
+        assert found["chosen_lr"] == best["lr"] and {r["lr"] for r in result["runs"] if r["arm"] == arm} == {best["lr"]}
+        assert all(t["parsed"] + t["unparseable"] == 6 for t in found["trials"])  # scored on the 6 dev rows
+    assert {r["scored_on"] for r in result["runs"]} == {"grounding_eval"}
+    # a second call on the same work dir trains nothing: the 3 trials and 2 runs are read back, equal
+    again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work)])
+    assert again["records"]["reused"] == 5 and result["records"]["reused"] == 0
+    assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
 
 
 def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp_path):
