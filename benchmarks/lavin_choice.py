@@ -19,7 +19,8 @@ Each arm gets its own learning-rate search: every lr of its grid (``lavin_lrs`` 
 text-only, ``blip2_lrs`` for blip2: five lrs a factor ~3 apart, one decade more than the first run's
 three-lr grids, whose picks all sat at the lower edge) trains with seed ``seeds[0]`` and is scored on a
 **dev** split (its own seed, disjoint from train and eval) at the end of training only (no eval curve, no
-generation: what the pick needs); the best dev accuracy picks the lr, then every seed trains at that lr
+generation: what the pick needs); the best dev accuracy (``accuracy``, the summed-likelihood pick; its
+length-normalised ``accuracy_norm`` is recorded beside it) picks the lr, then every seed trains at that lr
 and is scored on the eval split. Nothing is tuned on the eval split. A pick at either end of its grid is
 worth a wider grid (``lr_search.<arm>.chosen_at_edge`` says so). Cost: 24 trainings (15 search trials, 9 runs) instead of the first run's 18, the
 trials now without eval curve and generation; estimated (not measured) at 1.0-1.35x the first run's
@@ -35,18 +36,22 @@ token. The option words (``red``, ``circle``, ``top-left``) are the words the LL
 prompt still lists lettered options (``Options: (A) red (B) blue``). ``--choice-answer letter`` runs the
 first run's protocol.
 
-Answers are read by **likelihood** (``eval --choice-scoring likelihood``, lm-evaluation-harness's ``acc``):
-the option whose ``The answer is ...`` the model finds most likely (the summed log-probability: the shared
-``The answer is`` counts the same for every option; with ``text``, an option of fewer tokens is favoured —
-the harness's ``acc``, not its length-normalised ``acc_norm``). Generation accuracy and the unparseable
-count are reported beside it.
+Answers are read by **likelihood** (``eval --choice-scoring likelihood``), two picks from one forward pass:
+``accuracy`` (lm-evaluation-harness's ``acc``) is the option whose ``The answer is ...`` has the highest
+summed log-probability (the shared ``The answer is`` counts the same for every option; with ``text``, an
+option of fewer tokens is favoured: ``top`` over ``top-left``); ``accuracy_norm`` (the harness's ``acc_norm``)
+is the option with the highest log-probability of its own tokens (after ``The answer is``) per UTF-8 byte of
+its text, which removes that bias. Generation accuracy and the unparseable count are reported beside them.
 
 Reported per arm (mean, min, max over seeds): final accuracy on image questions, on text-only questions
-and overall, the same by generation with its unparseable answers, trainable parameters, wall seconds,
-and the optimizer steps to reach ``target_accuracy`` overall on the eval curve (None when never reached).
-Per run, ``predicted_options``: how often each option was answered on the eval split, by position
-(``A``, ``B``, ..., ``unparseable``) and by option text, for likelihood and for generation; the summary's
-``top_position_share`` is the share of answers on the most answered position (1.0: one constant answer;
+and overall, summed and length-normalised (``accuracy_norm``, ``accuracy_norm_image``,
+``accuracy_norm_text``), the same by generation with its unparseable answers, trainable parameters, wall
+seconds, and the optimizer steps to reach ``target_accuracy`` overall (``accuracy``) on the eval curve (None
+when never reached; the curve has ``accuracy_norm`` too). Per run, ``predicted_options``: how often each
+option was answered on the eval split, by position (``A``, ``B``, ..., ``unparseable``) and by option text,
+for likelihood (``likelihood``, ``likelihood_norm``) and for generation; the summary's
+``top_position_share`` (``top_position_share_norm``, ``generated_top_position_share``) is the share of
+answers on the most answered position (1.0: one constant answer;
 unparseable answers count in the total, never as a position), to be read beside the eval split's own
 answer distribution (``eval_answers``).
 """
@@ -131,8 +136,8 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
     seconds = time.perf_counter() - started
     final = Path(summary["final_bundle"])
     manifest = json.loads((final / "manifest.json").read_text())
-    curve = [{"step": p["step"], "accuracy": p["accuracy"], "accuracy_image": p.get("accuracy_image")}
-             for p in summary["curve"]]
+    curve = [{"step": p["step"], "accuracy": p["accuracy"], "accuracy_image": p.get("accuracy_image"),
+              "accuracy_norm": p.get("accuracy_norm")} for p in summary["curve"]]
     reached = next((p["step"] for p in curve if p["accuracy"] >= cfg.target_accuracy), None)
     steps = sum(metrics["train"]["steps"] for name, metrics in summary["metrics"].items() if name != "inherit")
     scores, predicted = final_scores(final, splits, scored_on, text, cfg, generate=not search)
@@ -144,9 +149,10 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
 def final_scores(bundle: Path, splits: dict, split: str, text: bool, cfg: ChoiceConfig,
                  generate: bool = True) -> tuple[dict, dict]:
     """Scores on ``split``'s questions, split by whether the question came with an image (the text-only
-    arm sees none, but its image questions are still the image questions): by likelihood, and by
-    generation (``generated_*``, with the unparseable answers; unless not ``generate``); and, for each,
-    the histogram of the options answered (``vpgtrans.multiple_choice.option_histogram``)."""
+    arm sees none, but its image questions are still the image questions): by likelihood (summed, and
+    length-normalised as ``accuracy_norm*``), and by generation (``generated_*``, with the unparseable
+    answers; unless not ``generate``); and, for each pick, the histogram of the options answered
+    (``vpgtrans.multiple_choice.option_histogram``; ``likelihood``, ``likelihood_norm``, ``generate``)."""
     from vpgtrans import load_model
     from vpgtrans.data import load_rows
     from vpgtrans.evaluate import evaluate_model
@@ -160,9 +166,12 @@ def final_scores(bundle: Path, splits: dict, split: str, text: bool, cfg: Choice
         result = evaluate_model(model, rows, "multiple-choice", batch_size=32, max_new_tokens=cfg.max_new_tokens,
                                 choice_scoring=how, choice_answer=cfg.choice_answer)
         references = [{**ref, "image": image} for ref, image in zip(result["references"], had_image)]
+        norm = result.get("predictions_norm")  # (likelihood only)
         scores.update({prefix + k: v for k, v in
-                       multiple_choice_scores(result["predictions"], references, cfg.choice_answer).items()})
+                       multiple_choice_scores(result["predictions"], references, cfg.choice_answer, norm).items()})
         predicted[how] = option_histogram(result["predictions"], references, cfg.choice_answer)
+        if norm is not None:
+            predicted[how + "_norm"] = option_histogram(norm, references, cfg.choice_answer)
     return scores, predicted
 
 
@@ -187,7 +196,8 @@ def top_share(histogram: dict) -> float | None:
 
 
 def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> tuple[float, list[dict]]:
-    """The arm's lr: the best final dev accuracy over its grid, seed ``seeds[0]`` (ties: the smaller lr)."""
+    """The arm's lr: the best final dev accuracy over its grid, seed ``seeds[0]`` (ties: the smaller lr). The
+    summed-likelihood ``accuracy`` decides, as before ``accuracy_norm`` was recorded beside it."""
     grid = cfg.blip2_lrs if arm == "blip2" else cfg.lavin_lrs
     trials = [run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg, scored_on="dev", search=True)
               for lr in sorted(grid)]
@@ -214,8 +224,11 @@ def summarize(runs: list[dict]) -> dict:
     return {arm: {"seeds": [r["seed"] for r in rs],
                   "lr": rs[0]["lr"],
                   **{key: _spread([r["final"][key] for r in rs]) for key in
-                     ("accuracy", "accuracy_image", "accuracy_text", "generated_accuracy", "generated_unparseable")},
+                     ("accuracy", "accuracy_image", "accuracy_text", "accuracy_norm", "accuracy_norm_image",
+                      "accuracy_norm_text", "generated_accuracy", "generated_unparseable")},
                   "top_position_share": _spread([top_share(r["predicted_options"]["likelihood"]) for r in rs]),
+                  "top_position_share_norm": _spread([top_share(r["predicted_options"]["likelihood_norm"])
+                                                      for r in rs]),
                   "generated_top_position_share": _spread([top_share(r["predicted_options"]["generate"]) for r in rs]),
                   "trainable_params": rs[0]["trainable_params"],
                   "seconds": _spread([r["seconds"] for r in rs]),
@@ -273,8 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
         eval_answers = answer_histogram(splits["eval"], cfg)
     lr_search = {arm: {"chosen": lr, "chosen_at_edge": _at_edge(lr, [t["lr"] for t in trials]),
                        "trials": [{"lr": t["lr"],
-                                   **{k: t["final"][k] for k in ("accuracy", "accuracy_image", "accuracy_text")},
-                                   "predicted_options": t["predicted_options"]["likelihood"]} for t in trials]}
+                                   **{k: t["final"][k] for k in ("accuracy", "accuracy_image", "accuracy_text",
+                                                                 "accuracy_norm", "accuracy_norm_image",
+                                                                 "accuracy_norm_text")},
+                                   "predicted_options": t["predicted_options"]["likelihood"],
+                                   "predicted_options_norm": t["predicted_options"]["likelihood_norm"]}
+                                  for t in trials]}
                  for arm, (lr, trials) in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
               "lr_search": lr_search, "eval_answers": eval_answers, "runs": runs, "summary": summarize(runs),

@@ -24,6 +24,8 @@ def test_lavin_choice_smoke(tmp_path):
         assert final["samples"] == cfg["n_eval"] and final["samples_image"] + final["samples_text"] == cfg["n_eval"]
         reached = [p["step"] for p in run["curve"] if p["accuracy"] >= cfg["target_accuracy"]]
         assert run["steps_to_target"] == (reached[0] if reached else None)
+        assert all(0 <= p["accuracy_norm"] <= 1 for p in run["curve"])  # the eval points' length-normalised pick
+        assert run["curve"][-1]["accuracy_norm"] == final["accuracy_norm"]  # (the same rows, the same bundle)
     # The text-only arm's image questions are the lavin arm's image questions (asked without the image).
     assert by_arm["text-only"]["final"]["samples_image"] == by_arm["lavin"]["final"]["samples_image"] > 0
     # Same architecture for lavin and text-only; the BLIP-2 arm trains the VPG + projector instead.
@@ -31,6 +33,7 @@ def test_lavin_choice_smoke(tmp_path):
     assert by_arm["blip2"]["trainable_params"] != by_arm["lavin"]["trainable_params"]
     for arm, block in saved["summary"].items():
         assert block["accuracy_image"]["mean"] == pytest.approx(by_arm[arm]["final"]["accuracy_image"])
+        assert block["accuracy_norm_image"]["mean"] == pytest.approx(by_arm[arm]["final"]["accuracy_norm_image"])
         assert block["generated_unparseable"]["mean"] == by_arm[arm]["final"]["generated_unparseable"]
         assert by_arm[arm]["final"]["unparseable"] == 0  # likelihood scoring always names an option
         # The lr search ran on the dev split and chose the lr every seed then trained with.
@@ -42,7 +45,7 @@ def test_lavin_choice_smoke(tmp_path):
     assert cfg["choice_answer"] == "text"
     letters = {"A", "B", "C", "unparseable"}
     for run in saved["runs"]:
-        for how, prefix in (("likelihood", ""), ("generate", "generated_")):
+        for how, prefix in (("likelihood", ""), ("likelihood_norm", ""), ("generate", "generated_")):
             histogram = run["predicted_options"][how]
             assert set(histogram["by_position"]) <= letters and sum(histogram["by_position"].values()) == cfg["n_eval"]
             assert histogram["by_position"].get("unparseable", 0) == run["final"][prefix + "unparseable"]
@@ -54,5 +57,7 @@ def test_lavin_choice_smoke(tmp_path):
     assert sum(answers["by_position"].values()) == cfg["n_eval"] and "unparseable" not in answers["by_position"]
     for trial in (t for search in saved["lr_search"].values() for t in search["trials"]):
         assert sum(trial["predicted_options"]["by_position"].values()) == cfg["n_dev"]
+        assert sum(trial["predicted_options_norm"]["by_position"].values()) == cfg["n_dev"]
+        assert {"accuracy_norm", "accuracy_norm_image", "accuracy_norm_text"} <= set(trial)
     assert (tmp_path / "work" / "runs" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()
     assert (tmp_path / "work" / "search" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()

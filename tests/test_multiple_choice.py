@@ -13,7 +13,7 @@ from vpgtrans.cli import app
 from vpgtrans.demo.choices import make_choice_split, strip_images
 from vpgtrans.errors import VpgtransError
 from vpgtrans.multiple_choice import (format_question, multiple_choice_scores, option_histogram, parse_answer,
-                                      parse_text_answer, read_answer, target_text)
+                                      parse_text_answer, per_byte, read_answer, target_text)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -85,6 +85,29 @@ def test_text_scores_read_the_options_and_need_them():
     assert option_histogram(predictions, references, "text") == {
         "by_position": {"A": 2, "unparseable": 1}, "by_value": {"red": 1, "small": 1, "unparseable": 1}}
     assert option_histogram(["B", "B", "x"], [{"num_choices": 2}] * 3) == {"by_position": {"B": 2, "unparseable": 1}}
+
+
+def test_per_byte_divides_by_the_options_utf8_bytes():
+    # "né" is 2 characters but 3 bytes: per byte "top" (3 bytes) wins, per character "né" would (-1.5 / 2)
+    assert per_byte([-2.0, -1.5, -2.4], ["top", "né", "top-left"]) == [-2.0 / 3, -1.5 / 3, -2.4 / 8]
+    assert per_byte([-1.0], ["ü"]) == [-0.5]
+
+
+def test_scores_of_the_length_normalised_picks():
+    references = [{"answer": 0, "num_choices": 2, "choices": ["top", "top-left"], "image": True},
+                  {"answer": 1, "num_choices": 2, "choices": ["top", "top-left"], "image": True},
+                  {"answer": 1, "num_choices": 3, "choices": ["red", "dark red", "blue"], "image": False}]
+    predictions = ["The answer is top", "The answer is top", "The answer is red"]  # right, wrong, wrong
+    predictions_norm = ["The answer is top-left", "The answer is top-left", "The answer is dark red"]
+    scores = multiple_choice_scores(predictions, references, "text", predictions_norm)
+    assert scores == {"accuracy": 1 / 3, "accuracy_image": 1 / 2, "accuracy_text": 0.0,
+                      "accuracy_norm": 2 / 3, "accuracy_norm_image": 1 / 2, "accuracy_norm_text": 1.0,
+                      "unparseable": 0, "unparseable_rate": 0.0, "samples": 3, "samples_image": 2, "samples_text": 1}
+    assert "accuracy_norm" not in multiple_choice_scores(predictions, references, "text")  # generation: no second pick
+    assert multiple_choice_scores(predictions[:2], references[:2], "text", predictions_norm[:2])["accuracy_norm_text"] \
+        is None
+    with pytest.raises(VpgtransError, match="2 length-normalised predictions for 3 references"):
+        multiple_choice_scores(predictions, references, "text", predictions_norm[:2])
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +257,94 @@ def test_likelihood_scoring_ranks_options_by_the_models_own_loss(choices, tiny, 
     assert result["scores"]["accuracy"] == sum(e == r["answer"] for e, r in zip(expected, rows)) / len(rows)
 
 
-def test_eval_choice_scoring_on_the_cli(choices, inherited):
+# Options of very different lengths in bytes (one not ASCII), so that the summed and the per-byte picks differ.
+LONG_AND_SHORT = [["red", "a big blue circle on the left", "né"], ["the top-left corner", "top", "a small square"],
+                  ["big", "blé noir", "square"]]
+
+
+@pytest.mark.parametrize("target, choice_answer", [("llama", "text"), ("t5", "text"), ("opt", "letter")])
+def test_likelihood_scoring_also_picks_by_log_probability_per_byte(choices, tiny, tmp_path, target, choice_answer):
+    """lm-evaluation-harness's ``acc_norm`` beside its ``acc``, from the same forward pass, checked against a
+    plain forward of each option's sequence alone: ``summed`` is the log-softmax of the target tokens
+    summed; ``per_byte`` sums only the tokens after ``The answer is`` (the option's words and the end of the
+    answer) and divides by the option's length in UTF-8 bytes. The picks are the argmaxes of the two; on
+    these options they differ on some rows (text answers), and never with one-letter answers."""
+    import torch
+
+    from vpgtrans import load_model
+    from vpgtrans.collate import Collator
+    from vpgtrans.data import load_rows
+    from vpgtrans.evaluate import evaluate_model
+    from vpgtrans.prompting import IGNORE_INDEX
+    from vpgtrans.stages.inherit import inherit
+
+    model = load_model(inherit(tiny["source"], tiny[target], tmp_path / "bundle"), device="cpu")
+    rows = list(load_rows(choices)[0])[:6]
+    if choice_answer == "text":  # (one-letter answers: the split's own options, short enough for OPT's 96 positions)
+        rows = [{**row, "choices": LONG_AND_SHORT[i % 3], "answer": i % 3} for i, row in enumerate(rows)]
+    collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
+                       model.image_processor, model.is_encoder_decoder, mode="train", choice_answer=choice_answer)
+    stated = model.tokenizer(("" if model.is_encoder_decoder else " ") + "The answer is", add_special_tokens=False)
+    stated = stated["input_ids"]
+    summed, normalised = [[] for _ in rows], [[] for _ in rows]
+    with torch.no_grad():
+        for row, total, per in zip(rows, summed, normalised):
+            for option, words in enumerate(row["choices"]):
+                one = collate([{**row, "answer": option}])
+                labels = one["labels"][0]
+                logits = model(one["input_ids"], one["pixel_values"], one["attention_mask"], labels=one["labels"])
+                logits = logits.logits[0]
+                if not model.is_encoder_decoder:  # the logits at t are for the token at t + 1
+                    logits, labels = logits[:-1], labels[1:]
+                at = (labels != IGNORE_INDEX).nonzero().flatten()
+                token_log_probs = torch.log_softmax(logits[at].double(), dim=-1)[torch.arange(len(at)), labels[at]]
+                assert labels[at][:len(stated)].tolist() == stated
+                said = words if choice_answer == "text" else "ABC"[option]
+                total.append(float(token_log_probs.sum()))
+                per.append(float(token_log_probs[len(stated):].sum()) / len(said.encode("utf-8")))
+    result = evaluate_model(model, rows, "multiple-choice", choice_scoring="likelihood", choice_answer=choice_answer)
+    for ours, total, per in zip(result["choice_scores"], summed, normalised):
+        assert ours["summed"] == pytest.approx(total, abs=1e-4) and ours["per_byte"] == pytest.approx(per, abs=1e-4)
+    best = [max(range(len(scores)), key=scores.__getitem__) for scores in summed]
+    best_norm = [max(range(len(scores)), key=scores.__getitem__) for scores in normalised]
+    assert result["predictions"] == [target_text(b, r["choices"], choice_answer) for b, r in zip(best, rows)]
+    assert result["predictions_norm"] == [target_text(b, r["choices"], choice_answer) for b, r in zip(best_norm, rows)]
+    if choice_answer == "text":
+        assert best != best_norm  # the case acc_norm is for
+    else:  # one byte per option, the same "The answer is" in each: the same pick
+        assert best == best_norm
+    scores = result["scores"]
+    assert scores["accuracy"] == sum(b == r["answer"] for b, r in zip(best, rows)) / len(rows)
+    assert scores["accuracy_norm"] == sum(b == r["answer"] for b, r in zip(best_norm, rows)) / len(rows)
+    with_image = [r["image"] is not None for r in rows]
+    assert scores["accuracy_norm_image"] == sum(b == r["answer"] for b, r, i in zip(best_norm, rows, with_image) if i) \
+        / sum(with_image)
+
+
+def test_eval_choice_scoring_on_the_cli(choices, inherited, tmp_path):
+    """``eval --choice-scoring likelihood --json``: both accuracies in the report (the length-normalised one by
+    question kind too), recomputed from the ``--out`` samples, whose picks are the argmaxes of their options'
+    scores."""
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--max-samples", "4",
-                                 "--choice-scoring", "likelihood", "--json"])
+    out = tmp_path / "scores.json"
+    result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--max-samples", "8", "--json",
+                                 "--choice-scoring", "likelihood", "--choice-answer", "text", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["choice_scoring"] == "likelihood" and report["scores"]["unparseable"] == 0
-    assert report["scores"]["samples"] == 4
+    scores = report["scores"]
+    assert report["choice_scoring"] == "likelihood" and scores["unparseable"] == 0
+    assert scores["samples"] == 8 and 0 < scores["samples_image"] < 8
+    samples = json.loads(out.read_text())["samples"]
+    for key, pick, kind in (("accuracy", "prediction", None), ("accuracy_norm", "prediction_norm", None),
+                            ("accuracy_norm_image", "prediction_norm", True),
+                            ("accuracy_norm_text", "prediction_norm", False)):
+        chosen = [s for s in samples if kind is None or s["references"]["image"] == kind]
+        right = [parse_text_answer(s[pick], s["references"]["choices"]) == s["references"]["answer"] for s in chosen]
+        assert scores[key] == sum(right) / len(chosen), key
+    for sample in samples:
+        for pick, by in (("prediction", "summed"), ("prediction_norm", "per_byte")):
+            numbers = sample["choice_scores"][by]
+            assert parse_text_answer(sample[pick], sample["references"]["choices"]) == numbers.index(max(numbers))
     result = runner.invoke(app, ["eval", str(inherited), "--data", str(choices), "--choice-scoring", "vote"])
     assert result.exit_code == 2 and "--choice-scoring must be one of generate, likelihood" in result.output
 
@@ -284,6 +387,7 @@ def test_choice_answer_from_the_cli_and_a_config_file_reaches_training_and_eval(
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert {"accuracy", "accuracy_image", "accuracy_text", "unparseable"} <= set(report["scores"])
+        assert ("accuracy_norm" in report["scores"]) == ("likelihood" in options)  # generation has one pick
         return report["choice_answer"], report["choice_answer_from"]
 
     assert evaluate(tmp_path / "flag") == ("text", "bundle")

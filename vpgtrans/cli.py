@@ -721,7 +721,10 @@ def eval_(bundle: Annotated[Path, typer.Argument(help="Bundle to evaluate.")],
           = "regex",
           choice_scoring: Annotated[Literal[CHOICE_SCORING], typer.Option(help="multiple-choice: generate (parse the generated answer, "
                                                            "LaVIN's way) or likelihood (the option whose answer the "
-                                                           "model finds most likely).")] = "generate",
+                                                           "model finds most likely: accuracy by the summed "
+                                                           "log-probability, lm-eval's acc, and accuracy_norm by the "
+                                                           "option's log-probability per UTF-8 byte, its acc_norm).")]
+          = "generate",
           choice_answer: Annotated[Optional[Literal[CHOICE_ANSWERS]], typer.Option(
               help="multiple-choice: the answer format to read (generate) or score (likelihood): letter ('The "
                    "answer is B') or text ('The answer is <option>'). Default: the one the bundle was trained "

@@ -1,7 +1,8 @@
 """``eval``: generate with the bundle's prompt template and score — captions with CIDEr and BLEU-4
 (pycocoevalcap), VQA with the standard VQAv2 accuracy and exact match, grounding (box text
 ``x1,y1,x2,y2``) with accuracy at IoU >= 0.5 and mean IoU, multiple-choice with accuracy (by image / text-only)
-and the count of unparseable answers. Never writes into the bundle."""
+and the count of unparseable answers (by likelihood: also the length-normalised ``accuracy_norm``). Never
+writes into the bundle."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ from vpgtrans.prompting import clean_generation, stop_token_ids
 
 
 def score(task: str, predictions: list[str], references: list, tokenizer: str = "regex",
-          answer_types: list[str | None] | None = None, choice_answer: str = "letter") -> dict:
+          answer_types: list[str | None] | None = None, choice_answer: str = "letter",
+          predictions_norm: list[str] | None = None) -> dict:
     """The task's scores: caption -> CIDEr / BLEU; vqa -> VQA accuracy / EM (and by answer type when
     ``answer_types`` names any); grounding -> accuracy at
     IoU >= 0.5, mean IoU, parse rate (``references`` are the boxes); multiple-choice -> accuracy overall,
-    with / without an image, unparseable answers counted, the answers read in format ``choice_answer``."""
+    with / without an image, unparseable answers counted, the answers read in format ``choice_answer``
+    (and ``accuracy_norm*`` of ``predictions_norm``, likelihood scoring's length-normalised picks)."""
     from vpgtrans.grounding import grounding_accuracy
     from vpgtrans.metrics import caption_scores, vqa_scores
     from vpgtrans.multiple_choice import multiple_choice_scores
@@ -38,7 +41,7 @@ def score(task: str, predictions: list[str], references: list, tokenizer: str = 
     if task == "vqa":
         return vqa_scores(predictions, references, answer_types)
     if task == "multiple-choice":
-        return multiple_choice_scores(predictions, references, choice_answer)
+        return multiple_choice_scores(predictions, references, choice_answer, predictions_norm)
     return grounding_accuracy(predictions, references)
 
 
@@ -62,7 +65,8 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
     and ``indices``: the evaluated row (caption: image) each prediction is for. ``num_workers`` DataLoader
     workers decode the images. ``progress(done, total)``: called after each batch with the rows done so far.
     ``choice_scoring`` (multiple-choice only): "generate" parses the generated answer (LaVIN's way);
-    "likelihood" picks the option whose answer text the model finds most likely (see ``_rank_choices``).
+    "likelihood" picks the option whose answer text the model finds most likely, and also the most likely
+    per byte of the option (``predictions_norm``, scored as ``accuracy_norm``; see ``_rank_choices``).
     ``choice_answer`` (multiple-choice only): the answer's format, "letter" (``The answer is B``) or "text"
     (``The answer is <option>``), as parsed from the generation and as scored by likelihood."""
     rows = group_caption_rows(dataset) if task == "caption" else list(dataset)
@@ -103,9 +107,11 @@ def evaluate_model(model, dataset, task: str, batch_size: int = 16, max_samples:
 CHOICE_SCORING = ("generate", "likelihood")
 
 
-def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
-    """Sum over each sample's target tokens of log p(token | prompt, image, earlier tokens), from one
-    forward pass of a ``Collator(mode="train")`` batch (the training loss's own tokens and alignment)."""
+def answer_token_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_probs, labels)``, both (B, T): log p(token | prompt, image, earlier tokens) of each target token
+    of a ``Collator(mode="train")`` batch, from one forward pass (the training loss's own tokens and
+    alignment: for a decoder-only LLM both are shifted so that position t holds the token at t + 1);
+    ``log_probs`` is 0 and ``labels`` ``IGNORE_INDEX`` off the targets."""
     from vpgtrans.prompting import IGNORE_INDEX
 
     labels = batch["labels"]
@@ -114,36 +120,80 @@ def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
         logits, labels = logits[:, :-1], labels[:, 1:]
     chosen = labels != IGNORE_INDEX
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (log_probs * chosen).sum(dim=-1)
+    return log_probs * chosen, labels
+
+
+def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
+    """Sum over each sample's target tokens of log p(token | prompt, image, earlier tokens), from one
+    forward pass of a ``Collator(mode="train")`` batch (the training loss's own tokens and alignment)."""
+    return answer_token_log_probs(model, batch)[0].sum(dim=-1)
+
+
+def option_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, stated: list[int]) -> float:
+    """One option's log-likelihood without its leading ``The answer is``: the sum of ``log_probs`` (T,) over
+    its target tokens (``labels`` (T,) not ``IGNORE_INDEX``) after the first ``len(stated)``, which must be
+    ``stated`` (``The answer is`` as the target's tokenisation starts): the option's own tokens and the
+    template's end of answer (its suffix; EOS for a seq2seq LLM). Raises when the target starts otherwise
+    (a tokenizer that joins ``is`` with the option)."""
+    from vpgtrans.prompting import IGNORE_INDEX
+
+    ids, scores = labels[labels != IGNORE_INDEX].tolist(), log_probs[labels != IGNORE_INDEX]
+    if ids[:len(stated)] != stated or len(ids) == len(stated):
+        raise VpgtransError(f"likelihood scoring: an option's target tokens {ids} do not start with those of 'The "
+                            f"answer is' alone ({stated}), so its own log-likelihood (accuracy_norm) cannot be "
+                            "separated; use --choice-scoring generate")
+    return float(scores[len(stated):].sum())
 
 
 def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress, choice_answer: str = "letter") -> dict:
-    """Multiple-choice by likelihood (lm-evaluation-harness's ``acc``): each option's training target in
-    format ``choice_answer`` (``The answer is X`` / ``The answer is <option>``) is scored after the row's
-    prompt and image, and the most likely option is the prediction, written as that target so
-    ``multiple_choice_scores`` reads it. No answer is unparseable by construction (except between options
-    that are equal as text), so this measures what the model prefers, not whether it can say it; the prompts
-    are exactly the training prompts. The score is the summed log-probability of the target's tokens: the
-    shared ``The answer is`` adds the same to every option, so with "text" the options' own tokens decide,
-    and a shorter option (fewer tokens to pay for) is favoured (harness's ``acc``, not its length-normalised
-    ``acc_norm``). One forward pass per row (its options as one batch); rows whose image cannot be used are
-    skipped and counted as in generation."""
-    from vpgtrans.multiple_choice import target_text
+    """Multiple-choice by likelihood, two picks from one forward pass per row (its options as one batch):
 
+    - ``predictions`` (score ``accuracy``, lm-evaluation-harness's ``acc``): the option whose whole
+      training target in format ``choice_answer`` (``The answer is X`` / ``The answer is <option>``, + the
+      template's suffix) has the highest summed log-probability after the row's prompt and image. The shared
+      ``The answer is`` adds the same to every option, so the options' own tokens decide, and with "text" a
+      shorter option (fewer tokens to pay for) is favoured.
+    - ``predictions_norm`` (``accuracy_norm``, the harness's length-normalised ``acc_norm``): the option
+      with the highest ``option_log_likelihood / len(option_text.encode("utf-8"))``, where
+      ``option_log_likelihood`` sums the same tokens' log-probabilities without the leading ``The answer is``
+      (the harness scores a choice after a context, which is where that prefix belongs) and
+      ``option_text`` is what follows ``The answer is`` (the letter, or the option's words, stripped). The
+      harness divides by ``len(choice)`` in characters for ``acc_norm`` and in UTF-8 bytes for
+      ``acc_bytes``: these agree on ASCII options; this is the byte count. With "letter" every option is
+      one byte and the dropped prefix scores the same in every option, so the two picks agree.
+
+    Each pick is written as that option's target, so ``multiple_choice_scores`` reads it; ``choice_scores``
+    has each row's per-option numbers, ``{"summed": [...], "per_byte": [...]}``. No answer is
+    unparseable by construction (except between options that are equal as text), so this measures what the
+    model prefers, not whether it can say it; the prompts are exactly the training prompts. Ties go to the
+    first option. Rows whose image cannot be used are skipped and counted as in generation."""
+    from vpgtrans.multiple_choice import STATED, option_text, per_byte, target_text
+    from vpgtrans.prompting import target_ids
+
+    # The ids every option's target starts with (the collator scores multiple choice as a VQA answer).
+    stated = target_ids(model.tokenizer, model.template, "vqa", STATED, model.is_encoder_decoder, end=False)
     collate = Collator(model.tokenizer, model.template, "multiple-choice", model.num_image_tokens,
                        model.image_processor, model.is_encoder_decoder, mode="train", stats=stats,
                        choice_answer=choice_answer)
     device = next(model.visual.parameters()).device
     was_training = model.training
     model.eval()
-    predictions, references, indices = [], [], []
+    predictions, predictions_norm, choice_scores, references, indices = [], [], [], [], []
     for done, row in enumerate(rows, 1):
-        batch = collate([{**row, "answer": i} for i in range(len(row["choices"]))])
+        options = range(len(row["choices"]))
+        batch = collate([{**row, "answer": i} for i in options])
         if batch:
             indices.append(done - 1)
             batch = {k: v if v is None else v.to(device) for k, v in batch.items()}
-            best = int(answer_log_likelihoods(model, batch).argmax())
+            log_probs, labels = answer_token_log_probs(model, batch)  # (options, T)
+            summed = log_probs.sum(dim=-1)
+            best = int(summed.argmax())
+            own = [option_log_likelihood(log_probs[i], labels[i], stated) for i in options]
+            normalised = per_byte(own, [option_text(i, row["choices"], choice_answer) for i in options])
+            best_norm = max(options, key=normalised.__getitem__)  # (the first of equals, as argmax)
+            choice_scores.append({"summed": summed.tolist(), "per_byte": normalised})
             predictions.append(target_text(best, row["choices"], choice_answer))
+            predictions_norm.append(target_text(best_norm, row["choices"], choice_answer))
             references.append({"answer": row["answer"], "num_choices": len(row["choices"]),
                                "choices": list(row["choices"]), "image": row.get("image") is not None})
         if progress is not None:
@@ -151,8 +201,10 @@ def _rank_choices(model, rows: list[dict], stats: LoadStats | None, progress, ch
     model.train(was_training)
     if not predictions:
         raise VpgtransError("no sample could be evaluated: every image was unreadable")
-    return {"scores": score("multiple-choice", predictions, references, choice_answer=choice_answer),
-            "predictions": predictions, "references": references, "indices": indices}
+    return {"scores": score("multiple-choice", predictions, references, choice_answer=choice_answer,
+                            predictions_norm=predictions_norm),
+            "predictions": predictions, "predictions_norm": predictions_norm, "choice_scores": choice_scores,
+            "references": references, "indices": indices}
 
 
 def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: int = 16,
@@ -240,6 +292,9 @@ def evaluate(bundle_dir: Path, data: Path, task: str | None = None, batch_size: 
         from vpgtrans.outputs import output_errors
 
         samples = [{"prediction": p, "references": r} for p, r in zip(result["predictions"], result["references"])]
+        if "predictions_norm" in result:  # likelihood scoring: the length-normalised pick and every option's scores
+            for sample, prediction, scores in zip(samples, result["predictions_norm"], result["choice_scores"]):
+                sample.update(prediction_norm=prediction, choice_scores=scores)
         if found_task == "vqa":  # which question each answer is for, where the rows say (VQAv2's id and type)
             for sample, row in zip(samples, (dataset[i] for i in result["indices"])):
                 sample.update({key: row[key] for key in VQA_KEYS if row.get(key) is not None})

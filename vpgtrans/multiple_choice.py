@@ -61,10 +61,24 @@ def format_question(row: dict) -> str:
     return f"{row['question'].strip()}{f' Context: {context}' if context else ''} Options: {options}"
 
 
+def option_text(answer: int, choices: list[str], choice_answer: str = "letter") -> str:
+    """What the target of option ``answer`` states after ``The answer is``: its letter, or its own words."""
+    check_choice_answer(choice_answer)
+    return LETTERS[answer] if choice_answer == "letter" else choices[answer].strip()
+
+
 def target_text(answer: int, choices: list[str], choice_answer: str = "letter") -> str:
     """The training target of option ``answer`` (and what likelihood scoring scores for each option)."""
-    check_choice_answer(choice_answer)
-    return f"{STATED} {LETTERS[answer] if choice_answer == 'letter' else choices[answer].strip()}"
+    return f"{STATED} {option_text(answer, choices, choice_answer)}"
+
+
+def per_byte(log_likelihoods: list[float], options: list[str]) -> list[float]:
+    """Each option's log-likelihood divided by the length of its text in UTF-8 bytes: the score of
+    lm-evaluation-harness's length-normalised pick. The harness computes ``pred_norm = np.argmax(lls /
+    completion_len)`` with ``completion_len = [float(len(i)) for i in choices]`` for ``acc_norm`` (Python
+    characters) and ``byte_length = [float(len(i.encode("utf-8"))) for i in choices]`` for ``acc_bytes``;
+    this is the byte length, the same number as ``acc_norm``'s for ASCII options."""
+    return [ll / len(option.encode("utf-8")) for ll, option in zip(log_likelihoods, options)]
 
 
 def parse_answer(text: str, num_choices: int) -> int | None:
@@ -139,30 +153,44 @@ def option_histogram(predictions: list[str], references: list[dict], choice_answ
     return histogram
 
 
-def multiple_choice_scores(predictions: list[str], references: list[dict], choice_answer: str = "letter") -> dict:
+def multiple_choice_scores(predictions: list[str], references: list[dict], choice_answer: str = "letter",
+                           predictions_norm: list[str] | None = None) -> dict:
     """Accuracy overall and split by samples with / without an image; unparseable answers are wrong and
     counted (``unparseable``). ``references[i]``: ``{"answer": index, "num_choices": n, "image": bool}``, and
-    ``"choices"`` (the options) when ``choice_answer`` is "text"."""
+    ``"choices"`` (the options) when ``choice_answer`` is "text". ``predictions_norm`` (likelihood scoring:
+    the length-normalised picks, one per prediction) adds their accuracy as ``accuracy_norm``,
+    ``accuracy_norm_image``, ``accuracy_norm_text``."""
     check_choice_answer(choice_answer)
     if len(predictions) != len(references):
         raise VpgtransError(f"{len(predictions)} predictions for {len(references)} references")
+    if predictions_norm is not None and len(predictions_norm) != len(references):
+        raise VpgtransError(f"{len(predictions_norm)} length-normalised predictions for {len(references)} references")
     if not predictions:
         raise VpgtransError("no multiple-choice sample to score")
     right = {True: 0, False: 0}
+    right_norm = {True: 0, False: 0}
     total = {True: 0, False: 0}
     unparseable = {True: 0, False: 0}
-    for prediction, reference in zip(predictions, references):
+    for i, (prediction, reference) in enumerate(zip(predictions, references)):
         with_image = bool(reference["image"])
         parsed = read_answer(prediction, reference, choice_answer)
         total[with_image] += 1
         unparseable[with_image] += parsed is None
         right[with_image] += parsed == reference["answer"]
+        if predictions_norm is not None:
+            picked = read_answer(predictions_norm[i], reference, choice_answer)
+            right_norm[with_image] += picked == reference["answer"]
 
     def rate(count: int, of: int) -> float | None:
         return count / of if of else None
 
     n = total[True] + total[False]
-    return {"accuracy": (right[True] + right[False]) / n,
-            "accuracy_image": rate(right[True], total[True]), "accuracy_text": rate(right[False], total[False]),
-            "unparseable": unparseable[True] + unparseable[False], "unparseable_rate": (unparseable[True] + unparseable[False]) / n,
+    scores = {"accuracy": (right[True] + right[False]) / n,
+              "accuracy_image": rate(right[True], total[True]), "accuracy_text": rate(right[False], total[False])}
+    if predictions_norm is not None:
+        scores.update({"accuracy_norm": (right_norm[True] + right_norm[False]) / n,
+                       "accuracy_norm_image": rate(right_norm[True], total[True]),
+                       "accuracy_norm_text": rate(right_norm[False], total[False])})
+    return {**scores, "unparseable": unparseable[True] + unparseable[False],
+            "unparseable_rate": (unparseable[True] + unparseable[False]) / n,
             "samples": n, "samples_image": total[True], "samples_text": total[False]}

@@ -86,11 +86,15 @@ def prompt_ids(tokenizer, template: PromptTemplate, task: str, num_query_tokens:
 
 
 def target_ids(tokenizer, template: PromptTemplate, task: str, target: str,
-               is_encoder_decoder: bool = False) -> list[int]:
-    """The target continuation as ids: a leading space after a VQA prompt, then the suffix."""
+               is_encoder_decoder: bool = False, end: bool = True) -> list[int]:
+    """The target continuation as ids: a leading space after a VQA prompt, then the suffix (and a seq2seq
+    LLM's EOS). ``end`` False: without suffix and EOS, the ids a longer target that starts with ``target``
+    and a space starts with (for a tokenizer that splits words at spaces)."""
     target = target.strip()
     if task in ("vqa", "grounding") and not is_encoder_decoder:
         target = " " + target  # "Answer: red", as BLIP-2 tokenises prompt and answer together
+    if not end:
+        return tokenizer(target, add_special_tokens=False)["input_ids"]
     ids = tokenizer(target + template.target_suffix, add_special_tokens=False)["input_ids"]
     if is_encoder_decoder and tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]

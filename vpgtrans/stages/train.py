@@ -58,10 +58,14 @@ def _eval_point(accelerator, core, eval_set, config: TrainConfig, step: int, sam
                                     max_new_tokens=config.max_new_tokens, stats=stats,
                                     choice_scoring=config.choice_scoring, choice_answer=config.choice_answer,
                                     num_workers=num_workers)
-    shards = gather_object([(result["predictions"], result["references"])])  # one (preds, refs) per process
-    predictions = [p for preds, _ in shards for p in preds]  # rows with an unreadable image are not in them
-    references = [r for _, refs in shards for r in refs]
-    scores = score(task, predictions, references, choice_answer=config.choice_answer)
+    # One (preds, refs, length-normalised preds: likelihood scoring's second pick, else none) per process.
+    shards = gather_object([(result["predictions"], result["references"], result.get("predictions_norm", []))])
+    predictions = [p for preds, _, _ in shards for p in preds]  # rows with an unreadable image are not in them
+    references = [r for _, refs, _ in shards for r in refs]
+    normalised = task == "multiple-choice" and config.choice_scoring == "likelihood"
+    predictions_norm = [p for _, _, norms in shards for p in norms] if normalised else None
+    scores = score(task, predictions, references, choice_answer=config.choice_answer,
+                   predictions_norm=predictions_norm)
     point = {"step": step, "samples": samples, **{k: v for k, v in scores.items() if k != "n"}}
     if accelerator.is_main_process:
         log.info("eval @ step %d: %s", step, point)
