@@ -21,10 +21,12 @@ three-lr grids, whose picks all sat at the lower edge) trains with seed ``seeds[
 **dev** split (its own seed, disjoint from train and eval) at the end of training only (no eval curve, no
 generation: what the pick needs); the best dev accuracy (``accuracy``, the summed-likelihood pick; its
 length-normalised ``accuracy_norm`` is recorded beside it) picks the lr, then every seed trains at that lr
-and is scored on the eval split. Nothing is tuned on the eval split. A pick at either end of its grid is
-worth a wider grid (``lr_search.<arm>.chosen_at_edge`` says so). Cost: 24 trainings (15 search trials, 9 runs) instead of the first run's 18, the
-trials now without eval curve and generation; estimated (not measured) at 1.0-1.35x the first run's
-1,384 s.
+and is scored on the eval split. Nothing is tuned on the eval split. A pick at either end of its grid
+extends the grid one step of its end ratio, up to ``lr_grid_extend`` times (the same rule for every arm,
+``benchmarks.common.search_lr_grid``); ``lr_search.<arm>.chosen_at_edge`` says whether the final pick still
+sits at an end. Cost: 24 trainings (15 search trials, 9 runs) and up to 3 extension trials, instead of the
+first run's 18, the trials without eval curve and generation; estimated (not measured) at 1.0-1.5x the
+first run's 1,384 s.
 
 **Answer format** (``choice_answer``, default ``text``): the models are trained to answer, and scored
 on, ``The answer is <the option's words>`` (``--choice-answer text``), not LaVIN's ``The answer is <letter>``.
@@ -60,13 +62,13 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine_info, result_config, result_parser, save_result
+from benchmarks.common import machine_info, result_config, result_parser, save_result, search_lr_grid, spread
 
 ARMS = ("lavin", "blip2", "text-only")
 
@@ -87,6 +89,7 @@ class ChoiceConfig:
     lavin_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     blip2_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3, 3e-3])  # vpgtrans recipe: 1e-4
     n_dev: int = 120  # the lr search's split
+    lr_grid_extend: int = 1  # lrs added beyond an edge pick, each one step of the grid's end ratio further
     eval_every: int = 50
     target_accuracy: float = 0.6
     max_new_tokens: int = 24
@@ -94,7 +97,7 @@ class ChoiceConfig:
 
 
 SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "n_dev": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1,
-         "eval_every": 1, "max_new_tokens": 4, "lavin_lrs": [1e-2], "blip2_lrs": [1e-3]}
+         "eval_every": 1, "max_new_tokens": 4, "lavin_lrs": [1e-2], "blip2_lrs": [1e-3], "lr_grid_extend": 0}
 
 
 def make_splits(root: Path, cfg: ChoiceConfig) -> dict[str, Path]:
@@ -130,6 +133,7 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
         configs = {"finetune_config": stage("lavin", "finetune").config(lr=lr, max_steps=cfg.steps, **common)}
         inherit_config = InheritConfig(connector="lavin", seed=seed)
     out = work / f"{arm}-seed{seed}-lr{lr:g}"
+    shutil.rmtree(out, ignore_errors=True)  # a killed earlier run's leftovers would stop transfer
     started = time.perf_counter()
     summary = transfer(zoo["source"], zoo[cfg.target], train, out, eval_data=None if search else evaluation,
                        inherit_config=inherit_config, force=True, **configs)
@@ -195,26 +199,14 @@ def top_share(histogram: dict) -> float | None:
     return max(named) / sum(counts.values()) if named else None
 
 
-def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> tuple[float, list[dict]]:
-    """The arm's lr: the best final dev accuracy over its grid, seed ``seeds[0]`` (ties: the smaller lr). The
-    summed-likelihood ``accuracy`` decides, as before ``accuracy_norm`` was recorded beside it."""
+def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: ChoiceConfig) -> dict:
+    """The arm's lr: the best final dev accuracy over its grid, extended beyond an edge pick up to
+    ``lr_grid_extend`` times, seed ``seeds[0]`` (ties: the smaller lr). The summed-likelihood ``accuracy``
+    decides, as before ``accuracy_norm`` was recorded beside it."""
     grid = cfg.blip2_lrs if arm == "blip2" else cfg.lavin_lrs
-    trials = [run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg, scored_on="dev", search=True)
-              for lr in sorted(grid)]
-    best = max(trials, key=lambda t: t["final"]["accuracy"])  # max keeps the first (smallest lr) of equals
-    return best["lr"], trials
-
-
-def _at_edge(chosen: float, grid: list[float]) -> bool | None:
-    """Whether the lr search picked the smallest or largest lr of its grid (None: a grid of one lr)."""
-    return chosen in (min(grid), max(grid)) if len(set(grid)) > 1 else None
-
-
-def _spread(values: list) -> dict:
-    known = [v for v in values if v is not None]
-    if not known:
-        return {"mean": None, "min": None, "max": None, "missing": len(values)}
-    return {"mean": statistics.fmean(known), "min": min(known), "max": max(known), "missing": len(values) - len(known)}
+    return search_lr_grid(sorted(grid), lambda lr: run_arm(arm, cfg.seeds[0], lr, zoo, splits, work / "search", cfg,
+                                                           scored_on="dev", search=True),
+                          lambda t: t["final"]["accuracy"], cfg.lr_grid_extend)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -223,16 +215,16 @@ def summarize(runs: list[dict]) -> dict:
         by_arm.setdefault(run["arm"], []).append(run)
     return {arm: {"seeds": [r["seed"] for r in rs],
                   "lr": rs[0]["lr"],
-                  **{key: _spread([r["final"][key] for r in rs]) for key in
+                  **{key: spread([r["final"][key] for r in rs]) for key in
                      ("accuracy", "accuracy_image", "accuracy_text", "accuracy_norm", "accuracy_norm_image",
                       "accuracy_norm_text", "generated_accuracy", "generated_unparseable")},
-                  "top_position_share": _spread([top_share(r["predicted_options"]["likelihood"]) for r in rs]),
-                  "top_position_share_norm": _spread([top_share(r["predicted_options"]["likelihood_norm"])
+                  "top_position_share": spread([top_share(r["predicted_options"]["likelihood"]) for r in rs]),
+                  "top_position_share_norm": spread([top_share(r["predicted_options"]["likelihood_norm"])
                                                       for r in rs]),
-                  "generated_top_position_share": _spread([top_share(r["predicted_options"]["generate"]) for r in rs]),
+                  "generated_top_position_share": spread([top_share(r["predicted_options"]["generate"]) for r in rs]),
                   "trainable_params": rs[0]["trainable_params"],
-                  "seconds": _spread([r["seconds"] for r in rs]),
-                  "steps_to_target": _spread([r["steps_to_target"] for r in rs])}
+                  "seconds": spread([r["seconds"] for r in rs]),
+                  "steps_to_target": spread([r["steps_to_target"] for r in rs])}
             for arm, rs in by_arm.items()}
 
 
@@ -281,18 +273,19 @@ def main(argv: list[str] | None = None) -> dict:
             zoo = build_zoo(args.cache_dir, seed=cfg.zoo_seed)
         splits = make_splits(work / "splits", cfg)
         search = {arm: search_lr(arm, zoo, splits, work, cfg) for arm in cfg.arms}
-        runs = [run_arm(arm, seed, search[arm][0], zoo, splits, work / "runs", cfg)
+        runs = [run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg)
                 for seed in cfg.seeds for arm in cfg.arms]
         eval_answers = answer_histogram(splits["eval"], cfg)
-    lr_search = {arm: {"chosen": lr, "chosen_at_edge": _at_edge(lr, [t["lr"] for t in trials]),
+    lr_search = {arm: {"chosen": found["chosen_lr"], "grid": found["grid"], "extended": found["extended"],
+                       "chosen_at_edge": found["at_grid_edge"] if len(found["grid"]) > 1 else None,
                        "trials": [{"lr": t["lr"],
                                    **{k: t["final"][k] for k in ("accuracy", "accuracy_image", "accuracy_text",
                                                                  "accuracy_norm", "accuracy_norm_image",
                                                                  "accuracy_norm_text")},
                                    "predicted_options": t["predicted_options"]["likelihood"],
                                    "predicted_options_norm": t["predicted_options"]["likelihood_norm"]}
-                                  for t in trials]}
-                 for arm, (lr, trials) in search.items()}
+                                  for t in found["trials"]]}
+                 for arm, found in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
               "lr_search": lr_search, "eval_answers": eval_answers, "runs": runs, "summary": summarize(runs),
               "seconds": round(time.perf_counter() - started, 1)}
