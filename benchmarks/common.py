@@ -206,6 +206,17 @@ def spread(values: list[float | None]) -> dict:
             "min": min(present), "max": max(present), "n": len(present), "missing": len(values) - len(present)}
 
 
+def fmt_spread(block: dict, digits: int = 3) -> str:
+    """A ``spread`` block as a table cell: ``mean (min–max)``, the count of seeds without a value, or
+    "never" when none has one."""
+    if block["mean"] is None:
+        return "never"
+    text = f"{block['mean']:.{digits}f}"
+    if block["max"] != block["min"]:
+        text += f" ({block['min']:.{digits}f}–{block['max']:.{digits}f})"
+    return text + (f", {block['missing']} never" if block.get("missing") else "")
+
+
 def next_lr(scores: dict[float, float]) -> float | None:
     """The lr to try next when the best of ``scores`` (lr -> score, higher is better; ties: the smaller lr)
     sits at an end of the searched grid: one step of the grid's own end ratio beyond that end; ``None`` when

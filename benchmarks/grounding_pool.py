@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.common import (RunRecords, machine_info, result_config, result_parser, save_result, search_lr_grid,
-                               spread, without_times)
+                               fmt_spread, spread, without_times, write_docs_section)
 
 ARMS = ("pool", "qformer")
 
@@ -146,6 +146,36 @@ def summarize(runs: list[dict]) -> dict:
             for arm, rs in by_arm.items()}
 
 
+DOCS_BEGIN, DOCS_END = "<!-- grounding_pool:begin -->", "<!-- grounding_pool:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The ``docs/benchmarks.md`` section, from a result JSON: the arms over seeds beside the baselines."""
+    cfg = result["config"]
+    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.grounding_pool --write-docs` from "
+             "`benchmarks/results/grounding_pool.json`; do not edit by hand.*", "",
+             f"Run: {result.get('finished', '?')}, {result['machine']['cpu']}, torch {result['machine']['torch']}; "
+             f"{result['seconds']:.0f} s in all; target `{cfg['target']}`, {cfg['steps']} steps of batch "
+             f"{cfg['batch_size']} on {cfg['n_train']} training scenes, scored on {cfg['n_eval']} eval scenes; seeds "
+             f"{cfg['seeds']}. Means over seeds (min–max).", "",
+             "| arm | lr (dev search) | accuracy at IoU ≥ 0.5 | mean IoU | unparseable | steps to "
+             f"{cfg['target_accuracy']:g} | trainable parameters | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for arm, block in result["summary"].items():
+        search = result["lr_search"][arm]
+        lr = f"{block['lr']:g}" + (" (grid edge)" if search["at_grid_edge"] else "")
+        lines.append(f"| {arm} | {lr} | {fmt_spread(block['acc_iou50'])} | {fmt_spread(block['mean_iou'])} | "
+                     f"{fmt_spread(block['unparseable'], 1)} | {fmt_spread(block['steps_to_target'], 0)} | "
+                     f"{block['trainable_params']:,} | {fmt_spread(block['seconds'], 0)} |")
+    for name, base in result["baselines"].items():
+        value = {k: "n/a" if base[k] is None else f"{base[k]:.3f}" for k in ("acc_iou50", "mean_iou")}
+        lines.append(f"| baseline: {name.replace('_', ' ')} | — | {value['acc_iou50']} | {value['mean_iou']} | — | — "
+                     "| 0 | — |")
+    lines += ["", "lr search (final dev accuracy at IoU ≥ 0.5 per lr): " + "; ".join(
+        f"{arm} " + ", ".join(f"{t['lr']:g}: {t['acc_iou50']:.3f}" for t in found["trials"])
+        for arm, found in result["lr_search"].items()) + ".", "", DOCS_END]
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> Path:
     from benchmarks.common import require_matplotlib
 
@@ -172,8 +202,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="record every finished run and lr-search trial here and reuse them (resume); "
                              "default: a temp dir, nothing kept")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, regenerate the grounding section of docs/benchmarks.md from its JSON")
+    parser.add_argument("--docs-from", type=Path, default=None,
+                        help="only regenerate the docs section from this result JSON (no run)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
     args = parser.parse_args(argv)
+    if args.docs_from is not None:
+        result = json.loads(args.docs_from.read_text())
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
+        return result
     cfg = result_config(args, GroundingConfig, SMOKE)
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
@@ -210,8 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
               "baselines": baselines, "lr_search": search, "runs": runs, "summary": summarize(runs),
               "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},
+              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("grounding_pool", args, result, plot)
+    if args.write_docs and not args.smoke:
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
     print(json.dumps({"baselines": baselines, "summary": result["summary"]}, indent=2))
     print(f"written to {path}")
     return result

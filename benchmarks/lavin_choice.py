@@ -68,7 +68,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine_info, result_config, result_parser, save_result, search_lr_grid, spread
+from benchmarks.common import (fmt_spread, machine_info, result_config, result_parser, save_result, search_lr_grid,
+                               spread, write_docs_section)
 
 ARMS = ("lavin", "blip2", "text-only")
 
@@ -228,6 +229,37 @@ def summarize(runs: list[dict]) -> dict:
             for arm, rs in by_arm.items()}
 
 
+DOCS_BEGIN, DOCS_END = "<!-- lavin_choice:begin -->", "<!-- lavin_choice:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The ``docs/benchmarks.md`` table of a result JSON: every arm over seeds, with its lr search."""
+    cfg = result["config"]
+    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.lavin_choice --write-docs` from "
+             "`benchmarks/results/lavin_choice.json`; do not edit by hand.*", "",
+             f"Run: {result.get('finished', '?')}, {result['machine']['cpu']}, torch {result['machine']['torch']}; "
+             f"{result['seconds']:.0f} s in all; answers `{cfg['choice_answer']}`, read by likelihood; target "
+             f"`{cfg['target']}`, {cfg['steps']} steps of batch {cfg['batch_size']}; eval {cfg['n_eval']} questions; "
+             f"seeds {cfg['seeds']}. Means over seeds (min–max); *norm* = the length-normalised pick.", "",
+             "| arm | trainable parameters | lr (dev accuracy per lr) | accuracy, image questions | "
+             "image, norm | accuracy, text-only questions | accuracy, all | all, norm | generated: unparseable "
+             "| most answered position's share | seconds |", "|" + "---|" * 11]
+    for arm, block in result["summary"].items():
+        search = result["lr_search"][arm]
+        trials = ", ".join(f"{t['lr']:g}: {t['accuracy']:.3f}" for t in search["trials"])
+        edge = ", grid edge" if search.get("chosen_at_edge") else ""
+        lines.append(f"| {arm} | {block['trainable_params']:,} | {search['chosen']:g}{edge} ({trials}) | "
+                     f"{fmt_spread(block['accuracy_image'])} | {fmt_spread(block['accuracy_norm_image'])} | "
+                     f"{fmt_spread(block['accuracy_text'])} | {fmt_spread(block['accuracy'])} | "
+                     f"{fmt_spread(block['accuracy_norm'])} | {fmt_spread(block['generated_unparseable'], 1)} | "
+                     f"{fmt_spread(block['top_position_share'], 2)} | {fmt_spread(block['seconds'], 0)} |")
+    answers = result["eval_answers"]["by_position"]
+    lines += ["", "The eval split's right answers by position: " + ", ".join(
+        f"{k} {v}" for k, v in sorted(answers.items())) + f" (always answering the commonest position scores "
+        f"{max(answers.values()) / sum(answers.values()):.3f}).", "", DOCS_END]
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> Path:
     from benchmarks.common import require_matplotlib
 
@@ -249,8 +281,16 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = result_parser("lavin_choice", __doc__, "tiny random models, a few steps: plumbing only", ChoiceConfig)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs' bundles here (default: a temp dir)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, regenerate the table in docs/benchmarks.md from its JSON")
+    parser.add_argument("--docs-from", type=Path, default=None,
+                        help="only regenerate the docs table from this result JSON (no run)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default $VPGTRANS_CACHE or ~/.cache/vpgtrans)")
     args = parser.parse_args(argv)
+    if args.docs_from is not None:
+        result = json.loads(args.docs_from.read_text())
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
+        return result
     cfg = result_config(args, ChoiceConfig, SMOKE)
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
@@ -288,8 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
                  for arm, found in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
               "lr_search": lr_search, "eval_answers": eval_answers, "runs": runs, "summary": summarize(runs),
+              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("lavin_choice", args, result, plot)
+    if args.write_docs and not args.smoke:
+        print(f"wrote {write_docs_section(markdown(result), DOCS_BEGIN, DOCS_END)}")
     print(json.dumps(result["summary"], indent=2))
     print(f"written to {path}")
     return result

@@ -78,6 +78,7 @@ INIT = {"scratch": "stage1-pretrained", "scratch-random": "random", "vpgtrans": 
 SEARCHED = ARMS  # ablations take the vpgtrans arm's lr
 MEASURES = ("epochs", "samples", "seconds")
 METRIC = "cider"
+LOADED = 3.0  # a run started above this 1-minute load average shared the 2 cores with other work
 DOCS_BEGIN, DOCS_END = "<!-- transfer_speedup:begin -->", "<!-- transfer_speedup:end -->"
 PAPER_MEASURE = ("epochs for TFS to reach its best score ÷ epochs for VPGTrans to beat it, with the warm-up "
                  "counted as one whole epoch")
@@ -441,6 +442,14 @@ def _run_time(result: dict) -> str:
     if records.get("reused"):
         text += (f"; {records['reused']} runs were recorded by earlier or parallel processes of the same protocol "
                  f"and zoo (`RunRecords`) and read back; each run's own load average is in the JSON")
+    loads = [(r["loadavg_before"][0], f"{r['target']} {r['arm']} s{r['seed']}") for r in result["runs"]
+             if r.get("loadavg_before")]
+    if loads:  # the seconds measure depends on what else ran: say how loaded the machine was, run by run
+        busy = [name for load, name in loads if load > LOADED]
+        text += (f". 1-minute load average at the start of the measured runs: {min(l for l, _ in loads):.2f}–"
+                 f"{max(l for l, _ in loads):.2f} (one torch thread per process, two processes: ~2 is a full "
+                 f"machine); {len(busy)} of {len(loads)} runs started above {LOADED:g}"
+                 + (f" ({', '.join(busy)}): their seconds are inflated by other work" if busy else ""))
     return text
 
 

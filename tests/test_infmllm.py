@@ -332,6 +332,16 @@ def test_grounding_benchmark_smoke(tmp_path):
     again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work)])
     assert again["records"]["reused"] == 5 and result["records"]["reused"] == 0
     assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
+    # the docs section is the result's numbers
+    from benchmarks.grounding_pool import DOCS_BEGIN, DOCS_END, markdown
+
+    text = markdown(result)
+    assert text.startswith(DOCS_BEGIN) and text.endswith(DOCS_END)
+    for arm, block in result["summary"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {arm} |"))
+        assert f"| {block['acc_iou50']['mean']:.3f} |" in row and f"{block['trainable_params']:,}" in row
+    centre = result["baselines"]["centre_box"]["acc_iou50"]
+    assert f"| baseline: centre box | — | {centre:.3f} |" in text
 
 
 def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp_path):

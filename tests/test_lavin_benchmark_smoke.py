@@ -59,5 +59,11 @@ def test_lavin_choice_smoke(tmp_path):
         assert sum(trial["predicted_options"]["by_position"].values()) == cfg["n_dev"]
         assert sum(trial["predicted_options_norm"]["by_position"].values()) == cfg["n_dev"]
         assert {"accuracy_norm", "accuracy_norm_image", "accuracy_norm_text"} <= set(trial)
+    # the docs table is the result's numbers
+    text = lavin_choice.markdown(saved)
+    assert text.startswith(lavin_choice.DOCS_BEGIN) and text.endswith(lavin_choice.DOCS_END)
+    for arm, block in saved["summary"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {arm} |"))
+        assert f"| {block['accuracy_image']['mean']:.3f} |" in row and f"{block['trainable_params']:,}" in row
     assert (tmp_path / "work" / "runs" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()
     assert (tmp_path / "work" / "search" / "lavin-seed0-lr0.01" / "finetune" / "mma.safetensors").is_file()
