@@ -206,6 +206,15 @@ def spread(values: list[float | None]) -> dict:
             "min": min(present), "max": max(present), "n": len(present), "missing": len(values) - len(present)}
 
 
+def docs_preamble(name: str, begin: str, result: dict, details: str) -> list[str]:
+    """The first lines of a generated ``docs/benchmarks.md`` section: its marker, where it comes from, and
+    when and on what the run ran (``details``: the protocol in a sentence)."""
+    machine = result["machine"]
+    return [begin, "", f"*Written by `python -m benchmarks.{name} --write-docs` from `benchmarks/results/{name}.json`; "
+            "do not edit by hand.*", "", f"Run: {result.get('finished', '?')}, {machine['cpu']}, torch "
+            f"{machine['torch']}; {result['seconds']:.0f} s in all; {details}", ""]
+
+
 def fmt_spread(block: dict, digits: int = 3) -> str:
     """A ``spread`` block as a table cell: ``mean (min–max)``, the count of seeds without a value, or
     "never" when none has one."""

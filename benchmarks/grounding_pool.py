@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.common import (RunRecords, machine_info, result_config, result_parser, save_result, search_lr_grid,
-                               fmt_spread, spread, without_times, write_docs_section)
+                               docs_preamble, fmt_spread, spread, without_times,
+                               write_docs_section)
 
 ARMS = ("pool", "qformer")
 
@@ -152,14 +153,12 @@ DOCS_BEGIN, DOCS_END = "<!-- grounding_pool:begin -->", "<!-- grounding_pool:end
 def markdown(result: dict) -> str:
     """The ``docs/benchmarks.md`` section, from a result JSON: the arms over seeds beside the baselines."""
     cfg = result["config"]
-    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.grounding_pool --write-docs` from "
-             "`benchmarks/results/grounding_pool.json`; do not edit by hand.*", "",
-             f"Run: {result.get('finished', '?')}, {result['machine']['cpu']}, torch {result['machine']['torch']}; "
-             f"{result['seconds']:.0f} s in all; target `{cfg['target']}`, {cfg['steps']} steps of batch "
-             f"{cfg['batch_size']} on {cfg['n_train']} training scenes, scored on {cfg['n_eval']} eval scenes; seeds "
-             f"{cfg['seeds']}. Means over seeds (min–max).", "",
-             "| arm | lr (dev search) | accuracy at IoU ≥ 0.5 | mean IoU | unparseable | steps to "
-             f"{cfg['target_accuracy']:g} | trainable parameters | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = docs_preamble("grounding_pool", DOCS_BEGIN, result,
+                          f"target `{cfg['target']}`, {cfg['steps']} steps of batch {cfg['batch_size']} on "
+                          f"{cfg['n_train']} training scenes, scored on {cfg['n_eval']} eval scenes; seeds "
+                          f"{cfg['seeds']}. Means over seeds (min–max).")
+    lines += ["| arm | lr (dev search) | accuracy at IoU ≥ 0.5 | mean IoU | unparseable | steps to "
+              f"{cfg['target_accuracy']:g} | trainable parameters | seconds |", "|---|---|---|---|---|---|---|---|"]
     for arm, block in result["summary"].items():
         search = result["lr_search"][arm]
         lr = f"{block['lr']:g}" + (" (grid edge)" if search["at_grid_edge"] else "")

@@ -68,8 +68,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import (fmt_spread, machine_info, result_config, result_parser, save_result, search_lr_grid,
-                               spread, write_docs_section)
+from benchmarks.common import (docs_preamble, fmt_spread, machine_info, result_config, result_parser, save_result,
+                               search_lr_grid, spread, write_docs_section)
 
 ARMS = ("lavin", "blip2", "text-only")
 
@@ -235,15 +235,13 @@ DOCS_BEGIN, DOCS_END = "<!-- lavin_choice:begin -->", "<!-- lavin_choice:end -->
 def markdown(result: dict) -> str:
     """The ``docs/benchmarks.md`` table of a result JSON: every arm over seeds, with its lr search."""
     cfg = result["config"]
-    lines = [DOCS_BEGIN, "", "*Written by `python -m benchmarks.lavin_choice --write-docs` from "
-             "`benchmarks/results/lavin_choice.json`; do not edit by hand.*", "",
-             f"Run: {result.get('finished', '?')}, {result['machine']['cpu']}, torch {result['machine']['torch']}; "
-             f"{result['seconds']:.0f} s in all; answers `{cfg['choice_answer']}`, read by likelihood; target "
-             f"`{cfg['target']}`, {cfg['steps']} steps of batch {cfg['batch_size']}; eval {cfg['n_eval']} questions; "
-             f"seeds {cfg['seeds']}. Means over seeds (min–max); *norm* = the length-normalised pick.", "",
-             "| arm | trainable parameters | lr (dev accuracy per lr) | accuracy, image questions | "
-             "image, norm | accuracy, text-only questions | accuracy, all | all, norm | generated: unparseable "
-             "| most answered position's share | seconds |", "|" + "---|" * 11]
+    lines = docs_preamble("lavin_choice", DOCS_BEGIN, result,
+                          f"answers `{cfg['choice_answer']}`, read by likelihood; target `{cfg['target']}`, "
+                          f"{cfg['steps']} steps of batch {cfg['batch_size']}; eval {cfg['n_eval']} questions; seeds "
+                          f"{cfg['seeds']}. Means over seeds (min–max); *norm* = the length-normalised pick.")
+    lines += ["| arm | trainable parameters | lr (dev accuracy per lr) | accuracy, image questions | "
+              "image, norm | accuracy, text-only questions | accuracy, all | all, norm | generated: unparseable "
+              "| most answered position's share | seconds |", "|" + "---|" * 11]
     for arm, block in result["summary"].items():
         search = result["lr_search"][arm]
         trials = ", ".join(f"{t['lr']:g}: {t['accuracy']:.3f}" for t in search["trials"])
