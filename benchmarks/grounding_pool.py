@@ -16,6 +16,18 @@ same order per seed, evaluated every ``eval_every`` steps on the same eval rows 
 - **qformer**: ``--connector linear``: projector warm-up for ``warmup_steps`` at 5x ``lr``, then VPG +
   projector at ``lr`` cosine to lr/2 (the vpgtrans recipe's shape).
 
+**The target LLM** (``target_llm``, default ``llama-s-boxes``): zoo-v2's llama-s cannot write a box — it
+was pre-trained on the world's lower-case words only, so every digit is a byte-fallback token whose rows
+never trained, and in the first run every answer of every arm was unparseable. A real LLM has read numbers.
+So the target is a llama-s built with the zoo's own recipe (same tokenizer, size, steps, lr, seed) on the
+zoo's text pairs with ``box_fraction`` of them replaced by grounding text about a scene:
+``[scene as an attribute list][BOS]Where is the small red square? Box: 0.105,0.213,0.398,0.502`` — the zoo's
+design, in which the LM learns to read a scene written in front of its BOS and the VPG's soft prompts later
+take the place of those words. The scene list names each object's cell and size, not its box, so the LLM
+learns box text and an approximate cell-to-box map, never the image; both arms get the same LLM. It is
+cached beside the zoo (``llama-s-boxes/``, its record in ``box_llm.json``); ``--target-llm llama-s`` runs
+on the zoo's own llama-s.
+
 **Learning rates**: each arm gets its own, from its grid (``pool_lrs``, ``qformer_lrs``), by the final
 acc_iou50 on a **dev** split (``n_dev`` scenes of their own seed, never the eval split; ties: the smaller
 lr, then mean IoU) of one run with seed ``search_seed`` (not a measured seed) and the arm's full budget;
@@ -33,6 +45,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +64,8 @@ class GroundingConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     zoo_seed: int = 0
-    target: str = "llama-s"
+    target_llm: str = "llama-s-boxes"  # or "llama-s": the zoo's, which never learned digits (see the docstring)
+    box_fraction: float = 0.3  # of the box LLM's pre-training pairs: grounding text instead of captions / VQA
     n_train: int = 3000
     n_eval: int = 150
     n_dev: int = 150  # the lr search's split
@@ -88,8 +103,6 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
     from vpgtrans.stages.inherit import inherit
     from vpgtrans.stages.train import run_stage
 
-    import shutil
-
     out = work / f"{arm}-seed{seed}-lr{lr:g}.{os.getpid()}"  # this process's: never a killed run's leftovers
     shutil.rmtree(out, ignore_errors=True)
     every = cfg.steps if search else cfg.eval_every
@@ -104,7 +117,7 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
                   ("finetune", _stage_config(["vpg", "connector"], lr, lr / 2, cfg.steps - cfg.warmup_steps,
                                              seed, cfg, every))]
     started = time.perf_counter()
-    bundle = inherit(zoo["source"], zoo[cfg.target], out / "inherit", inherit_config, force=True)
+    bundle = inherit(zoo["source"], zoo[cfg.target_llm], out / "inherit", inherit_config, force=True)
     curve, offset = [], 0
     for name, config in stages:
         bundle = run_stage(bundle, splits["grounding_train"], out / name, config, name,
@@ -120,6 +133,61 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
             "final": {k: final[k] for k in ("acc_iou50", "mean_iou", "parsed", "unparseable")},
             "trainable_params": manifest["metrics"]["train"]["trainable"], "steps": offset,
             "seconds": round(time.perf_counter() - started, 1), "steps_to_target": reached}
+
+
+def box_text_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (context, text) LM pre-training pairs: a world-v2 scene as the zoo's attribute list, then
+    ``Where is <expression>? Box: <box>`` for one object named as the grounding split names it."""
+    from vpgtrans.demo import world, world2
+    from vpgtrans.demo.grounding_world import expression_for
+    from vpgtrans.grounding import format_box
+
+    rng = random.Random(f"vpgtrans-grounding-lm:{seed}")
+    pairs = []
+    while len(pairs) < n:
+        objects = world2.sample_scene(rng)["objects"]
+        named = [(obj, expression_for(obj, objects[:i] + objects[i + 1:])) for i, obj in enumerate(objects)]
+        named = [(obj, text) for obj, text in named if text is not None]
+        if named:
+            obj, text = rng.choice(named)
+            pairs.append((world._context({"objects": objects}, rng), f"Where is {text}? Box: {format_box(obj['box'])}"))
+    return pairs
+
+
+def box_llm(zoo: dict, seed: int, trained: bool, log=print) -> tuple[Path, dict]:
+    """``llama-s-boxes`` beside the zoo (see the module docstring), built once and reused while its record
+    matches; a tiny (untrained) zoo gets an untrained one."""
+    from transformers import AutoTokenizer
+
+    from vpgtrans.demo import world2, zoo2, zoo_parts
+
+    out = Path(zoo["root"]) / "llama-s-boxes"
+    spec = zoo2.LLMS["llama-s"]
+    fraction = GroundingConfig.box_fraction
+    want = {"trained": trained, "seed": seed, "box_fraction": fraction, "pairs": zoo2.LM_PAIRS, "steps": spec.steps,
+            "lr": spec.lr, "base": "zoo-v2 llama-s recipe"}
+    record_path = Path(zoo["root"]) / "box_llm.json"
+    if record_path.is_file() and (out / "config.json").is_file():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in want} == want:
+            return out, record
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(zoo["llama-s"])
+    pairs = eval_pairs = None
+    if trained:
+        boxes = round(zoo2.LM_PAIRS * fraction)
+        pairs = world2.text_pairs(zoo2.LM_PAIRS - boxes, seed) + box_text_pairs(boxes, seed)
+        random.Random(f"vpgtrans-box-llm:{seed}").shuffle(pairs)
+        eval_pairs = box_text_pairs(200, 10_000 + seed)
+    staging = out.with_name(f".{out.name}.{os.getpid()}")
+    _, metrics = zoo_parts.build_llm(staging, spec, tokenizer, seed * 1000 + 2, zoo2.MAX_POSITIONS, pairs=pairs,
+                                     eval_pairs=eval_pairs)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(staging, out)
+    record = {**want, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"grounding_pool: llama-s-boxes built in {record['seconds']:.0f}s: {metrics}")
+    return out, record
 
 
 def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: GroundingConfig, records: RunRecords) -> dict:
@@ -154,7 +222,7 @@ def markdown(result: dict) -> str:
     """The ``docs/benchmarks.md`` section, from a result JSON: the arms over seeds beside the baselines."""
     cfg = result["config"]
     lines = docs_preamble("grounding_pool", DOCS_BEGIN, result,
-                          f"target `{cfg['target']}`, {cfg['steps']} steps of batch {cfg['batch_size']} on "
+                          f"target `{cfg.get('target_llm', cfg.get('target'))}`, {cfg['steps']} steps of batch {cfg['batch_size']} on "
                           f"{cfg['n_train']} training scenes, scored on {cfg['n_eval']} eval scenes; seeds "
                           f"{cfg['seeds']}. Means over seeds (min–max).")
     lines += ["| arm | lr (dev search) | accuracy at IoU ≥ 0.5 | mean IoU | unparseable | steps to "
@@ -169,6 +237,9 @@ def markdown(result: dict) -> str:
         value = {k: "n/a" if base[k] is None else f"{base[k]:.3f}" for k in ("acc_iou50", "mean_iou")}
         lines.append(f"| baseline: {name.replace('_', ' ')} | — | {value['acc_iou50']} | {value['mean_iou']} | — | — "
                      "| 0 | — |")
+    if result.get("box_llm", {}).get("metrics"):
+        lines += ["", f"The target LLM `llama-s-boxes` (box fraction {result['box_llm']['box_fraction']:g}): final "
+                      f"pre-training loss {result['box_llm']['metrics']['final_loss']}."]
     lines += ["", "lr search (final dev accuracy at IoU ≥ 0.5 per lr): " + "; ".join(
         f"{arm} " + ", ".join(f"{t['lr']:g}: {t['acc_iou50']:.3f}" for t in found["trials"])
         for arm, found in result["lr_search"].items()) + ".", "", DOCS_END]
@@ -231,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
             from vpgtrans.demo.zoo2 import build_zoo_v2
 
             zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
+        zoo = dict(zoo)
+        zoo["llama-s-boxes"], box_record = box_llm(zoo, cfg.zoo_seed, trained=not args.smoke)
         splits = make_grounding_world(work / f"splits.{os.getpid()}", cfg.n_train, cfg.n_eval, seed=cfg.zoo_seed)
         splits["grounding_dev"] = make_split(work / f"splits.{os.getpid()}" / "grounding_dev", cfg.n_dev,
                                              cfg.zoo_seed + 20_000)
@@ -239,13 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                                         "qformer_lrs")}
         records = RunRecords(work / "records" if args.work_dir else None,
                              {"protocol": protocol,
-                              "zoo": without_times(json.loads((Path(zoo["root"]) / "zoo.json").read_text()))})
+                              "zoo": without_times(json.loads((Path(zoo["root"]) / "zoo.json").read_text())),
+                              "box_llm": without_times(box_record)})
         search = {arm: search_lr(arm, zoo, splits, work, cfg, records) for arm in cfg.arms}
         runs = [records.get(f"{arm}-seed{seed}-lr{search[arm]['chosen_lr']:g}",
                             lambda: run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg))
                 for seed in cfg.seeds for arm in cfg.arms]
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "baselines": baselines, "lr_search": search, "runs": runs, "summary": summarize(runs),
+              "baselines": baselines, "box_llm": box_record, "lr_search": search, "runs": runs, "summary": summarize(runs),
               "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},
               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}

@@ -332,6 +332,20 @@ def test_grounding_benchmark_smoke(tmp_path):
     again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work)])
     assert again["records"]["reused"] == 5 and result["records"]["reused"] == 0
     assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
+    # the target: the box-aware llama-s built beside the (tiny, untrained) zoo, recorded
+    assert result["config"]["target_llm"] == "llama-s-boxes" and result["box_llm"]["trained"] is False
+    # its pre-training text: a scene list, then the grounding prompt and a box the toolkit's parser reads
+    from benchmarks.grounding_pool import box_text_pairs
+    from vpgtrans.grounding import parse_box
+
+    pairs = box_text_pairs(20, seed=1)
+    assert pairs == box_text_pairs(20, seed=1) and pairs != box_text_pairs(20, seed=2)
+    for context, text in pairs:
+        question, box = text.split("? Box: ")
+        assert question.startswith("Where is the ")
+        x1, y1, x2, y2 = parse_box(box)
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        assert question.split()[-1] in context  # the named shape is one of the scene's objects
     # the docs section is the result's numbers
     from benchmarks.grounding_pool import DOCS_BEGIN, DOCS_END, markdown
 
