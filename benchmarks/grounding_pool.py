@@ -164,9 +164,9 @@ def text_grounding(model, tokenizer, pairs: list[tuple[str, str]], max_new_token
     ``[scene][BOS]Where is ...? Box:``, scored at IoU >= 0.5 and mean IoU (unparseable: IoU 0)."""
     import torch
 
-    from vpgtrans.grounding import box_iou, parse_box
+    from vpgtrans.grounding import grounding_accuracy, parse_box
 
-    hits, ious, unparseable = 0, [], 0
+    predictions, truths = [], []
     model.eval()
     for context, text in pairs:
         question, truth = text.split(" Box: ")
@@ -174,13 +174,11 @@ def text_grounding(model, tokenizer, pairs: list[tuple[str, str]], max_new_token
                + tokenizer(f"{question} Box:", add_special_tokens=False)["input_ids"])
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        box = parse_box(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).split("\n")[0])
-        iou = 0.0 if box is None else box_iou(box, parse_box(truth))
-        unparseable += box is None
-        hits += iou >= 0.5
-        ious.append(iou)
-    return {"text_acc_iou50": hits / len(pairs), "text_mean_iou": sum(ious) / len(pairs),
-            "text_unparseable": unparseable, "text_n": len(pairs)}
+        predictions.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).split("\n")[0])
+        truths.append(parse_box(truth))
+    scores = grounding_accuracy(predictions, truths)
+    return {"text_acc_iou50": scores["acc_iou50"], "text_mean_iou": scores["mean_iou"],
+            "text_unparseable": scores["unparseable"], "text_n": scores["n"]}
 
 
 def box_llm(zoo: dict, seed: int, trained: bool, cfg: GroundingConfig, log=print) -> tuple[Path, dict]:
@@ -340,20 +338,23 @@ def main(argv: list[str] | None = None) -> dict:
             zoo = build_zoo_v2(args.cache_dir, seed=cfg.zoo_seed, log=print)
         zoo = dict(zoo)
         zoo["llama-s-boxes"], box_record = box_llm(zoo, cfg.zoo_seed, not args.smoke, cfg)
-        splits = make_grounding_world(work / f"splits.{os.getpid()}", cfg.n_train, cfg.n_eval, seed=cfg.zoo_seed)
-        splits["grounding_dev"] = make_split(work / f"splits.{os.getpid()}" / "grounding_dev", cfg.n_dev,
-                                             cfg.zoo_seed + 20_000)
-        baselines = grounding_baselines(list(load_rows(splits["grounding_eval"])[0]))
-        protocol = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "arms", "lr_grid_extend", "pool_lrs",
-                                                                        "qformer_lrs")}
-        records = RunRecords(work / "records" if args.work_dir else None,
-                             {"protocol": protocol,
-                              "zoo": without_times(json.loads((Path(zoo["root"]) / "zoo.json").read_text())),
-                              "box_llm": without_times(box_record)})
-        search = {arm: search_lr(arm, zoo, splits, work, cfg, records) for arm in cfg.arms}
-        runs = [records.get(f"{arm}-seed{seed}-lr{search[arm]['chosen_lr']:g}",
-                            lambda: run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg))
-                for seed in cfg.seeds for arm in cfg.arms]
+        split_root = work / f"splits.{os.getpid()}"  # this process's (the records, not the splits, are kept)
+        try:
+            splits = make_grounding_world(split_root, cfg.n_train, cfg.n_eval, seed=cfg.zoo_seed)
+            splits["grounding_dev"] = make_split(split_root / "grounding_dev", cfg.n_dev, cfg.zoo_seed + 20_000)
+            baselines = grounding_baselines(list(load_rows(splits["grounding_eval"])[0]))
+            protocol = {k: v for k, v in asdict(cfg).items()
+                        if k not in ("seeds", "arms", "lr_grid_extend", "pool_lrs", "qformer_lrs")}
+            records = RunRecords(work / "records" if args.work_dir else None,
+                                 {"protocol": protocol,
+                                  "zoo": without_times(json.loads((Path(zoo["root"]) / "zoo.json").read_text())),
+                                  "box_llm": without_times(box_record)})
+            search = {arm: search_lr(arm, zoo, splits, work, cfg, records) for arm in cfg.arms}
+            runs = [records.get(f"{arm}-seed{seed}-lr{search[arm]['chosen_lr']:g}",
+                                lambda: run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg))
+                    for seed in cfg.seeds for arm in cfg.arms]
+        finally:
+            shutil.rmtree(split_root, ignore_errors=True)
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
               "baselines": baselines, "box_llm": box_record, "lr_search": search, "runs": runs, "summary": summarize(runs),
               "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},

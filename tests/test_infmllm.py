@@ -332,6 +332,7 @@ def test_grounding_benchmark_smoke(tmp_path):
     again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work)])
     assert again["records"]["reused"] == 5 and result["records"]["reused"] == 0
     assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
+    assert not list(work.glob("splits.*")) and not list(work.glob("runs/*"))  # only the records are kept
     # the target: the box-aware llama-s built beside the (tiny, untrained) zoo, recorded
     assert result["config"]["target_llm"] == "llama-s-boxes" and result["box_llm"]["trained"] is False
     # its pre-training text: a scene list, then the grounding prompt and a box the toolkit's parser reads
