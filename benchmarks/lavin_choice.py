@@ -191,6 +191,23 @@ def answer_histogram(split: Path, cfg: ChoiceConfig) -> dict:
                             cfg.choice_answer)
 
 
+def chance_levels(split: Path) -> dict:
+    """What the image questions and the text-only questions of ``split`` give without reading anything:
+    ``guessing`` (the mean of 1 / number of options) and ``best_constant`` (always answering the position
+    that is right most often), each with the question count."""
+    from vpgtrans.data import load_rows
+
+    rows = list(load_rows(split)[0])
+    levels = {}
+    for kind, picked in (("image", [r for r in rows if r.get("image") is not None]),
+                         ("text", [r for r in rows if r.get("image") is None])):
+        if picked:
+            counts = [sum(r["answer"] == i for r in picked) for i in range(max(len(r["choices"]) for r in picked))]
+            levels[kind] = {"n": len(picked), "guessing": sum(1 / len(r["choices"]) for r in picked) / len(picked),
+                            "best_constant": max(counts) / len(picked)}
+    return levels
+
+
 def top_share(histogram: dict) -> float | None:
     """The share of all answers that went to the most answered position (1.0: every answer the same
     position); None when no answer named an option."""
@@ -253,7 +270,10 @@ def markdown(result: dict) -> str:
     answers = result["eval_answers"]["by_position"]
     lines += ["", "The eval split's right answers by position: " + ", ".join(
         f"{k} {v}" for k, v in sorted(answers.items())) + f" (always answering the commonest position scores "
-        f"{max(answers.values()) / sum(answers.values()):.3f}).", "", DOCS_END]
+        f"{max(answers.values()) / sum(answers.values()):.3f})." + "".join(
+        f" {kind.capitalize()} questions ({level['n']}): guessing scores {level['guessing']:.3f}, always answering the "
+        f"commonest right position {level['best_constant']:.3f}." for kind, level in result.get("eval_chance", {}).items()),
+        "", DOCS_END]
     return "\n".join(lines)
 
 
@@ -313,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [run_arm(arm, seed, search[arm]["chosen_lr"], zoo, splits, work / "runs", cfg)
                 for seed in cfg.seeds for arm in cfg.arms]
         eval_answers = answer_histogram(splits["eval"], cfg)
+        chance = chance_levels(splits["eval"])
     lr_search = {arm: {"chosen": found["chosen_lr"], "grid": found["grid"], "extended": found["extended"],
                        "chosen_at_edge": found["at_grid_edge"] if len(found["grid"]) > 1 else None,
                        "trials": [{"lr": t["lr"],
@@ -324,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   for t in found["trials"]]}
                  for arm, found in search.items()}
     result = {"benchmark": "lavin_choice", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "lr_search": lr_search, "eval_answers": eval_answers, "runs": runs, "summary": summarize(runs),
+              "lr_search": lr_search, "eval_answers": eval_answers, "eval_chance": chance, "runs": runs, "summary": summarize(runs),
               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}
     path = save_result("lavin_choice", args, result, plot)

@@ -53,6 +53,13 @@ def test_lavin_choice_smoke(tmp_path):
         assert "unparseable" not in run["predicted_options"]["likelihood"]["by_position"]
         shares = run["predicted_options"]["likelihood"]["by_position"].values()
         assert saved["summary"][run["arm"]]["top_position_share"]["mean"] == pytest.approx(max(shares) / cfg["n_eval"])
+    # chance levels by question kind, recomputed here from the eval split's own rows
+    rows = [json.loads(line) for line in (tmp_path / "work" / "splits" / "eval" / "data.jsonl").read_text().splitlines()]
+    image = [r for r in rows if r.get("image") is not None]
+    chance = saved["eval_chance"]["image"]
+    assert chance["n"] == len(image) == by_arm["lavin"]["final"]["samples_image"]
+    assert chance["guessing"] == pytest.approx(sum(1 / len(r["choices"]) for r in image) / len(image))
+    assert chance["best_constant"] == max(sum(r["answer"] == i for r in image) for i in range(3)) / len(image)
     answers = saved["eval_answers"]
     assert sum(answers["by_position"].values()) == cfg["n_eval"] and "unparseable" not in answers["by_position"]
     for trial in (t for search in saved["lr_search"].values() for t in search["trials"]):
