@@ -404,18 +404,73 @@ def test_routing_report_counts_each_tokens_top_k_by_modality(moe, tiny, tmp_path
 
 
 def test_benchmark_smoke_runs_every_arm_and_checks_the_text_path(tmp_path):
-    """benchmarks/plora.py --smoke (random-weight tiny zoo + MoE, a few steps): plumbing, and the text
-    perplexity it reports is the base LLM's for linear and plora, not for LoRA on every token."""
-    from benchmarks import plora
+    """benchmarks/plora.py --smoke (random-weight tiny zoo + MoE, a few steps): plumbing; every arm's own lr
+    search on the dev split; the text perplexity it reports is the base LLM's for linear and plora, not for LoRA
+    on every token; a second call on the same --work-dir trains nothing; the docs section is the JSON's numbers."""
+    import re
+    import shutil
+    from pathlib import Path
 
-    result = plora.main(["--smoke", "--no-plot", "--out", str(tmp_path / "plora.json")])
+    from benchmarks import plora
+    from benchmarks.common import fmt_spread, write_docs_section
+
+    work = tmp_path / "work"
+    argv = ["--smoke", "--no-plot", "--work-dir", str(work)]
+    result = plora.main([*argv, "--out", str(tmp_path / "plora.json")])
+    pairs = {(t, a) for t in ("llama-s", "moe-s") for a in ("linear", "plora", "lora-all")}
     rows = {(row["target"], row["arm"]): row for row in result["summary"]}
-    assert set(rows) == {(t, a) for t in ("llama-s", "moe-s") for a in ("linear", "plora", "lora-all")}
+    assert set(rows) == pairs
     for target in ("llama-s", "moe-s"):
         assert rows[target, "linear"]["text_unchanged"] and rows[target, "plora"]["text_unchanged"]
         assert not rows[target, "lora-all"]["text_unchanged"]
         assert rows[target, "linear"]["llm_trainable"] == 0 and rows[target, "plora"]["llm_trainable"] > 0
-    assert json.loads((tmp_path / "plora.json").read_text())["summary"] == result["summary"]
+    for run in result["runs"]:  # exactly the base LLM's perplexity, run by run
+        perplexity = run["text_perplexity"]
+        assert (perplexity["final"] == perplexity["base"]) is (run["arm"] != "lora-all")
+    # every arm on every target searched the whole grid on the dev split (search seed, not a measured seed)
+    # and picked its best final dev CIDEr (then best; ties: the smaller lr); its seeds trained at that lr
+    searches = {(s["target"], s["arm"]): s for s in result["lr_search"]}
+    assert set(searches) == pairs
+    for key, search in searches.items():
+        assert search["grid"] == [t["lr"] for t in search["trials"]] == [1e-3, 2e-3] and search["extended"] == []
+        assert search["seed"] == 100 not in result["config"]["seeds"]
+        assert {t["scored_on"] for t in search["trials"]} == {"caption_dev"}
+        assert [p["step"] for p in search["trials"][0]["curve"]] == [p["step"] for p in result["runs"][0]["curve"]]
+        best = max(search["trials"], key=lambda t: (t["final"], t["best"]))  # (max keeps the first: smaller lr)
+        assert search["chosen_lr"] == best["lr"] == rows[key]["lr"]
+        assert {(r["lr"], r["scored_on"]) for r in result["runs"] if (r["target"], r["arm"]) == key} == {
+            (best["lr"], "caption_eval")}
+    saved = json.loads((tmp_path / "plora.json").read_text())
+    assert saved["summary"] == result["summary"] and saved["lr_search"] == result["lr_search"]
+    # one record per trial and run; the training directories and the dev split are gone
+    assert result["records"]["reused"] == 0 and len(list((work / "records").glob("*.json"))) == 12 + 6
+    assert sorted(p.name for p in work.iterdir()) == ["records", "runs", "search"]
+    assert not list((work / "runs").iterdir()) and not list((work / "search").iterdir())
+    # a second call on the same work dir reads every trial and run back: nothing trains
+    again = plora.main([*argv, "--out", str(tmp_path / "again.json")])
+    assert again["records"]["reused"] == 12 + 6
+    assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
+    # the docs section is the JSON's numbers, under the benchmark's heading in docs/benchmarks.md
+    text = plora.markdown(saved)
+    assert text.startswith(plora.DOCS_BEGIN) and text.endswith(plora.DOCS_END)
+    for target in ("llama-s", "moe-s"):
+        table = text.split(f"**{target}**")[1].split("lr search")[0]
+        for row in (r for r in saved["summary"] if r["target"] == target):
+            line = next(line for line in table.splitlines() if line.startswith(f"| {row['arm']} |"))
+            edge = " (grid edge)" if row["at_grid_edge"] else ""  # (always, on a 2-lr grid)
+            assert line.strip("| ").split(" | ")[1:] == [
+                f"{row['lr']:g}{edge}", fmt_spread(row["final"]), fmt_spread(row["best"]),
+                f"{row['perplexity_base']:.3f}", fmt_spread(row["perplexity_final"]),
+                "yes" if row["text_unchanged"] else "no", f"{row['llm_trainable']:,}", fmt_spread(row["load"], 2)]
+        for search in (s for s in saved["lr_search"] if s["target"] == target):
+            trials = ", ".join(f"{t['lr']:g}: {t['final']:.3f}" for t in search["trials"])
+            assert f"{search['arm']} {trials}" in text.split(f"**{target}**")[1]
+    assert all(f"- {d}" in text for d in saved["deviations"]) and saved["deviations"][0].startswith("smoke run")
+    docs = tmp_path / "benchmarks.md"
+    shutil.copy(Path(__file__).parents[1] / "docs" / "benchmarks.md", docs)
+    write_docs_section(text, plora.DOCS_BEGIN, plora.DOCS_END, docs)
+    section = re.search(r"## plora on a dense and an MoE target \(issue 12\)\n(.*?)\n## ", docs.read_text(), re.S)
+    assert section and text in section.group(1)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
