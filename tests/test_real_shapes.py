@@ -146,26 +146,54 @@ def test_the_small_preset_runs_every_command_and_cleans_up(tmp_path):
     command succeeds, its memory readings are consistent, the export loads in one dtype, the 8-bit step
     logs bitsandbytes' message once, the table comes from the JSON, and the work dir is emptied."""
     out, work = tmp_path / "real_shapes.json", tmp_path / "work"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.real_shapes", "--preset", "small", "--steps", "8bit",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.real_shapes", "--preset", "small", "--steps", "8bit", "8bit-vit-bf16",
                            "--work-dir", str(work), "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())["small"]
     names = [r["name"] for r in result["commands"]]
-    assert names == ["inspect source", "inspect target", "inherit", "export", "load export", "train step 8bit"]
+    assert names == ["inspect source", "inspect target", "inherit", "export", "load export", "train step 8bit",
+                     "train step 8bit-vit-bf16"]
     for record in result["commands"]:
         assert record["returncode"] == 0, record
         assert record["peak_rss_mib"] >= max(record["peak_anon_mib"], record["peak_file_mib"]) > 0
     load = next(r for r in result["commands"] if r["name"] == "load export")
     assert load["loaded"]["dtypes"] == ["torch.bfloat16"]
     assert result["export"]["config_dtype"] == "bfloat16" and len(result["export"]["files"]) > 1
-    assert next(r for r in result["commands"] if r["name"] == "train step 8bit")["warning_lines"] == 1
+    for step in ("train step 8bit", "train step 8bit-vit-bf16"):
+        assert next(r for r in result["commands"] if r["name"] == step)["warning_lines"] == 1
     assert result["checkpoints"]["source"]["files"] > 2  # sharded at the preset's shard size, with an index
     from benchmarks.real_shapes import markdown
 
     table = markdown({"small": result})
     assert all(f"| small | {name} |" in table for name in names)
     assert sorted(p.name for p in work.iterdir()) == ["logs"]  # checkpoints, bundle, export, data removed
+
+
+def test_a_run_that_fails_midway_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    """The checkpoints are ~35 GB at real shapes: a run that dies after writing them (here: the first
+    measured command raises) must still delete them, or the next preset runs out of disk."""
+    from benchmarks import real_shapes
+
+    def write_one(preset, root, dtype):
+        for name in ("source", "target"):
+            (root / name).mkdir()
+            (root / name / "model.safetensors").write_bytes(b"0" * 1024)
+        raise RuntimeError("killed while measuring")
+
+    monkeypatch.setattr(real_shapes, "build_checkpoints", write_one)
+    with pytest.raises(RuntimeError, match="killed while measuring"):
+        real_shapes.run("small", tmp_path, "bf16", ["8bit"], keep=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_step_weights_count_the_vit_in_the_dtype_the_step_holds_it():
+    from benchmarks.real_shapes import STEPS, step_weights
+
+    expected = {"target_8bit": 700, "target_4bit": 400, "target_fp32": 2800, "vision_and_vpg_fp32": 44,
+                "vision_bf16_and_vpg_fp32": 24}
+    assert {step: step_weights(expected, step) for step in STEPS} == {
+        "fp32": 2844, "8bit": 744, "4bit": 444, "8bit-vit-bf16": 724, "4bit-vit-bf16": 424}
 
 
 def test_the_docs_table_is_the_one_the_results_json_gives():
