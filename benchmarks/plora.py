@@ -102,37 +102,39 @@ def _register_lora_all() -> None:
 
 def build_moe(zoo: dict, out_dir: Path, cfg: PloraBenchConfig, seed: int) -> tuple[Path, dict]:
     """``moe-s``: a Mixtral with llama-s's width, depth, heads and tokenizer; pre-trained like the zoo's LLMs
-    when ``cfg.moe_steps`` > 0 (reused when ``out_dir`` holds one)."""
+    when ``cfg.moe_steps`` > 0. Cached in ``out_dir`` and rebuilt when its settings change
+    (``zoo_parts.cached_part``); the record is ``out_dir/moe.json``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
-    from vpgtrans.demo import pretrain, world2
+    from vpgtrans.demo import pretrain, world2, zoo_parts
     from vpgtrans.demo.zoo2 import LM_PAIRS
 
-    record = out_dir / "moe.json"
-    if record.is_file() and json.loads(record.read_text()).get("steps") == cfg.moe_steps:
-        return out_dir, json.loads(record.read_text())
-    dense = AutoConfig.from_pretrained(zoo["llama-s"])
-    tokenizer = AutoTokenizer.from_pretrained(zoo["llama-s"])
-    config = MixtralConfig(vocab_size=dense.vocab_size, hidden_size=dense.hidden_size,
-                           intermediate_size=dense.intermediate_size // 2, num_hidden_layers=dense.num_hidden_layers,
-                           num_attention_heads=dense.num_attention_heads, num_key_value_heads=dense.num_key_value_heads,
-                           max_position_embeddings=dense.max_position_embeddings, num_local_experts=cfg.moe_experts,
-                           num_experts_per_tok=cfg.moe_top_k, tie_word_embeddings=False,
-                           bos_token_id=dense.bos_token_id, eos_token_id=dense.eos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    metrics = {"steps": cfg.moe_steps, "params": sum(p.numel() for p in model.parameters())}
-    if cfg.moe_steps:
-        started = time.perf_counter()
-        loss = pretrain.pretrain_lm(model, tokenizer, world2.text_pairs(LM_PAIRS, seed), cfg.moe_steps, lr=5e-3,
-                                    seed=seed)
-        metrics.update(final_loss=round(loss, 4), seconds=round(time.perf_counter() - started, 1),
-                       copy_accuracy=round(pretrain.lm_copy_accuracy(model, tokenizer,
-                                                                     world2.text_pairs(200, 10_000 + seed)), 4))
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    record.write_text(json.dumps(metrics, indent=2) + "\n")
-    return out_dir, metrics
+    settings = {"base": "zoo-v2 llama-s", "steps": cfg.moe_steps, "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
+                "lr": 5e-3, "pairs": LM_PAIRS, "seed": seed}
+
+    def build(out: Path) -> dict:
+        dense = AutoConfig.from_pretrained(zoo["llama-s"])
+        tokenizer = AutoTokenizer.from_pretrained(zoo["llama-s"])
+        config = MixtralConfig(vocab_size=dense.vocab_size, hidden_size=dense.hidden_size,
+                               intermediate_size=dense.intermediate_size // 2, num_hidden_layers=dense.num_hidden_layers,
+                               num_attention_heads=dense.num_attention_heads,
+                               num_key_value_heads=dense.num_key_value_heads,
+                               max_position_embeddings=dense.max_position_embeddings, num_local_experts=cfg.moe_experts,
+                               num_experts_per_tok=cfg.moe_top_k, tie_word_embeddings=False,
+                               bos_token_id=dense.bos_token_id, eos_token_id=dense.eos_token_id)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        metrics = {"steps": cfg.moe_steps, "params": sum(p.numel() for p in model.parameters())}
+        if cfg.moe_steps:
+            loss = pretrain.pretrain_lm(model, tokenizer, world2.text_pairs(LM_PAIRS, seed), cfg.moe_steps,
+                                        lr=settings["lr"], seed=seed)
+            metrics.update(final_loss=round(loss, 4), copy_accuracy=round(
+                pretrain.lm_copy_accuracy(model, tokenizer, world2.text_pairs(200, 10_000 + seed)), 4))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return metrics
+
+    return zoo_parts.cached_part(out_dir, "moe.json", settings, build)
 
 
 def text_perplexity(model, tokenizer, pairs) -> float:
@@ -382,7 +384,6 @@ def main(argv: list[str] | None = None) -> dict:
             from vpgtrans.demo.zoo2 import ZOO_VERSION
 
             moe_dir = Path(args.cache_dir or default_cache_dir()) / ZOO_VERSION / f"seed{cfg.zoo_seed}-moe-s"
-        moe_dir.mkdir(parents=True, exist_ok=True)
         result = run(cfg, zoo, moe_dir, args.work_dir or Path(tmp) / "runs", keep_records=args.work_dir is not None)
     result["smoke"] = bool(args.smoke)
     result["deviations"] = deviations(cfg, result["summary"], args.smoke)

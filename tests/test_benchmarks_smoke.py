@@ -361,3 +361,120 @@ def test_run_records_reuse_only_runs_of_the_same_identity(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-a.json"]
     # no root: nothing kept, always trained
     assert RunRecords(None, {}).get("run-a", lambda: train(4))["value"] == 4 and calls == [1, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ converter_init
+
+def test_char_tokenizer_round_trips_the_world_text_one_character_a_token():
+    from vpgtrans.demo import vocab, world2
+
+    corpus = world2.text_corpus(200, 0)
+    tokenizer = vocab.train_char_tokenizer(corpus)
+    for line in corpus[:20]:
+        ids = tokenizer(line + "\n", add_special_tokens=False)["input_ids"]
+        # one token a character, plus the "▁" Metaspace puts before the first word
+        assert len(ids) == len(line) + 2 and tokenizer.decode(ids) == line + "\n"
+    assert tokenizer("\n", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("\n")]
+    assert tokenizer("Z", add_special_tokens=False)["input_ids"][-1] == tokenizer.unk_token_id  # no byte fallback
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id == 1
+
+
+def test_cached_part_is_rebuilt_only_when_its_settings_change(tmp_path):
+    from vpgtrans.demo.zoo_parts import cached_part
+
+    built = []
+
+    def build(out):
+        (out / "config.json").write_text("{}")
+        built.append(out)
+        return {"metrics": {"n": len(built)}}
+
+    out, record = cached_part(tmp_path / "part", "build.json", {"steps": 2, "shape": (1, 2)}, build)
+    assert record["metrics"] == {"n": 1} and record["settings"] == {"steps": 2, "shape": [1, 2]}
+    assert cached_part(out, "build.json", {"steps": 2, "shape": (1, 2)}, build)[1] == record and len(built) == 1
+    assert cached_part(out, "build.json", {"steps": 3, "shape": (1, 2)}, build)[1]["metrics"] == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]  # the staging directory is gone
+
+
+def _table_row(text: str, target: str, arm: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {target} | {arm} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_converter_init_smoke_on_a_target_that_shares_few_tokens(tmp_path, monkeypatch):
+    """benchmarks/converter_init.py --smoke on the tiny zoo: the target's tokenizer (saved beside the zoo)
+    shares only single characters with the source's, counted here from the two vocabularies; every arm has its
+    lr search recorded; auto picks GW for that reason; a second call resumes from the records; the docs
+    section carries the JSON's numbers."""
+    from transformers import AutoTokenizer
+
+    from benchmarks import converter_init
+    from benchmarks.common import write_docs_section
+    from vpgtrans.demo.zoo2 import build_tiny_zoo_v2
+
+    zoo = build_tiny_zoo_v2(tmp_path / "zoo")
+    work = tmp_path / "work"
+    (tmp_path / "tmp").mkdir()
+    cfg = converter_init.InitBenchConfig(**{**converter_init.SMOKE, "lr_grid": [1e-3]})
+    result = converter_init.run(cfg, zoo, tmp_path / "tmp", work, log=lambda message: None)
+
+    # the overlap, counted independently: the two saved vocabularies as text, special tokens aside
+    source = AutoTokenizer.from_pretrained(zoo["source"])
+    target = AutoTokenizer.from_pretrained(tmp_path / "zoo" / converter_init.CHAR_TARGET)
+    source_texts = {source.convert_tokens_to_string([t]) for t in source.get_vocab()
+                    if t not in source.all_special_tokens}
+    shared = source_texts & {t.replace("▁", " ") for t in target.get_vocab() if t not in target.all_special_tokens}
+    overlap = result["overlap"][converter_init.CHAR_TARGET]
+    assert (overlap["source_vocab"], overlap["target_vocab"]) == (len(source), len(target))
+    assert len(shared) == overlap["exact"] + overlap["lowercase"] and overlap["byte"] == 0
+    assert overlap["shared"] == len(shared) + overlap["special"] <= 0.1 * len(source)
+    assert all(len(text.strip()) <= 1 for text in shared) and overlap["shared_multi_character"] == 0
+    llama = AutoTokenizer.from_pretrained(zoo["llama-s"])  # the zoo's other tokenizer shares words: many more
+    words = source_texts & {t.replace("▁", " ") for t in llama.get_vocab()}
+    assert len(words) > 4 * len(shared) and sum(len(text.strip()) > 1 for text in words) > 100
+
+    # every arm searched on the dev split (records on disk), auto picked GW on too few pairs
+    assert [(s["target"], s["arm"]) for s in result["lr_search"]] == [(converter_init.CHAR_TARGET, a)
+                                                                       for a in converter_init.ARMS]
+    for search in result["lr_search"]:
+        assert search["split"] == "dev" and search["seed"] not in cfg.seeds and search["grid"] == [1e-3]
+        assert (work / "records" / f"search-{search['target']}-{search['arm']}-lr0.001.json").is_file()
+    rows = {row["arm"]: row for row in result["summary"]}
+    assert rows["auto"]["method"] == ["gw"] and rows["shared-tokens"]["method"] == ["shared-tokens"]
+    assert rows["auto"]["reason"].startswith(f"{overlap['shared']} shared-token pairs < 128")
+    assert rows["none"]["method"] == ["None"] and rows["none"]["scored_pairs"] is None
+    assert rows["gw"]["scored_pairs"] == rows["shared-tokens"]["scored_pairs"] == overlap["shared"]
+    assert all(run["curve"][0]["step"] == 0 for run in result["runs"])
+
+    # the command resumes from the records: nothing trained again, the same runs
+    out = tmp_path / "init.json"
+    resumed = converter_init.main(["--smoke", "--no-plot", "--out", str(out), "--work-dir", str(work),
+                                   "--lr-grid", "1e-3"])
+    assert resumed["records"]["identity"] == result["records"]["identity"]
+    assert resumed["records"]["reused"] == len(result["runs"]) + len(result["lr_search"])
+    assert resumed["runs"] == result["runs"] and resumed["summary"] == result["summary"]
+
+    # the docs section from the JSON (--docs-from), with distinct numbers per arm so a mix-up shows
+    saved = json.loads(out.read_text())
+    for k, run in enumerate(saved["runs"]):
+        run.update(start=0.01 * k, final=0.1 + k, best=0.2 + k)
+    saved["summary"] = converter_init.summarize(saved["runs"], saved["lr_search"])
+    out.write_text(json.dumps(saved))
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.write_text(f"## heading\n\n{converter_init.DOCS_BEGIN}\nold\n{converter_init.DOCS_END}\nafter\n")
+    monkeypatch.chdir(tmp_path)
+    converter_init.main(["--docs-from", str(out)])
+    text = doc.read_text()
+    assert text.startswith("## heading\n\n") and text.endswith("\nafter\n") and "old" not in text
+    for row in saved["summary"]:
+        cells = _table_row(text, row["target"], row["arm"])
+        means = [round(row[key]["mean"], 3) for key in ("start", "final", "best")]
+        assert [float(cell.split()[0]) for cell in cells[5:8]] == means
+        assert cells[8].split()[0] == f"{row['lr']:g}"
+        if row["heldout_cosine"]["mean"] is not None:
+            assert float(cells[3].split()[0]) == round(row["heldout_cosine"]["mean"], 3)
+            assert float(cells[4].split()[0]) == round(row["retrieval_accuracy"]["mean"], 3)
+    assert f"{overlap['shared']} shared" in text and f"source's {overlap['source_vocab']}" in text
+    assert write_docs_section(converter_init.markdown(saved), converter_init.DOCS_BEGIN, converter_init.DOCS_END,
+                              doc).read_text() == text

@@ -120,18 +120,3 @@ def test_benchmark_smoke_solves_gw_on_the_most_frequent_anchors_only(tmp_path):
     big = next(row for row in result["rows"] if row["anchors"] == 120 and row["distortion"] == 0.0)
     assert big["gw"]["solved_anchors"] == [80, 80] and big["gw"]["scored_pairs"] == 100
     assert big["gw"]["retrieval_accuracy"] > 0.95 and big["shared_tokens"]["pairs"] == 20
-
-
-def test_converter_init_benchmark_smoke(tmp_path):
-    """benchmarks/converter_init.py --smoke: every arm runs; each converter is scored on every true pair (the
-    shared-few arm fitted on 10 of them), none has no converter."""
-    from benchmarks import converter_init
-
-    result = converter_init.main(["--smoke", "--no-plot", "--out", str(tmp_path / "init.json")])
-    runs = {run["arm"]: run for run in result["runs"]}
-    assert set(runs) == {"shared-all", "shared-few", "gw", "none"}
-    assert runs["shared-few"]["converter"]["pairs"] == 10 and runs["gw"]["converter"]["method"] == "gw"
-    scored = {arm: runs[arm]["converter"]["scored_pairs"] for arm in ("shared-all", "shared-few", "gw")}
-    assert len(set(scored.values())) == 1 and scored["gw"] > 10  # the same true pairs for every arm
-    assert runs["none"]["converter"]["cosine"] is None
-    assert all(run["curve"][0]["step"] == 0 for run in result["runs"])

@@ -15,6 +15,8 @@ writes the same layout with random weights and a tiny world in seconds, for smok
     qformer-stage1/          the same layout, its VPG from BLIP-2 first-stage pre-training (no LLM; fresh
                              projector): the paper's train-from-scratch start. Built on first use by
                              ``stage1_qformer()`` (a cached zoo without it stays valid), stage1.json beside it
+    llama-s-chars/           llama-s with a character-level tokenizer (few tokens shared with the source's),
+                             built on first use by ``char_llm()``, build.json beside it
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ LLMS = {
     "llama-s": LLMSpec("llama", 96, 2, 384, 4, steps=700, lr=5e-3),
 }
 LM_PAIRS = 30000
+TOKENIZER_LINES = 5000  # world text the tokenizers are trained on
 VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
           "image_size": world2.IMAGE_SIZE, "patch_size": 8, "initializer_range": 0.02}  # HF's default is 1e-10
 QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
@@ -49,6 +52,8 @@ SOURCE_IMAGES, SOURCE_STEPS, SOURCE_LR = 16000, 8000, 2e-3
 STAGE1 = {"full": dict(steps=3000, batch_size=64, lr=2e-3, eval_count=200, eval_every=250),
           "tiny": dict(steps=2, batch_size=4, lr=2e-3, eval_count=4, eval_every=0)}
 STAGE1_DIR = "qformer-stage1"
+CHAR_LLM_DIR = "llama-s-chars"
+CHAR_MAX_POSITIONS = 384  # in characters: the longest pre-training sequence is ~330, a caption ~150
 MIN_SOURCE_ACCURACY = 0.5  # caption attribute accuracy below which a build is not cached
 PARTS = ("vision", "source", *LLMS)
 SPLITS = ("caption_train", "caption_eval", "vqa_train", "vqa_eval")
@@ -84,7 +89,7 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
 
     n_train, n_eval = WORLD_SIZES["full" if trained else "tiny"]
     splits = world2.make_world(paths["world"], n_train=n_train, n_eval=n_eval, seed=seed)
-    tokenizers = zoo_parts.train_tokenizers(world2.text_corpus(5000, seed))
+    tokenizers = zoo_parts.train_tokenizers(world2.text_corpus(TOKENIZER_LINES, seed))
     image_processor = build_image_processor(world2.IMAGE_SIZE)
     lap("world+tokenizers")
 
@@ -156,36 +161,65 @@ def stage1_qformer(paths: dict[str, Path], seed: int = 0, log=None) -> tuple[Pat
     from vpgtrans.images import build_image_processor
 
     root = Path(paths["root"])
-    out, record_file = root / STAGE1_DIR, root / STAGE1_DIR / "stage1.json"
     trained = json.loads((root / "zoo.json").read_text())["trained"]
     settings = STAGE1["full" if trained else "tiny"]
-    if record_file.is_file() and json.loads(record_file.read_text())["settings"] == settings:
-        return out, json.loads(record_file.read_text())
     log = log or logger.info
-    started = time.perf_counter()
-    with zoo_parts.quiet(threads=1):
-        vision = Blip2VisionModel.from_pretrained(paths["vision"])
-        opt_tokenizer = AutoTokenizer.from_pretrained(paths["opt-s"])
-        scenes = _source_scenes(seed, SOURCE_IMAGES if trained else 16)
-        image_processor = build_image_processor(world2.IMAGE_SIZE)
-        pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
-                                       return_tensors="pt")["pixel_values"]
-        model = stage1.stage1_model(vision, opt_tokenizer, QFORMER, NUM_QUERY_TOKENS, seed * 1000 + 30)
-        scores = stage1.pretrain_stage1(model, opt_tokenizer, pixel_values, [world2.caption_for(s) for s in scenes],
-                                        seed=seed, log=log, **settings)
-        llm = AutoModelForCausalLM.from_pretrained(paths["opt-s"])
-        source_tokenizer = zoo_parts.source_tokenizer(opt_tokenizer)
-        source = stage1.to_source(model, llm, source_tokenizer, seed * 1000 + 31, NUM_QUERY_TOKENS, QFORMER)
-        with zoo_parts.staging_dir(out) as tmp:
-            zoo_parts.save_source(tmp, source, image_processor, source_tokenizer)
-            record = {"settings": settings, "seed": seed, "data": f"the source's {len(scenes)} pre-training scenes",
-                      "losses": ["itc", "itm"], "metrics": scores, "seconds": round(time.perf_counter() - started, 1),
-                      "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            (tmp / "stage1.json").write_text(json.dumps(record, indent=2) + "\n")
-            zoo_parts.install(tmp, out, replace=True, is_complete=lambda p: (p / "stage1.json").is_file())
-    log(f"zoo-v2: stage-1 Q-Former built in {record['seconds']:.0f}s, held-out retrieval top-1 "
-        f"{scores['retrieval_top1']:.3f} (chance {scores['chance']:.3f})")
-    return out, record
+
+    def build(out: Path) -> dict:
+        with zoo_parts.quiet(threads=1):
+            vision = Blip2VisionModel.from_pretrained(paths["vision"])
+            opt_tokenizer = AutoTokenizer.from_pretrained(paths["opt-s"])
+            scenes = _source_scenes(seed, SOURCE_IMAGES if trained else 16)
+            image_processor = build_image_processor(world2.IMAGE_SIZE)
+            pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
+                                           return_tensors="pt")["pixel_values"]
+            model = stage1.stage1_model(vision, opt_tokenizer, QFORMER, NUM_QUERY_TOKENS, seed * 1000 + 30)
+            scores = stage1.pretrain_stage1(model, opt_tokenizer, pixel_values, [world2.caption_for(s) for s in scenes],
+                                            seed=seed, log=log, **settings)
+            llm = AutoModelForCausalLM.from_pretrained(paths["opt-s"])
+            source_tokenizer = zoo_parts.source_tokenizer(opt_tokenizer)
+            source = stage1.to_source(model, llm, source_tokenizer, seed * 1000 + 31, NUM_QUERY_TOKENS, QFORMER)
+            zoo_parts.save_source(out, source, image_processor, source_tokenizer)
+        log(f"zoo-v2: stage-1 Q-Former held-out retrieval top-1 {scores['retrieval_top1']:.3f} "
+            f"(chance {scores['chance']:.3f})")
+        return {"seed": seed, "data": f"the source's {len(scenes)} pre-training scenes", "losses": ["itc", "itm"],
+                "metrics": scores, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    return zoo_parts.cached_part(root / STAGE1_DIR, "stage1.json", settings, build, log)
+
+
+def char_llm(paths: dict[str, Path], seed: int = 0, steps: int | None = None, log=None) -> tuple[Path, dict]:
+    """``paths["root"]/llama-s-chars``: llama-s's shape (width, depth, heads, FFN) and pre-training recipe (its
+    text pairs, lr, batch, steps unless ``steps`` says otherwise; 0: untrained, for smoke runs) with a
+    character-level tokenizer (``vocab.train_char_tokenizer`` on the zoo's tokenizer text): a target whose
+    vocabulary shares few tokens with the source's — single characters only, every word spelt out (issue 12).
+    Its record (``build.json``) has the overlap (``vocab.vocabulary_overlap`` on that text), the pre-training
+    loss and the copy accuracy of attribute words (``pretrain.lm_word_copy_accuracy``). Built on first use,
+    cached beside the zoo's parts, rebuilt when its settings change. Returns (directory, record)."""
+    from dataclasses import asdict, replace
+
+    from transformers import AutoTokenizer
+
+    from vpgtrans.demo import pretrain, vocab
+
+    spec = replace(LLMS["llama-s"], steps=LLMS["llama-s"].steps if steps is None else steps)
+    settings = {"recipe": "zoo-v2 llama-s", "tokenizer": "characters", "spec": asdict(spec), "seed": seed,
+                "tokenizer_lines": TOKENIZER_LINES, "pairs": LM_PAIRS if spec.steps else 0,
+                "max_positions": CHAR_MAX_POSITIONS}
+
+    def build(out: Path) -> dict:
+        corpus = world2.text_corpus(TOKENIZER_LINES, seed)
+        tokenizer = vocab.train_char_tokenizer(corpus)
+        overlap = vocab.vocabulary_overlap(AutoTokenizer.from_pretrained(paths["source"]), tokenizer, corpus)
+        with zoo_parts.quiet(threads=1):
+            model, metrics = zoo_parts.build_llm(
+                out, spec, tokenizer, seed * 1000 + 40, CHAR_MAX_POSITIONS,
+                pairs=world2.text_pairs(LM_PAIRS, seed) if spec.steps else None,
+                eval_pairs=world2.text_pairs(200, 10_000 + seed), copy_accuracy=pretrain.lm_word_copy_accuracy)
+        return {"overlap": overlap, "metrics": metrics, "params": zoo_parts.count_params(model)}
+
+    return zoo_parts.cached_part(Path(paths["root"]) / CHAR_LLM_DIR, "build.json", settings, build,
+                                 log or logger.info)
 
 
 def _quiet_build(root: Path, seed: int, trained: bool, log) -> dict:

@@ -88,10 +88,12 @@ def train_tokenizers(corpus: list[str]) -> dict:
 
 
 def build_llm(out_dir: Path, spec: LLMSpec, tokenizer, seed: int, max_positions: int = 64,
-              pairs: list[tuple[str, str]] | None = None, eval_pairs: list[tuple[str, str]] | None = None):
+              pairs: list[tuple[str, str]] | None = None, eval_pairs: list[tuple[str, str]] | None = None,
+              copy_accuracy=None):
     """A causal LM sized by ``spec`` (initialised from ``seed``), pre-trained on ``pairs`` when given,
     saved with its tokenizer to ``out_dir``. Returns (model, metrics): after pre-training, the final
-    loss and the copy accuracy on ``eval_pairs``; else no metrics."""
+    loss and the copy accuracy on ``eval_pairs`` (``copy_accuracy(model, tokenizer, eval_pairs)``, default
+    ``pretrain.lm_copy_accuracy``); else no metrics."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +104,7 @@ def build_llm(out_dir: Path, spec: LLMSpec, tokenizer, seed: int, max_positions:
     metrics = {}
     if pairs is not None:
         loss = pretrain.pretrain_lm(model, tokenizer, pairs, spec.steps, lr=spec.lr, seed=seed)
-        copy_accuracy = pretrain.lm_copy_accuracy(model, tokenizer, eval_pairs)
+        copy_accuracy = (copy_accuracy or pretrain.lm_copy_accuracy)(model, tokenizer, eval_pairs)
         metrics = {"final_loss": round(loss, 4), "copy_accuracy": round(copy_accuracy, 4)}
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -221,6 +223,29 @@ def staging_dir(root: Path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_part(out: Path, record_name: str, settings: dict, build, log=None) -> tuple[Path, dict]:
+    """A part built beside a zoo on first use (a stage-1 Q-Former, an extra target LLM) and reused while the
+    ``settings`` in its record ``out/record_name`` are ``settings``: a changed recipe rebuilds it.
+    ``build(tmp)`` writes the part into a fresh staging directory and returns the rest of its record; the
+    record (``settings``, what ``build`` returned, ``seconds``) goes beside it and the directory replaces
+    ``out`` in one rename. Returns (out, record)."""
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples are lists
+    record_file = out / record_name
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            return out, record
+    started = time.perf_counter()
+    with staging_dir(out) as tmp:
+        record = {"settings": settings, **build(tmp)}
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / record_name).write_text(json.dumps(record, indent=2) + "\n")
+        install(tmp, out, replace=True, is_complete=lambda path: (path / record_name).is_file())
+    if log is not None:
+        log(f"{out.name}: built in {record['seconds']:.0f}s")
+    return out, record
 
 
 def install(tmp: Path, root: Path, replace: bool, is_complete) -> None:
