@@ -1,6 +1,6 @@
 """Real shapes: the toolkit's commands at BLIP-2 OPT-2.7B -> OPT-6.7B / LLaMA-7B sizes, on random weights.
 
-    python -m benchmarks.real_shapes --preset opt-6.7b     # ~35 GB of disk, up to ~20 GiB of RAM, ~20 min
+    python -m benchmarks.real_shapes --preset opt-6.7b     # ~37 GB of disk, ~14 GiB anonymous RSS, ~17 min idle
     python -m benchmarks.real_shapes --preset llama-7b
     python -m benchmarks.real_shapes --preset small        # tiny shapes, seconds (tests/test_real_shapes.py)
     python -m benchmarks.real_shapes --table               # the markdown table of benchmarks/results/real_shapes.json
