@@ -234,6 +234,18 @@ def search_lr(arm: str, zoo: dict, splits: dict, work: Path, cfg: GroundingConfi
             "criterion": "final dev acc_iou50, then mean IoU", **found}
 
 
+def attribute_ceiling(cfg: dict) -> dict:
+    """The attribute oracle's scores on the eval split of ``cfg`` (``vpgtrans.demo.grounding_world.
+    attribute_oracle``): the right object's cell and size, mapped to the training targets' mean box — what
+    a model that reads the scene's attributes perfectly, and the pixels not at all, would score."""
+    from vpgtrans.demo.grounding_world import attribute_oracle
+    from vpgtrans.grounding import grounding_accuracy
+
+    guesses, truths = attribute_oracle(cfg["n_train"], cfg["n_eval"], cfg["zoo_seed"])
+    scores = grounding_accuracy(guesses, truths)
+    return {"acc_iou50": scores["acc_iou50"], "mean_iou": scores["mean_iou"], "n": scores["n"]}
+
+
 def summarize(runs: list[dict]) -> dict:
     by_arm: dict[str, list[dict]] = {}
     for run in runs:
@@ -268,12 +280,21 @@ def markdown(result: dict) -> str:
         value = {k: "n/a" if base[k] is None else f"{base[k]:.3f}" for k in ("acc_iou50", "mean_iou")}
         lines.append(f"| baseline: {name.replace('_', ' ')} | — | {value['acc_iou50']} | {value['mean_iou']} | — | — "
                      "| 0 | — |")
+    oracle = result.get("attribute_oracle")
+    if oracle:
+        lines.append(f"| reference: attribute oracle | — | {oracle['acc_iou50']:.3f} | {oracle['mean_iou']:.3f} | — | — | 0 | — |")
     if result.get("box_llm", {}).get("metrics"):
         lines += ["", f"The target LLM `llama-s-boxes` (box fraction {result['box_llm']['box_fraction']:g}): final "
                       f"pre-training loss {result['box_llm']['metrics']['final_loss']}, {result['box_llm']['steps']} steps; from "
                       f"200 held-out scenes written out in words it finds the box at IoU ≥ 0.5 for "
                       f"{result['box_llm']['metrics']['text_acc_iou50']:.3f} of them (mean IoU "
                       f"{result['box_llm']['metrics']['text_mean_iou']:.3f}): the ceiling of any connector."]
+    if oracle:
+        lines += ["", "The attribute oracle (`vpgtrans.demo.grounding_world.attribute_oracle`) knows which object the "
+                      "expression names and that object's cell and size, and answers the mean box of the training "
+                      "split's targets with that cell and size: what perfect reading of the scene's attributes, and "
+                      "nothing of the pixels, scores on these eval rows — the world's own ceiling for an LLM that "
+                      "reads a written scene."]
     lines += ["", "lr search (final dev accuracy at IoU ≥ 0.5 per lr): " + "; ".join(
         f"{arm} " + ", ".join(f"{t['lr']:g}: {t['acc_iou50']:.3f}" for t in found["trials"])
         for arm, found in result["lr_search"].items()) + ".", "", DOCS_END]
@@ -356,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             shutil.rmtree(split_root, ignore_errors=True)
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "baselines": baselines, "box_llm": box_record, "lr_search": search, "runs": runs, "summary": summarize(runs),
+              "baselines": baselines, "attribute_oracle": attribute_ceiling(asdict(cfg)), "box_llm": box_record, "lr_search": search, "runs": runs, "summary": summarize(runs),
               "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},
               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}

@@ -309,6 +309,18 @@ def test_grounding_world_names_one_object_by_attributes(tmp_path):
     for row in dataset:
         assert 1 <= len(row["objects"]) <= 2 and row["question"].startswith("the ")
         assert not any(word in row["question"] for word in ("left", "right", "top", "bottom", "center"))
+    # the attribute oracle answers the eval split's rows, in order, from the training split's targets
+    from vpgtrans.demo.grounding_world import attribute_oracle, make_grounding_world
+    from vpgtrans.grounding import box_iou
+
+    splits = make_grounding_world(tmp_path / "w", n_train=200, n_eval=30, seed=5)
+    guesses, truths = attribute_oracle(200, 30, seed=5)
+    assert truths == [row["box"] for row in load_rows(splits["grounding_eval"])[0]]
+    train = list(load_rows(splits["grounding_train"])[0])
+    assert guesses != truths and all(0 <= v <= 1 for box in guesses for v in box)
+    # cell and size fix the box up to the jitter: every guess overlaps its object at IoU >= 0.5 here
+    assert min(box_iou(g, t) for g, t in zip(guesses, truths)) >= 0.5
+    assert attribute_oracle(len(train) - 190, 30, seed=5)[0] != guesses  # means over the training targets
 
 
 def test_grounding_benchmark_smoke(tmp_path):
@@ -357,6 +369,8 @@ def test_grounding_benchmark_smoke(tmp_path):
         assert f"| {block['acc_iou50']['mean']:.3f} |" in row and f"{block['trainable_params']:,}" in row
     centre = result["baselines"]["centre_box"]["acc_iou50"]
     assert f"| baseline: centre box | — | {centre:.3f} |" in text
+    oracle = result["attribute_oracle"]
+    assert oracle["n"] == 6 and f"| reference: attribute oracle | — | {oracle['acc_iou50']:.3f} |" in text
 
 
 def test_three_stages_on_two_processes_equal_one_process(three_stages, tiny, tmp_path):

@@ -33,15 +33,11 @@ def expression_for(target: dict, others: list[dict]) -> str | None:
     return None
 
 
-def make_split(out_dir: str | Path, n: int, seed: int, image_size: int = world2.IMAGE_SIZE) -> Path:
-    """Write ``n`` grounding rows to ``out_dir/data.jsonl`` + ``out_dir/images/``."""
-    if not isinstance(n, int) or n < 1:
-        raise VpgtransError(f"grounding split: n must be >= 1 (got {n!r})")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+def _scenes(n: int, seed: int):
+    """The split's ``n`` (scene, target index, expression) triples, in row order (no image drawn)."""
     rng = random.Random(f"vpgtrans-grounding:{seed}")
-    rows = []
-    while len(rows) < n:
+    found = 0
+    while found < n:
         scene = world2.sample_scene(rng)
         objects = scene["objects"]
         candidates = [(i, expression_for(obj, objects[:i] + objects[i + 1:])) for i, obj in enumerate(objects)]
@@ -49,6 +45,42 @@ def make_split(out_dir: str | Path, n: int, seed: int, image_size: int = world2.
         if not candidates:
             continue  # identical twins only: no attribute-only expression
         index, text = rng.choice(candidates)
+        found += 1
+        yield scene, index, text
+
+
+def attribute_oracle(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """(guesses, true boxes) for the eval split of ``make_grounding_world(..., n_train, n_eval, seed)``, in row order; guesses from
+    a reader that knows which object the expression names and that object's cell and size (what the
+    scene written out in words tells) and nothing of the pixels: the mean box of the training split's
+    targets with that cell and size (the cell's, or all targets', where the training split has none).
+    Scored against the eval rows it is the ceiling the world allows a model that reads the attributes
+    perfectly; the rest (jitter within a cell, radius) is only in the pixels."""
+    sums: dict[tuple, list[float]] = {}
+    for scene, index, _ in _scenes(n_train, seed):
+        target = scene["objects"][index]
+        for key in ((target["position"], target["size"]), (target["position"],), ()):
+            total = sums.setdefault(key, [0.0] * 5)
+            total[:4] = [a + b for a, b in zip(total[:4], target["box"])]
+            total[4] += 1
+    guesses, truths = [], []
+    for scene, index, _ in _scenes(n_eval, seed + 10_000):
+        target = scene["objects"][index]
+        total = sums.get((target["position"], target["size"])) or sums.get((target["position"],)) or sums[()]
+        guesses.append([round(v / total[4], 4) for v in total[:4]])
+        truths.append(target["box"])
+    return guesses, truths
+
+
+def make_split(out_dir: str | Path, n: int, seed: int, image_size: int = world2.IMAGE_SIZE) -> Path:
+    """Write ``n`` grounding rows to ``out_dir/data.jsonl`` + ``out_dir/images/``."""
+    if not isinstance(n, int) or n < 1:
+        raise VpgtransError(f"grounding split: n must be >= 1 (got {n!r})")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scene, index, text in _scenes(n, seed):
+        objects = scene["objects"]
         name = f"images/{len(rows) + 1:06d}.png"
         world.render_scene(scene, image_size).save(out_dir / name, optimize=False)
         rows.append({"image": name, "question": text, "box": objects[index]["box"],
