@@ -151,10 +151,11 @@ def _text_logits_equal(bundle, llm_path, **load_options):
 
     ours = load_model(bundle, device="cpu", **load_options)
     if load_options.get("quantization"):
-        from vpgtrans.model.assemble import quantization_config
+        from vpgtrans.model.assemble import keep_generic_4bit_path, quantization_config
 
         theirs = AutoModelForCausalLM.from_pretrained(llm_path, quantization_config=quantization_config(
             load_options["quantization"]), device_map={"": "cpu"}).eval()
+        keep_generic_4bit_path(theirs)  # the same bitsandbytes kernel per layer as ours (see its docstring)
     else:
         theirs = AutoModelForCausalLM.from_pretrained(llm_path).eval()
     with torch.no_grad():

@@ -47,6 +47,36 @@ def test_soft_prompt_gradients_flow_through_a_quantised_llm(inherited, tiny, qua
     assert not any(p.requires_grad for p in model.llm.parameters())
 
 
+def test_4bit_layers_bitsandbytes_cannot_pack_for_the_cpu_run_in_eval(inherited, tiny):
+    """A 4-bit LLM whose layers are not multiples of 32 wide evaluates on a CPU with AVX512-BF16: bitsandbytes'
+    in-place repacking for that CPU refuses such a layer (its own check, run here on any CPU), so those layers
+    keep the generic path; in eval each computes x W^T + b with W bitsandbytes' own dequantised weight."""
+    import bitsandbytes as bnb
+
+    from vpgtrans.model.assemble import BNB_CPU_PACK_BLOCK, keep_generic_4bit_path
+
+    model = load_model(inherited, quantization="4bit")
+    layers = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    odd = [m for m in layers if m.out_features % BNB_CPU_PACK_BLOCK]
+    assert odd, "the tiny LLM should have a layer that is not a multiple of 32 wide"
+    assert keep_generic_4bit_path(model) == 0  # load_llm already did it
+    assert not any(getattr(layer, "support_avx512bf16_for_cpu", False) for layer in odd)
+    pack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if pack is not None:  # the repacking this avoids: bitsandbytes' own assertion on such a layer
+        import copy
+
+        with pytest.raises(AssertionError, match="divisible"):
+            pack(odd[0].weight.data.clone(), copy.deepcopy(odd[0].weight.quant_state))
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in odd:
+            x = torch.randn(3, layer.in_features, generator=generator)
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            expected = x @ weight.T + (0 if layer.bias is None else layer.bias.float())
+            torch.testing.assert_close(layer(x).float(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_quantised_loss_is_close_to_full_precision(inherited, tiny):
     full, quant = load_model(inherited), load_model(inherited, quantization="8bit")
     batch = _batch(full, tiny["caption"])

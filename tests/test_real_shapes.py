@@ -161,7 +161,10 @@ def test_the_small_preset_runs_every_command_and_cleans_up(tmp_path):
     assert load["loaded"]["dtypes"] == ["torch.bfloat16"]
     assert result["export"]["config_dtype"] == "bfloat16" and len(result["export"]["files"]) > 1
     for step in ("train step 8bit", "train step 8bit-vit-bf16"):
-        assert next(r for r in result["commands"] if r["name"] == step)["warning_lines"] == 1
+        # bitsandbytes' per-call cast warning once; on a CPU with AVX512-BF16 bitsandbytes also says once, at
+        # import, that it found no optional CPU kernel package: no message twice
+        warnings = next(r for r in result["commands"] if r["name"] == step)["warnings"]
+        assert sum("MatMul8bitLt" in w for w in warnings) == 1 and len(set(warnings)) == len(warnings) <= 2, warnings
     assert result["checkpoints"]["source"]["files"] > 2  # sharded at the preset's shard size, with an index
     from benchmarks.real_shapes import markdown
 

@@ -81,10 +81,28 @@ def load_llm(ref: dict, is_encoder_decoder: bool, dtype=None, device=None, quant
         if refusal is not None:
             raise refusal from None  # named as the refusal by bundle.reference_errors
         raise VpgtransError(f"{ref['path']}: cannot load the LLM ({str(exc).splitlines()[0]})") from None
+    if quantization == "4bit":
+        keep_generic_4bit_path(llm)
     if gradient_checkpointing:
         checkpoint_layers(llm)
     placed = quantization is not None or device_map is not None  # from_pretrained already put it in place
     return (llm if placed else llm.to(device)), tokenizer
+
+
+BNB_CPU_PACK_BLOCK = 32  # bitsandbytes' packed 4-bit CPU layout: out_features must be a multiple of this
+
+
+def keep_generic_4bit_path(model) -> int:
+    """On a CPU with AVX512-BF16, bitsandbytes (>= 0.49) repacks a 4-bit layer's weight in place for its fast
+    CPU kernel the first time the layer runs without gradients (eval, generation), and fails with "N must be
+    divisible by block_n" when ``out_features`` is not a multiple of 32. Such layers are kept on bitsandbytes'
+    generic 4-bit path (the one training uses); the others keep the fast kernel. Returns how many were kept."""
+    kept = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % BNB_CPU_PACK_BLOCK:
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
 
 
 def _unpickling_error(exc: BaseException, depth: int = 6) -> pickle.UnpicklingError | None:
