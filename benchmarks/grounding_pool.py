@@ -29,7 +29,8 @@ take the place of those words. The scene list names each object's cell and size,
 learns box text and an approximate cell-to-box map, never the image; both arms get the same LLM. Its
 record (``box_llm.json`` beside the zoo, and in the result) has that ceiling: ``text_acc_iou50`` /
 ``text_mean_iou``, the LLM's boxes generated from 200 held-out scenes written out as the attribute list —
-what perfect soft prompts could give. It is cached beside the zoo (``llama-s-boxes/``);
+what perfect soft prompts could give. ``box_llm_hidden`` / ``box_llm_layers`` size it otherwise (FFN 4x the
+width; recorded in its record when not llama-s's). It is cached beside the zoo (``llama-s-boxes/``);
 ``--target-llm llama-s`` runs on the zoo's own llama-s.
 
 **Learning rates**: each arm gets its own, from its grid (``pool_lrs``, ``qformer_lrs``), by the final
@@ -71,6 +72,8 @@ class GroundingConfig:
     target_llm: str = "llama-s-boxes"  # or "llama-s": the zoo's, which never learned digits (see the docstring)
     box_fraction: float = 0.5  # of the box LLM's pre-training pairs: grounding text instead of captions / VQA
     box_llm_steps: int = 2100  # its pre-training steps (llama-s's 700 left it at 0.19 acc@0.5 from written scenes)
+    box_llm_hidden: int = 96  # its width (FFN 4x) and depth: llama-s's by default
+    box_llm_layers: int = 2
     n_train: int = 3000
     n_eval: int = 150
     n_dev: int = 150  # the lr search's split
@@ -191,10 +194,13 @@ def box_llm(zoo: dict, seed: int, trained: bool, cfg: GroundingConfig, log=print
     from vpgtrans.demo import world2, zoo2, zoo_parts
 
     out = Path(zoo["root"]) / "llama-s-boxes"
-    spec = replace(zoo2.LLMS["llama-s"], steps=cfg.box_llm_steps)
+    spec = replace(zoo2.LLMS["llama-s"], steps=cfg.box_llm_steps, hidden_size=cfg.box_llm_hidden,
+                   num_layers=cfg.box_llm_layers, ffn_dim=4 * cfg.box_llm_hidden)
     fraction = cfg.box_fraction
     want = {"trained": trained, "seed": seed, "box_fraction": fraction, "pairs": zoo2.LM_PAIRS, "steps": spec.steps,
             "lr": spec.lr, "base": "zoo-v2 llama-s recipe"}
+    if (spec.hidden_size, spec.num_layers) != (zoo2.LLMS["llama-s"].hidden_size, zoo2.LLMS["llama-s"].num_layers):
+        want.update(hidden_size=spec.hidden_size, num_layers=spec.num_layers)  # (llama-s's size: records as before)
     record_path = Path(zoo["root"]) / "box_llm.json"
     if record_path.is_file() and (out / "config.json").is_file():
         record = json.loads(record_path.read_text())
@@ -284,7 +290,9 @@ def markdown(result: dict) -> str:
     if oracle:
         lines.append(f"| reference: attribute oracle | — | {oracle['acc_iou50']:.3f} | {oracle['mean_iou']:.3f} | — | — | 0 | — |")
     if result.get("box_llm", {}).get("metrics"):
-        lines += ["", f"The target LLM `llama-s-boxes` (box fraction {result['box_llm']['box_fraction']:g}): final "
+        size = (f", {result['box_llm']['hidden_size']} wide, {result['box_llm']['num_layers']} layers"
+                if "hidden_size" in result["box_llm"] else "")
+        lines += ["", f"The target LLM `llama-s-boxes` (box fraction {result['box_llm']['box_fraction']:g}{size}): final "
                       f"pre-training loss {result['box_llm']['metrics']['final_loss']}, {result['box_llm']['steps']} steps; from "
                       f"200 held-out scenes written out in words it finds the box at IoU ≥ 0.5 for "
                       f"{result['box_llm']['metrics']['text_acc_iou50']:.3f} of them (mean IoU "

@@ -327,8 +327,13 @@ def test_grounding_benchmark_smoke(tmp_path):
     from benchmarks.grounding_pool import main
 
     work = tmp_path / "work"
-    result = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g.json"), "--work-dir", str(work)])
+    result = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g.json"), "--work-dir", str(work),
+                   "--box-llm-hidden", "32", "--box-llm-layers", "1"])
     assert json.loads((tmp_path / "g.json").read_text())["smoke"] is True
+    # the box LLM sized by the options, recorded as such
+    assert (result["box_llm"]["hidden_size"], result["box_llm"]["num_layers"]) == (32, 1)
+    box_config = json.loads(next(work.rglob("llama-s-boxes/config.json")).read_text())
+    assert (box_config["hidden_size"], box_config["num_hidden_layers"], box_config["intermediate_size"]) == (32, 1, 128)
     assert set(result["summary"]) == {"pool", "qformer"} and result["baselines"]["largest_object"]["n"] == 6
     assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2]
     # each arm's lr from its own grid, by final dev accuracy; the measured runs train at the chosen lr
@@ -341,7 +346,8 @@ def test_grounding_benchmark_smoke(tmp_path):
         assert all(t["parsed"] + t["unparseable"] == 6 for t in found["trials"])  # scored on the 6 dev rows
     assert {r["scored_on"] for r in result["runs"]} == {"grounding_eval"}
     # a second call on the same work dir trains nothing: the 3 trials and 2 runs are read back, equal
-    again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work)])
+    again = main(["--smoke", "--no-plot", "--out", str(tmp_path / "g2.json"), "--work-dir", str(work),
+                  "--box-llm-hidden", "32", "--box-llm-layers", "1"])
     assert again["records"]["reused"] == 5 and result["records"]["reused"] == 0
     assert again["runs"] == result["runs"] and again["lr_search"] == result["lr_search"]
     assert not list(work.glob("splits.*")) and not list(work.glob("runs/*"))  # only the records are kept
