@@ -288,7 +288,8 @@ def markdown(result: dict) -> str:
                      "| 0 | — |")
     oracle = result.get("attribute_oracle")
     if oracle:
-        lines.append(f"| reference: attribute oracle | — | {oracle['acc_iou50']:.3f} | {oracle['mean_iou']:.3f} | — | — | 0 | — |")
+        lines.append(f"| reference: attribute oracle | — | {oracle['acc_iou50']:.3f} | {oracle['mean_iou']:.3f} "
+                     "| — | — | 0 | — |")
     if result.get("box_llm", {}).get("metrics"):
         size = (f", {result['box_llm']['hidden_size']} wide, {result['box_llm']['num_layers']} layers"
                 if "hidden_size" in result["box_llm"] else "")
@@ -385,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             shutil.rmtree(split_root, ignore_errors=True)
     result = {"benchmark": "grounding_pool", "smoke": args.smoke, "config": asdict(cfg), "machine": machine_info(),
-              "baselines": baselines, "attribute_oracle": attribute_ceiling(asdict(cfg)), "box_llm": box_record, "lr_search": search, "runs": runs, "summary": summarize(runs),
+              "baselines": baselines, "attribute_oracle": attribute_ceiling(asdict(cfg)), "box_llm": box_record,
+              "lr_search": search, "runs": runs, "summary": summarize(runs),
               "records": {"kept": records.root is not None, "reused": records.reused, "identity": records.digest},
               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.perf_counter() - started, 1)}

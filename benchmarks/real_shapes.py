@@ -284,7 +284,8 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict | None = N
     warned = [line for line in lines if "warn" in line.lower()]
     record["warning_lines"] = len(warned)
     # each warning's first line without rich's time stamp (the message may wrap onto the next lines)
-    record["warnings"] = [line.split("]", 1)[-1].strip() if line.startswith("[") else line.strip() for line in warned[:20]]
+    record["warnings"] = [line.split("]", 1)[-1].strip() if line.startswith("[") else line.strip()
+                          for line in warned[:20]]
     if proc.returncode != 0:
         record["error"] = "\n".join(lines[-5:])
     print(f"  {name:<22} {record['wall_s']:>8.1f} s  peak {record['peak_rss_mib']:>6} MiB  anon "

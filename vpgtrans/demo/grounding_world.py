@@ -50,8 +50,8 @@ def _scenes(n: int, seed: int):
 
 
 def attribute_oracle(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
-    """(guesses, true boxes) for the eval split of ``make_grounding_world(..., n_train, n_eval, seed)``, in row order; guesses from
-    a reader that knows which object the expression names and that object's cell and size (what the
+    """(guesses, true boxes) for the eval split of ``make_grounding_world(..., n_train, n_eval, seed)``, in row
+    order; guesses from a reader that knows which object the expression names and that object's cell and size (what the
     scene written out in words tells) and nothing of the pixels: the mean box of the training split's
     targets with that cell and size (the cell's, or all targets', where the training split has none).
     Scored against the eval rows it is the ceiling the world allows a model that reads the attributes
