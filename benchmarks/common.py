@@ -264,3 +264,19 @@ def without_times(record):
     if isinstance(record, dict):
         return {k: without_times(v) for k, v in record.items() if "seconds" not in k}
     return [without_times(v) for v in record] if isinstance(record, list) else record
+
+
+def register_lora_all(targets: tuple[str, ...]) -> str:
+    """A benchmark-only connector: BLIP-2's Q-Former + projector and peft's LoRA on every token of the LLM
+    (``targets``, rank 8 unless ``adapter_options`` say otherwise), with the recipe ``bench-lora-all``
+    (projector warm-up -> VPG + projector + LoRA). The registries are plain dicts; returns the connector's name."""
+    from vpgtrans.model.connectors import CONNECTORS, Connector
+    from vpgtrans.recipes import RECIPES, Stage
+
+    RECIPES["bench-lora-all"] = [Stage("warmup", {"trainable": ["connector"], "lr": 5e-4, "min_lr": None}),
+                                 Stage("finetune", {"trainable": ["vpg", "connector", "lora"], "lr": 1e-4,
+                                                    "min_lr": 5e-5}, data="finetune_data")]
+    name = f"bench-lora-all-{'-'.join(targets)}"
+    CONNECTORS[name] = Connector("qformer", ({"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.05,
+                                             "targets": list(targets)},), recipe="bench-lora-all")
+    return name

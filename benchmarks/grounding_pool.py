@@ -10,11 +10,22 @@ Both arms start from the zoo's source BLIP-2 (``source-blip2-opt-s``) and go to 
 (``llama-s``), through the library (``vpgtrans.stages.inherit`` and ``run_stage``), on the same rows in the
 same order per seed, evaluated every ``eval_every`` steps on the same eval rows (accuracy at IoU >= 0.5):
 
-- **pool**: ``--connector infmllm --pool-size pool_size``: ``align`` (pool-adapter) for ``warmup_steps``,
-  then ``multitask`` (pool-adapter + ln_vision) for the rest, both at ``lr`` (align constant, multitask
-  cosine to lr/2). The LoRA stage is not run: the comparison is of the visual side.
-- **qformer**: ``--connector linear``: projector warm-up for ``warmup_steps`` at 5x ``lr``, then VPG +
-  projector at ``lr`` cosine to lr/2 (the vpgtrans recipe's shape).
+Each arm trains its visual side with the LLM frozen, then the LLM through peft's LoRA (rank ``lora_rank``, alpha 2x
+that, no dropout, attention + MLP) together with the connector's last part for ``lora_steps`` (cosine from the
+arm's searched lr to a tenth of it), on ``n_train`` scenes:
+
+- **pool**: ``--connector infmllm --pool-size pool_size``, InfMLLM's three stages: ``align`` (pool-adapter) for
+  ``warmup_steps``, ``multitask`` (pool-adapter + ln_vision, cosine to half) to ``steps``, both at
+  ``pool_visual_lr``; then ``instruct`` (LoRA + pool-adapter).
+- **qformer**: BLIP-2's Q-Former + projector with the same LoRA (the benchmark-only connector
+  ``benchmarks.common.register_lora_all``): projector warm-up for ``warmup_steps`` at 5x ``qformer_visual_lr``,
+  VPG + projector at ``qformer_visual_lr`` cosine to half (the vpgtrans recipe's shape), then ``instruct``
+  (LoRA + projector).
+
+With the LLM frozen neither arm got near the baselines (first run, 600 steps on 3000 scenes: pool 0.136, Q-Former
+0.147 at IoU >= 0.5): the tiny LLM never learnt to resolve a reference in a written scene (below), so the LLM
+stage is where grounding is learnt. The visual-side lrs are the previous 600-step search's picks (pool: 3e-3 and
+1e-2 tied on dev accuracy, the smaller taken; Q-Former 3e-4); the LLM stage's lr is searched per arm (below).
 
 **The target LLM** (``target_llm``, default ``llama-s-boxes``): zoo-v2's llama-s cannot write a box — it
 was pre-trained on the world's lower-case words only, so every digit is a byte-fallback token whose rows
@@ -23,7 +34,8 @@ So the target is a llama-s built with the zoo's own recipe (same tokenizer, size
 zoo's text pairs with ``box_fraction`` of them replaced by grounding text about a scene, for
 ``box_llm_steps`` steps (3x llama-s's: at 700 steps and 30% box text, given the scene written out in words
 it found the box at IoU >= 0.5 for only 19% of held-out scenes, a ceiling no connector can pass):
-``[scene as an attribute list][BOS]Where is the small red square? Box: 0.105,0.213,0.398,0.502`` — the zoo's
+``[scene as an attribute list][BOS]Where is the small red square ? Box: 0.105,0.213,0.398,0.502`` (``GROUNDING_PROMPT``,
+the bundles' grounding template too) — the zoo's
 design, in which the LM learns to read a scene written in front of its BOS and the VPG's soft prompts later
 take the place of those words. The scene list names each object's cell and size, not its box, so the LLM
 learns box text and an approximate cell-to-box map, never the image; both arms get the same LLM. Its
@@ -33,7 +45,7 @@ what perfect soft prompts could give. ``box_llm_hidden`` / ``box_llm_layers`` si
 width; recorded in its record when not llama-s's). It is cached beside the zoo (``llama-s-boxes/``);
 ``--target-llm llama-s`` runs on the zoo's own llama-s.
 
-**Learning rates**: each arm gets its own, from its grid (``pool_lrs``, ``qformer_lrs``), by the final
+**Learning rates**: each arm gets its own LLM-stage lr, from its grid (``pool_lrs``, ``qformer_lrs``), by the final
 acc_iou50 on a **dev** split (``n_dev`` scenes of their own seed, never the eval split; ties: the smaller
 lr, then mean IoU) of one run with seed ``search_seed`` (not a measured seed) and the arm's full budget;
 where the pick is an end of the grid the grid is extended one step of its end ratio, up to
@@ -57,11 +69,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import (RunRecords, machine_info, result_config, result_parser, save_result, search_lr_grid,
-                               docs_preamble, fmt_spread, spread, without_times,
-                               write_docs_section)
+from benchmarks.common import (RunRecords, machine_info, register_lora_all, result_config, result_parser, save_result,
+                               search_lr_grid, docs_preamble, fmt_spread, spread, without_times, write_docs_section)
 
 ARMS = ("pool", "qformer")
+# The benchmark's grounding prompt (after the soft prompts and BOS), the box LLM's pre-training text and its
+# bundles' template alike. zoo-v2's tokenizer learnt "square?", "circle?", ... as tokens of their own (its corpus
+# ends every question that way), so the toolkit's default "Where is the red square? Box:" would hand the LLM a
+# shape token that never occurs in a scene; the space keeps the shape word the scene's token.
+GROUNDING_PROMPT = "Where is {question} ? Box:"
 
 
 @dataclass
@@ -74,24 +90,28 @@ class GroundingConfig:
     box_llm_steps: int = 2100  # its pre-training steps (llama-s's 700 left it at 0.19 acc@0.5 from written scenes)
     box_llm_hidden: int = 96  # its width (FFN 4x) and depth: llama-s's by default
     box_llm_layers: int = 2
-    n_train: int = 3000
+    n_train: int = 20000
     n_eval: int = 150
     n_dev: int = 150  # the lr search's split
     pool_size: int = 3  # zoo-v2's ViT: 48 px / patch 8 = a 6x6 grid -> 3x3 = 9 tokens (the Q-Former has 12)
     batch_size: int = 16
-    steps: int = 600  # optimizer steps of every arm, warm-up included
+    steps: int = 600  # optimizer steps of the visual-side stages, warm-up included
     warmup_steps: int = 60
-    pool_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
-    qformer_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])  # vpgtrans recipe: 1e-4 (x16/...)
+    pool_visual_lr: float = 3e-3  # the visual-side stages' lrs (see the docstring)
+    qformer_visual_lr: float = 3e-4
+    lora_steps: int = 8400  # the LLM stage (LoRA + the connector's trainable part)
+    lora_rank: int = 16  # alpha 2 x rank, no dropout; attention + MLP
+    pool_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 6e-3])  # the LLM stage's lr grid
+    qformer_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 6e-3])
     lr_grid_extend: int = 1
     search_seed: int = 100
-    eval_every: int = 100
+    eval_every: int = 500
     target_accuracy: float = 0.5
     max_new_tokens: int = 24
 
 
 SMOKE = {"seeds": [0], "n_train": 12, "n_eval": 6, "n_dev": 6, "batch_size": 4, "steps": 2, "warmup_steps": 1,
-         "eval_every": 1, "max_new_tokens": 4, "pool_lrs": [1e-3, 3e-3], "qformer_lrs": [1e-3], "lr_grid_extend": 0}
+         "lora_steps": 1, "lora_rank": 2, "eval_every": 1, "max_new_tokens": 4, "pool_lrs": [1e-3, 3e-3], "qformer_lrs": [1e-3], "lr_grid_extend": 0}
 
 
 def _stage_config(trainable: list[str], lr: float, min_lr: float | None, steps: int, seed: int, cfg: GroundingConfig,
@@ -107,25 +127,32 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
             scored_on: str = "grounding_eval", search: bool = False) -> dict:
     """One arm, one seed, one lr: inherit, two stages, the combined curve on ``scored_on`` and the final
     scores there. ``search``: an lr-search trial, scored at the end only."""
-    from vpgtrans.config import InheritConfig
+    from vpgtrans.config import InheritConfig, PromptTemplate
     from vpgtrans.stages.inherit import inherit
     from vpgtrans.stages.train import run_stage
 
     out = work / f"{arm}-seed{seed}-lr{lr:g}.{os.getpid()}"  # this process's: never a killed run's leftovers
     shutil.rmtree(out, ignore_errors=True)
-    every = cfg.steps if search else cfg.eval_every
+    every = cfg.steps + cfg.lora_steps if search else cfg.eval_every
+    lora = {"lora": {"rank": cfg.lora_rank, "alpha": 2 * cfg.lora_rank, "dropout": 0.0}}
     if arm == "pool":
-        inherit_config = InheritConfig(connector="infmllm", seed=seed, visual_options={"pool_size": cfg.pool_size})
-        stages = [("align", _stage_config(["pool_adapter"], lr, None, cfg.warmup_steps, seed, cfg, every)),
-                  ("multitask", _stage_config(["ln_vision", "pool_adapter"], lr, lr / 2,
+        inherit_config = InheritConfig(connector="infmllm", seed=seed, visual_options={"pool_size": cfg.pool_size},
+                                       adapter_options=lora)
+        visual_lr, part = cfg.pool_visual_lr, "pool_adapter"
+        stages = [("align", _stage_config([part], visual_lr, None, cfg.warmup_steps, seed, cfg, every)),
+                  ("multitask", _stage_config(["ln_vision", part], visual_lr, visual_lr / 2,
                                               cfg.steps - cfg.warmup_steps, seed, cfg, every))]
     else:
-        inherit_config = InheritConfig(connector="linear", seed=seed)
-        stages = [("warmup", _stage_config(["connector"], 5 * lr, None, cfg.warmup_steps, seed, cfg, every)),
-                  ("finetune", _stage_config(["vpg", "connector"], lr, lr / 2, cfg.steps - cfg.warmup_steps,
+        inherit_config = InheritConfig(connector=register_lora_all(("attention", "mlp")), seed=seed,
+                                       adapter_options=lora)
+        visual_lr, part = cfg.qformer_visual_lr, "connector"
+        stages = [("warmup", _stage_config([part], 5 * visual_lr, None, cfg.warmup_steps, seed, cfg, every)),
+                  ("finetune", _stage_config(["vpg", part], visual_lr, visual_lr / 2, cfg.steps - cfg.warmup_steps,
                                              seed, cfg, every))]
+    stages.append(("instruct", _stage_config(["lora", part], lr, lr / 10, cfg.lora_steps, seed, cfg, every)))
     started = time.perf_counter()
-    bundle = inherit(zoo["source"], zoo[cfg.target_llm], out / "inherit", inherit_config, force=True)
+    template = PromptTemplate(grounding="{image}{bos}" + GROUNDING_PROMPT)
+    bundle = inherit(zoo["source"], zoo[cfg.target_llm], out / "inherit", inherit_config, template=template, force=True)
     curve, offset = [], 0
     for name, config in stages:
         bundle = run_stage(bundle, splits["grounding_train"], out / name, config, name,
@@ -145,7 +172,7 @@ def run_arm(arm: str, seed: int, lr: float, zoo: dict, splits: dict, work: Path,
 
 def box_text_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     """``n`` (context, text) LM pre-training pairs: a world-v2 scene as the zoo's attribute list, then
-    ``Where is <expression>? Box: <box>`` for one object named as the grounding split names it."""
+    ``GROUNDING_PROMPT`` + box for one object named as the grounding split names it."""
     from vpgtrans.demo import world, world2
     from vpgtrans.demo.grounding_world import expression_for
     from vpgtrans.grounding import format_box
@@ -158,7 +185,8 @@ def box_text_pairs(n: int, seed: int) -> list[tuple[str, str]]:
         named = [(obj, text) for obj, text in named if text is not None]
         if named:
             obj, text = rng.choice(named)
-            pairs.append((world._context({"objects": objects}, rng), f"Where is {text}? Box: {format_box(obj['box'])}"))
+            pairs.append((world._context({"objects": objects}, rng),
+                          f"{GROUNDING_PROMPT.format(question=text)} {format_box(obj['box'])}"))
     return pairs
 
 
@@ -198,7 +226,7 @@ def box_llm(zoo: dict, seed: int, trained: bool, cfg: GroundingConfig, log=print
                    num_layers=cfg.box_llm_layers, ffn_dim=4 * cfg.box_llm_hidden)
     fraction = cfg.box_fraction
     want = {"trained": trained, "seed": seed, "box_fraction": fraction, "pairs": zoo2.LM_PAIRS, "steps": spec.steps,
-            "lr": spec.lr, "base": "zoo-v2 llama-s recipe"}
+            "lr": spec.lr, "base": "zoo-v2 llama-s recipe", "prompt": GROUNDING_PROMPT}
     if (spec.hidden_size, spec.num_layers) != (zoo2.LLMS["llama-s"].hidden_size, zoo2.LLMS["llama-s"].num_layers):
         want.update(hidden_size=spec.hidden_size, num_layers=spec.num_layers)  # (llama-s's size: records as before)
     record_path = Path(zoo["root"]) / "box_llm.json"

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (RunRecords, add_zoo_options, docs_preamble, fmt_spread, machine_info,
+from benchmarks.common import (RunRecords, add_zoo_options, register_lora_all, docs_preamble, fmt_spread, machine_info,
                                plot_curves_by_target, quiet_libraries, result_config, result_parser, save_result,
                                search_lr_grid, spread, without_times, write_docs_section, zoo_v2)
 
@@ -84,20 +84,6 @@ class PloraBenchConfig:
 
 SMOKE = dict(seeds=[0], batch_size=4, warmup_steps=2, finetune_steps=2, eval_every=2, eval_samples=4,
              text_samples=8, moe_steps=0, max_new_tokens=3, lr_grid=[1e-3, 2e-3], lr_grid_extend=0, dev_rows=4)
-
-
-def _register_lora_all() -> None:
-    """The ``lora-all`` arm as a connector + recipe of this benchmark only (the registries are plain dicts)."""
-    from vpgtrans.model.connectors import CONNECTORS, Connector
-    from vpgtrans.recipes import RECIPES, Stage
-
-    RECIPES["bench-lora-all"] = [Stage("warmup", {"trainable": ["connector"], "lr": 5e-4, "min_lr": None}),
-                                 Stage("finetune", {"trainable": ["vpg", "connector", "lora"], "lr": 1e-4,
-                                                    "min_lr": 5e-5}, data="finetune_data")]
-    for targets in (("attention", "mlp"), ("attention",)):
-        CONNECTORS[f"bench-lora-all-{'-'.join(targets)}"] = Connector(
-            "qformer", ({"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.05, "targets": list(targets)},),
-            recipe="bench-lora-all")
 
 
 def build_moe(zoo: dict, out_dir: Path, cfg: PloraBenchConfig, seed: int) -> tuple[Path, dict]:
@@ -269,7 +255,8 @@ def run(cfg: PloraBenchConfig, zoo: dict, moe_dir: Path, work_dir: Path, keep_re
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; known: {list(ARMS)}")
-    _register_lora_all()
+    for targets in (("attention", "mlp"), ("attention",)):
+        register_lora_all(targets)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()

@@ -335,7 +335,9 @@ def test_grounding_benchmark_smoke(tmp_path):
     box_config = json.loads(next(work.rglob("llama-s-boxes/config.json")).read_text())
     assert (box_config["hidden_size"], box_config["num_hidden_layers"], box_config["intermediate_size"]) == (32, 1, 128)
     assert set(result["summary"]) == {"pool", "qformer"} and result["baselines"]["largest_object"]["n"] == 6
-    assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2]
+    # two visual-side steps (warm-up 1), then the LLM stage's one step (LoRA + the connector's last part)
+    assert [p["step"] for p in result["runs"][0]["curve"]] == [0, 1, 2, 3]
+    assert all(r["steps"] == 3 for r in result["runs"])
     # each arm's lr from its own grid, by final dev accuracy; the measured runs train at the chosen lr
     search = result["lr_search"]
     assert search["pool"]["grid"] == [1e-3, 3e-3] and search["qformer"]["grid"] == [1e-3]
@@ -360,7 +362,7 @@ def test_grounding_benchmark_smoke(tmp_path):
     pairs = box_text_pairs(20, seed=1)
     assert pairs == box_text_pairs(20, seed=1) and pairs != box_text_pairs(20, seed=2)
     for context, text in pairs:
-        question, box = text.split("? Box: ")
+        question, box = text.split(" ? Box: ")
         assert question.startswith("Where is the ")
         x1, y1, x2, y2 = parse_box(box)
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
