@@ -299,9 +299,12 @@ def markdown(result: dict) -> str:
     """The ``docs/benchmarks.md`` section, from a result JSON: the arms over seeds beside the baselines."""
     cfg = result["config"]
     lines = docs_preamble("grounding_pool", DOCS_BEGIN, result,
-                          f"target `{cfg.get('target_llm', cfg.get('target'))}`, {cfg['steps']} steps of batch {cfg['batch_size']} on "
-                          f"{cfg['n_train']} training scenes, scored on {cfg['n_eval']} eval scenes; seeds "
-                          f"{cfg['seeds']}. Means over seeds (min–max).")
+                          f"target `{cfg.get('target_llm', cfg.get('target'))}`, {cfg['steps']} visual-side steps"
+                          + (f" + {cfg['lora_steps']} LLM-stage steps (LoRA rank {cfg['lora_rank']} + the connector's "
+                             "last part)" if cfg.get("lora_steps") else "")
+                          + f" of batch {cfg['batch_size']} on {cfg['n_train']} training scenes, scored on "
+                          f"{cfg['n_eval']} eval scenes; seeds {cfg['seeds']}. Means over seeds (min–max)"
+                          + ("; lr: the LLM stage's." if cfg.get("lora_steps") else "."))
     lines += ["| arm | lr (dev search) | accuracy at IoU ≥ 0.5 | mean IoU | unparseable | steps to "
               f"{cfg['target_accuracy']:g} | trainable parameters | seconds |", "|---|---|---|---|---|---|---|---|"]
     for arm, block in result["summary"].items():
