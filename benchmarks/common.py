@@ -210,9 +210,12 @@ def docs_preamble(name: str, begin: str, result: dict, details: str) -> list[str
     """The first lines of a generated ``docs/benchmarks.md`` section: its marker, where it comes from, and
     when and on what the run ran (``details``: the protocol in a sentence)."""
     machine = result["machine"]
+    reused = result.get("records", {}).get("reused")
+    took = f"{result['seconds']:.0f} s in all" + (f" ({reused} runs read back from the records of earlier calls; each "
+                                                   "run's seconds are its own)" if reused else "")
     return [begin, "", f"*Written by `python -m benchmarks.{name} --write-docs` from `benchmarks/results/{name}.json`; "
             "do not edit by hand.*", "", f"Run: {result.get('finished', '?')}, {machine['cpu']}, torch "
-            f"{machine['torch']}; {result['seconds']:.0f} s in all; {details}", ""]
+            f"{machine['torch']}; {took}; {details}", ""]
 
 
 def fmt_spread(block: dict, digits: int = 3) -> str:

@@ -24,8 +24,8 @@ arm's searched lr to a tenth of it), on ``n_train`` scenes:
 
 With the LLM frozen neither arm got near the baselines (first run, 600 steps on 3000 scenes: pool 0.136, Q-Former
 0.147 at IoU >= 0.5): the tiny LLM never learnt to resolve a reference in a written scene (below), so the LLM
-stage is where grounding is learnt. The visual-side lrs are the previous 600-step search's picks (pool: 3e-3 and
-1e-2 tied on dev accuracy, the smaller taken; Q-Former 3e-4); the LLM stage's lr is searched per arm (below).
+stage is where grounding is learnt. The visual-side lrs come from that run's 600-step search (Q-Former: its pick,
+3e-4; pool: 3e-3 and 1e-2 tied on dev accuracy, 3e-3 taken); the LLM stage's lr is searched per arm (below).
 
 **The target LLM** (``target_llm``, default ``llama-s-boxes``): zoo-v2's llama-s cannot write a box — it
 was pre-trained on the world's lower-case words only, so every digit is a byte-fallback token whose rows
