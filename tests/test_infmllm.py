@@ -326,7 +326,7 @@ def test_grounding_world_names_one_object_by_attributes(tmp_path):
 def test_grounding_prompt_keeps_the_expression_in_the_scene_tokens():
     """zoo-v2's tokenizer (trained on the world's text, whose questions end in "square?") has "square?" as one
     token: glued to "?", the named shape would be a token no scene contains. The benchmark's prompt spaces it."""
-    from benchmarks.grounding_pool import GROUNDING_PROMPT, box_text_pairs
+    from benchmarks.grounding_llm import GROUNDING_PROMPT, box_text_pairs
     from vpgtrans.demo import vocab, world2
 
     tokenizer = vocab.train_llama_tokenizer(world2.text_corpus(1000, 0))
@@ -379,7 +379,7 @@ def test_grounding_benchmark_smoke(tmp_path):
     # the target: the box-aware llama-s built beside the (tiny, untrained) zoo, recorded
     assert result["config"]["target_llm"] == "llama-s-boxes" and result["box_llm"]["trained"] is False
     # its pre-training text: a scene list, then the grounding prompt and a box the toolkit's parser reads
-    from benchmarks.grounding_pool import box_text_pairs
+    from benchmarks.grounding_llm import box_text_pairs
     from vpgtrans.grounding import parse_box
 
     pairs = box_text_pairs(20, seed=1)
