@@ -68,8 +68,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import (RunRecords, machine_info, register_lora_all, result_config, result_parser, save_result,
-                               search_lr_grid, docs_preamble, fmt_spread, spread, without_times, write_docs_section)
+from benchmarks.common import (RunRecords, docs_preamble, fmt_spread, machine_info, register_lora_all, result_config,
+                               result_parser, save_result, search_lr_grid, spread, without_times, write_docs_section)
 from benchmarks.grounding_llm import GROUNDING_PROMPT, box_llm
 
 ARMS = ("pool", "qformer")

@@ -47,9 +47,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (RunRecords, add_zoo_options, register_lora_all, docs_preamble, fmt_spread, machine_info,
-                               plot_curves_by_target, quiet_libraries, result_config, result_parser, save_result,
-                               search_lr_grid, spread, without_times, write_docs_section, zoo_v2)
+from benchmarks.common import (RunRecords, add_zoo_options, docs_preamble, fmt_spread, machine_info,
+                               plot_curves_by_target, quiet_libraries, register_lora_all, result_config, result_parser,
+                               save_result, search_lr_grid, spread, without_times, write_docs_section, zoo_v2)
 
 METRIC = "cider"
 ARMS = ("linear", "plora", "lora-all")
