@@ -15,12 +15,15 @@ writes the same layout with random weights and a tiny world in seconds, for smok
     qformer-stage1/          the same layout, its VPG from BLIP-2 first-stage pre-training (no LLM; fresh
                              projector): the paper's train-from-scratch start. Built on first use by
                              ``stage1_qformer()`` (a cached zoo without it stays valid), stage1.json beside it
+    source-blip2-opt-s-long/ the source's recipe trained longer (``long_source()``, ``--source long`` of
+                             transfer_speedup), built on first use, build.json beside it
     llama-s-chars/           llama-s with a character-level tokenizer (few tokens shared with the source's),
                              built on first use by ``char_llm()``, build.json beside it
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -53,6 +56,7 @@ STAGE1 = {"full": dict(steps=3000, batch_size=64, lr=2e-3, eval_count=200, eval_
           "tiny": dict(steps=2, batch_size=4, lr=2e-3, eval_count=4, eval_every=0)}
 STAGE1_DIR = "qformer-stage1"
 CHAR_LLM_DIR = "llama-s-chars"
+LONG_SOURCE_DIR = "source-blip2-opt-s-long"
 CHAR_MAX_POSITIONS = 384  # in characters: the longest pre-training sequence is ~330, a caption ~150
 MIN_SOURCE_ACCURACY = 0.5  # caption attribute accuracy below which a build is not cached
 PARTS = ("vision", "source", *LLMS)
@@ -113,19 +117,11 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     lap("vision")
 
     tokenizer = zoo_parts.source_tokenizer(tokenizers["opt"])
-    source = zoo_parts.new_source(vision, llms["opt-s"], tokenizer, seed * 1000 + 20, NUM_QUERY_TOKENS, QFORMER)
-    trainable, frozen = pretrain.set_vpg_trainable(source)
+    source, trainable, frozen, loss = _train_source(vision, llms["opt-s"], tokenizer, image_processor, seed,
+                                                    SOURCE_STEPS if trained else 0)
     log(f"zoo-v2: source BLIP-2 trains {trainable:,} parameters (VPG + projector); {frozen:,} frozen (ViT, LLM)")
     record["params"]["source_vpg"] = trainable
     if trained:
-        # The source's own pre-training set: fresh scenes (not the benchmark's train split), in memory.
-        scenes = _source_scenes(seed, SOURCE_IMAGES)
-        pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
-                                       return_tensors="pt")["pixel_values"]
-        features = pretrain.vision_features(source.vision_model, pixel_values)
-        examples = _source_examples(tokenizer, source.config.image_token_id, [world2.caption_for(s) for s in scenes])
-        loss = pretrain.train_source(source, features, examples, tokenizer.pad_token_id, SOURCE_STEPS,
-                                     lr=SOURCE_LR, seed=seed)
         record["metrics"]["source/final_loss"] = round(loss, 4)
         record["metrics"]["source/steps"] = SOURCE_STEPS
         record["metrics"]["source/samples"] = SOURCE_STEPS * 64
@@ -134,12 +130,38 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     lap("source")
 
     if trained:
-        for task in ("caption", "vqa"):
-            scores = evaluate_blip2(paths["source"], splits[f"{task}_eval"], max_new_tokens=40,
-                                    caption_scorer=world2.caption_accuracy)
-            record["metrics"].update({f"source/{task}_eval/{k}": v for k, v in scores.items() if k != "examples"})
+        record["metrics"].update({f"source/{k}": v for k, v in _source_scores(paths["source"], splits).items()})
         lap("evaluation")
     return record
+
+
+def _train_source(vision, llm, tokenizer, image_processor, seed: int, steps: int):
+    """The source BLIP-2 (zoo-v2's init for ``seed``) with its VPG + projector trained ``steps`` steps of 64 on the
+    source's own pre-training scenes (fresh, not the benchmark's train split; none when ``steps`` is 0).
+    Returns (model, trainable, frozen, mean loss of the last 20 steps or None)."""
+    from vpgtrans.demo import pretrain
+
+    source = zoo_parts.new_source(vision, llm, tokenizer, seed * 1000 + 20, NUM_QUERY_TOKENS, QFORMER)
+    trainable, frozen = pretrain.set_vpg_trainable(source)
+    if not steps:
+        return source, trainable, frozen, None
+    scenes = _source_scenes(seed, SOURCE_IMAGES)
+    pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
+                                   return_tensors="pt")["pixel_values"]
+    features = pretrain.vision_features(source.vision_model, pixel_values)
+    examples = _source_examples(tokenizer, source.config.image_token_id, [world2.caption_for(s) for s in scenes])
+    loss = pretrain.train_source(source, features, examples, tokenizer.pad_token_id, steps, lr=SOURCE_LR, seed=seed)
+    return source, trainable, frozen, loss
+
+
+def _source_scores(source_dir: Path, splits: dict) -> dict:
+    """The source's caption and VQA scores on the world's eval splits (``caption_eval/...``, ``vqa_eval/...``)."""
+    scores = {}
+    for task in ("caption", "vqa"):
+        found = evaluate_blip2(source_dir, splits[f"{task}_eval"], max_new_tokens=40,
+                               caption_scorer=world2.caption_accuracy)
+        scores.update({f"{task}_eval/{k}": v for k, v in found.items() if k != "examples"})
+    return scores
 
 
 def _source_scenes(seed: int, n: int) -> list[dict]:
@@ -153,8 +175,6 @@ def stage1_qformer(paths: dict[str, Path], seed: int = 0, log=None) -> tuple[Pat
     ``vpgtrans.demo.stage1``) on the source's own pre-training images and captions, without any LLM, saved in
     the source's layout with a fresh projector; built once and cached beside the zoo's other parts.
     A tiny zoo (``zoo.json`` ``trained`` false) gets a 2-step run on a few scenes. Returns (directory, record)."""
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2VisionModel
 
     from vpgtrans.demo import stage1
@@ -186,6 +206,35 @@ def stage1_qformer(paths: dict[str, Path], seed: int = 0, log=None) -> tuple[Pat
                 "metrics": scores, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
     return zoo_parts.cached_part(root / STAGE1_DIR, "stage1.json", settings, build, log)
+
+
+def long_source(paths: dict[str, Path], steps: int, seed: int = 0, log=None) -> tuple[Path, dict]:
+    """``paths["root"]/source-blip2-opt-s-long``: the zoo's source recipe (same init, ViT, opt-s, pre-training
+    scenes, lr, cosine to 0) trained ``steps`` steps of 64 instead of ``SOURCE_STEPS``: a stronger source for
+    ``transfer_speedup --source long`` (issue 13: how much of the speed-up is the source's quality?). Its
+    record (``build.json``) has the source's caption and VQA scores on the world's eval splits and its final
+    loss. Built on first use, cached beside the zoo's parts, rebuilt when ``steps`` changes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2VisionModel
+
+    from vpgtrans.images import build_image_processor
+
+    trained = json.loads((Path(paths["root"]) / "zoo.json").read_text())["trained"]
+    settings = {"recipe": "zoo-v2 source", "steps": steps, "batch_size": 64, "lr": SOURCE_LR,
+                "images": SOURCE_IMAGES, "seed": seed}
+
+    def build(out: Path) -> dict:
+        with zoo_parts.quiet(threads=1):
+            vision = Blip2VisionModel.from_pretrained(paths["vision"])
+            llm = AutoModelForCausalLM.from_pretrained(paths["opt-s"])
+            tokenizer = zoo_parts.source_tokenizer(AutoTokenizer.from_pretrained(paths["opt-s"]))
+            image_processor = build_image_processor(world2.IMAGE_SIZE)
+            source, trainable, _, loss = _train_source(vision, llm, tokenizer, image_processor, seed, steps)
+            zoo_parts.save_source(out, source, image_processor, tokenizer)
+            scores = _source_scores(out, {split: Path(paths["world"]) / split for split in SPLITS}) if trained else {}
+        return {"metrics": {"final_loss": loss, "samples": steps * 64, **scores}, "trainable_params": trainable}
+
+    return zoo_parts.cached_part(Path(paths["root"]) / LONG_SOURCE_DIR, "build.json", settings, build,
+                                 log or logger.info)
 
 
 def char_llm(paths: dict[str, Path], seed: int = 0, steps: int | None = None, log=None) -> tuple[Path, dict]:
