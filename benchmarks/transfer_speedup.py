@@ -109,6 +109,7 @@ class SpeedupConfig:
     plateau_tolerance: float = 0.02  # plateaued: the last quarter gains < 2% over the best before it
     max_new_tokens: int = 40  # a three-object caption is ~30 tokens
     threads: int = 1  # on a shared 2-core machine, two threads make these small matmuls several times slower
+    source_steps: int = 0  # 0: the zoo's source as built (SOURCE_STEPS); else its recipe trained this many steps
 
 
 SMOKE = dict(targets=["opt-l", "llama-s"], seeds=[0], batch_size=4, epochs=2.0, eval_every_samples=8,
@@ -503,7 +504,8 @@ def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
                 if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
 
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
-    return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record"))}
+    return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record")),
+            **({"source": without_times(zoo["source_record"])} if zoo.get("source_record") else {})}
 
 
 def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False,
@@ -558,7 +560,7 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
         torch.set_num_threads(threads)
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
     return {"benchmark": "transfer_speedup", "config": asdict(cfg), "plan": plan, "machine": machine_info(),
-            "source": "opt-s", "paper_measure": PAPER_MEASURE,
+            "source": "opt-s", "source_build": source_build(cfg, zoo, zoo_record), "paper_measure": PAPER_MEASURE,
             "zoo": {"root": str(zoo["root"]), "version": zoo_record["zoo_version"], "seed": zoo_record["seed"],
                     "trained": zoo_record["trained"], "metrics": zoo_record["metrics"],
                     "build_seconds": zoo_record.get("build_seconds"), "stage1": zoo.get("stage1_record")},
@@ -570,6 +572,18 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
                                       + sum(t["wall_seconds"] for x in searches for t in x["trials"]), 1),
             "records": {"kept": keep_records, "reused": records.reused, "identity": records.digest,
                         "code": [json.loads(c) for c in sorted({json.dumps(r.get("code"), sort_keys=True) for r in runs})]}}
+
+
+def source_build(cfg: SpeedupConfig, zoo: dict, zoo_record: dict) -> dict:
+    """How the inherited arms' source was trained and how good it is on its own (caption attribute accuracy,
+    VQA accuracy on the world's eval splits): the zoo's source, or ``long_source``'s when ``source_steps``."""
+    if cfg.source_steps:
+        record = zoo["source_record"]
+        return {"dir": Path(zoo["source"]).name, "steps": cfg.source_steps, "samples": record["metrics"]["samples"],
+                "metrics": record["metrics"], "seconds": record.get("seconds")}
+    metrics = zoo_record["metrics"]
+    return {"dir": Path(zoo["source"]).name, "steps": metrics.get("source/steps"), "samples": metrics.get("source/samples"),
+            "metrics": {k.removeprefix("source/"): v for k, v in metrics.items() if k.startswith("source/")}}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -599,6 +613,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         from vpgtrans.demo.zoo2 import stage1_qformer
 
         zoo["stage1"], zoo["stage1_record"] = stage1_qformer(zoo, cfg.zoo_seed, log=print)
+        if cfg.source_steps:  # a stronger source: the zoo's recipe trained longer (built once, cached)
+            from vpgtrans.demo.zoo2 import long_source
+
+            zoo["source"], zoo["source_record"] = long_source(zoo, cfg.source_steps, cfg.zoo_seed, log=print)
         print(f"zoo-v2 + stage-1 Q-Former ready in {time.perf_counter() - zoo_started:.0f}s: {zoo['root']}")
         result = run(cfg, zoo, args.work_dir or Path(tmp) / "runs", keep_records=args.work_dir is not None,
                      reverse=args.reverse)

@@ -241,8 +241,10 @@ def test_transfer_speedup_smoke(tmp_path):
 
     out = tmp_path / "speedup.json"
     transfer_speedup.main(["--smoke", "--no-plot", "--out", str(out), "--targets", "llama-s",
-                           "--work-dir", str(tmp_path / "runs")])
+                           "--work-dir", str(tmp_path / "runs"), "--source-steps", "2"])
     saved = json.loads(out.read_text())
+    # the inherited arms' source: the zoo's source recipe trained 2 steps (a stronger source, issue 13)
+    assert saved["source_build"]["dir"] == "source-blip2-opt-s-long" and saved["source_build"]["steps"] == 2
     cfg, plan = saved["config"], saved["plan"]
     # the records are the runs: no run's bundles are left behind (a killed run's would be in a later run's way)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["caption_dev", "records"]

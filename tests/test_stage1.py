@@ -100,3 +100,26 @@ def test_the_zoo_stage1_part_is_what_the_scratch_arm_inherits(tmp_path):
     proj = load_tensors(bundle, CONNECTOR_FILE)["proj.weight"]
     assert proj.shape[0] == AutoConfig.from_pretrained(zoo["llama-s"]).hidden_size
     assert source["language_projection.weight"].shape[0] == AutoConfig.from_pretrained(zoo["opt-s"]).hidden_size
+
+
+def test_the_zoo_long_source_is_its_source_recipe_trained_longer(tmp_path):
+    """zoo2.long_source (transfer_speedup --source-steps): at 0 steps it is the zoo's source to the bit (same
+    init, ViT and LLM); trained, only the VPG and projector move; its record has the steps and is cached."""
+    from safetensors.torch import load_file
+
+    from vpgtrans.demo.zoo2 import LONG_SOURCE_DIR, build_tiny_zoo_v2, long_source
+
+    zoo = build_tiny_zoo_v2(tmp_path / "zoo")
+    built = load_file(str(zoo["source"] / "model.safetensors"))
+    out, record = long_source(zoo, steps=0, log=lambda message: None)
+    untrained = load_file(str(out / "model.safetensors"))
+    assert out.name == LONG_SOURCE_DIR and record["metrics"]["samples"] == 0
+    assert built.keys() == untrained.keys() and all(torch.equal(built[k], untrained[k]) for k in built)
+    out, record = long_source(zoo, steps=3, log=lambda message: None)
+    trained = load_file(str(out / "model.safetensors"))
+    moved = {k for k in built if not torch.equal(built[k], trained[k])}
+    vpg = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "language_projection.")
+    assert moved and all(k.startswith(vpg) for k in moved)
+    assert "language_projection.weight" in moved and any(k.startswith("qformer.") for k in moved)
+    assert record["settings"]["steps"] == 3 and record["metrics"]["samples"] == 3 * 64
+    assert long_source(zoo, steps=3, log=lambda m: pytest.fail(f"rebuilt: {m}"))[0] == out  # cached

@@ -135,17 +135,17 @@ def _build(root: Path, seed: int, trained: bool, log) -> dict:
     return record
 
 
-def _train_source(vision, llm, tokenizer, image_processor, seed: int, steps: int):
+def _train_source(vision, llm, tokenizer, image_processor, seed: int, steps: int, images: int = SOURCE_IMAGES):
     """The source BLIP-2 (zoo-v2's init for ``seed``) with its VPG + projector trained ``steps`` steps of 64 on the
-    source's own pre-training scenes (fresh, not the benchmark's train split; none when ``steps`` is 0).
-    Returns (model, trainable, frozen, mean loss of the last 20 steps or None)."""
+    source's own pre-training scenes (``images`` fresh ones, not the benchmark's train split; none when ``steps``
+    is 0). Returns (model, trainable, frozen, mean loss of the last 20 steps or None)."""
     from vpgtrans.demo import pretrain
 
     source = zoo_parts.new_source(vision, llm, tokenizer, seed * 1000 + 20, NUM_QUERY_TOKENS, QFORMER)
     trainable, frozen = pretrain.set_vpg_trainable(source)
     if not steps:
         return source, trainable, frozen, None
-    scenes = _source_scenes(seed, SOURCE_IMAGES)
+    scenes = _source_scenes(seed, images)
     pixel_values = image_processor(images=[world.render_scene(s, world2.IMAGE_SIZE) for s in scenes],
                                    return_tensors="pt")["pixel_values"]
     features = pretrain.vision_features(source.vision_model, pixel_values)
@@ -220,7 +220,7 @@ def long_source(paths: dict[str, Path], steps: int, seed: int = 0, log=None) -> 
 
     trained = json.loads((Path(paths["root"]) / "zoo.json").read_text())["trained"]
     settings = {"recipe": "zoo-v2 source", "steps": steps, "batch_size": 64, "lr": SOURCE_LR,
-                "images": SOURCE_IMAGES, "seed": seed}
+                "images": SOURCE_IMAGES if trained else 16, "seed": seed}  # a tiny zoo: a few scenes
 
     def build(out: Path) -> dict:
         with zoo_parts.quiet(threads=1):
@@ -228,7 +228,8 @@ def long_source(paths: dict[str, Path], steps: int, seed: int = 0, log=None) -> 
             llm = AutoModelForCausalLM.from_pretrained(paths["opt-s"])
             tokenizer = zoo_parts.source_tokenizer(AutoTokenizer.from_pretrained(paths["opt-s"]))
             image_processor = build_image_processor(world2.IMAGE_SIZE)
-            source, trainable, _, loss = _train_source(vision, llm, tokenizer, image_processor, seed, steps)
+            source, trainable, _, loss = _train_source(vision, llm, tokenizer, image_processor, seed, steps,
+                                                       settings["images"])
             zoo_parts.save_source(out, source, image_processor, tokenizer)
             scores = _source_scores(out, {split: Path(paths["world"]) / split for split in SPLITS}) if trained else {}
         return {"metrics": {"final_loss": loss, "samples": steps * 64, **scores}, "trainable_params": trainable}
