@@ -54,7 +54,7 @@ def write_json(path: Path, data: dict) -> Path:
 
 def result_parser(name: str, doc: str, smoke_help: str, config_cls) -> argparse.ArgumentParser:
     """``python -m benchmarks.NAME``'s options: --smoke, --out, --plot, --no-plot, and one flag per field
-    of its config dataclass (list fields take several values)."""
+    of its config dataclass (list fields take several values, or none: ``--ablations`` alone runs no ablation)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default benchmarks/results/{name}[.smoke].json)")
@@ -63,7 +63,7 @@ def result_parser(name: str, doc: str, smoke_help: str, config_cls) -> argparse.
     for field, default in asdict(config_cls()).items():
         flag = f"--{field.replace('_', '-')}"
         if isinstance(default, list):
-            parser.add_argument(flag, nargs="+", type=type(default[0]), default=None)
+            parser.add_argument(flag, nargs="*", type=type(default[0]), default=None)
         else:
             parser.add_argument(flag, type=type(default), default=None)
     return parser

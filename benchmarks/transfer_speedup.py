@@ -87,17 +87,18 @@ PAPER_MEASURE = ("epochs for TFS to reach its best score ÷ epochs for VPGTrans 
 @dataclass
 class SpeedupConfig:
     targets: list[str] = field(default_factory=lambda: ["opt-l", "llama-s"])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))  # a process may run some (they share --work-dir)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     ablation_seed: int = 0
     zoo_seed: int = 0
     batch_size: int = 40  # 6000 training rows = 150 steps an epoch, a whole number
-    epochs: float = 10.0  # every arm's budget, warm-up included: long enough for scratch to plateau
+    epochs: float = 20.0  # every arm's budget, warm-up included (10 did not let scratch plateau; scratch-long: 2x)
     eval_every_samples: int = 1200  # the one grid of every arm: a fifth of an epoch
     lr_warmup_samples: int = 1200  # linear lr warm-up of every cosine schedule (scratch arms, VPGTrans fine-tune)
     min_lr_ratio: float = 0.1  # cosine floor / lr (the paper's TFS: 1e-4 -> 1e-5)
     warmup_lr_multiplier: float = 5.0  # VPGTrans's projector warm-up at 5x lr, constant, one epoch
-    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3, 8e-3])
+    lr_grid: list[float] = field(default_factory=lambda: [2e-3, 4e-3, 8e-3])  # extended beyond an edge pick
     lr_grid_extend: int = 2  # at most this many lrs added beyond an edge pick, each the grid's end ratio further
     search_seed: int = 100  # the lr-search runs' seed (data order, fresh parts); not one of the measured seeds
     search_eval_every_samples: int = 3000
@@ -109,12 +110,12 @@ class SpeedupConfig:
     plateau_tolerance: float = 0.02  # plateaued: the last quarter gains < 2% over the best before it
     max_new_tokens: int = 40  # a three-object caption is ~30 tokens
     threads: int = 1  # on a shared 2-core machine, two threads make these small matmuls several times slower
-    source_steps: int = 0  # 0: the zoo's source as built (SOURCE_STEPS); else its recipe trained this many steps
+    source_steps: int = 32000  # the source's recipe trained this long (long_source); 0: the zoo's (8000 steps)
 
 
 SMOKE = dict(targets=["opt-l", "llama-s"], seeds=[0], batch_size=4, epochs=2.0, eval_every_samples=8,
              lr_warmup_samples=4, lr_grid=[1e-3, 2e-3], lr_grid_extend=0, search_eval_every_samples=8, dev_rows=4, eval_samples=4,
-             final_eval_samples=4, max_new_tokens=3)
+             final_eval_samples=4, max_new_tokens=3, source_steps=2)
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -223,7 +224,7 @@ def search_lr(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, 
     ``search_eval_every_samples``), extended beyond an edge pick up to ``lr_grid_extend`` times
     (``search_lr_grid``); the lr with the best smoothed dev CIDEr wins."""
     def trial(lr: float) -> dict:
-        name = f"search-{target}-{arm}-{lr:g}"
+        name = f"search-{target}-{arm}-{lr:g}{source_tag(cfg, arm)}"
         run = records.get(name, lambda: run_arm(cfg, zoo, plan, target, arm, cfg.search_seed, lr, work_dir / name,
                                                 dev, plan["search_eval_every"], final=False))
         found = {"lr": lr, "dev_best_smoothed": curves.best(curves.smooth(_points(run), cfg.smooth_window)),
@@ -497,15 +498,27 @@ def searched_arm(arm: str) -> str:
 
 def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     """What determines one run's record: the protocol (all of the config but which targets, seeds, ablations
-    and lrs are run: a run's lr is in its record's name) and the zoo it trains on (its record, the stage-1
+    and lrs are run: a run's lr is in its record's name; the source's steps are in the inherited arms' names) and
+    the zoo it trains on (its record, the stage-1
     Q-Former's). So widening ``lr_grid`` trains only the new lrs' trials (and the runs of an arm whose pick
     changes)."""
     protocol = {k: v for k, v in asdict(cfg).items()
-                if k not in ("targets", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
+                if k not in ("targets", "arms", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
 
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
-    return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record")),
-            **({"source": without_times(zoo["source_record"])} if zoo.get("source_record") else {})}
+    protocol.pop("source_steps")  # only the inherited arms' runs depend on it: it is in their names (source_tag)
+    return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record"))}
+
+
+def uses_source(arm: str) -> bool:
+    """Whether an arm's run depends on which source it inherits (the scratch arms do not: stage-1 Q-Former,
+    or a fresh VPG on the source's frozen ViT, the same in every source build)."""
+    return INIT[arm] == "inherited"
+
+
+def source_tag(cfg: SpeedupConfig, arm: str) -> str:
+    """The part of a run's record name that says which source it inherited: the zoo's (none) or the long one."""
+    return f"-source{cfg.source_steps}" if cfg.source_steps and uses_source(arm) else ""
 
 
 def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: bool = False,
@@ -535,16 +548,17 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
     started, load = time.perf_counter(), os.getloadavg()
     runs, searches = [], []
     try:
+        searched = {searched_arm(arm) for arm in (*cfg.arms, *cfg.ablations)}
         for target in cfg.targets:
-            for arm in SEARCHED:
+            for arm in (a for a in SEARCHED if a in searched):
                 searches.append(search_lr(cfg, zoo, plan, target, arm, dev, work_dir, log, records))
         lrs = {(s["target"], s["arm"]): s["chosen_lr"] for s in searches}
         long_plan = {**plan, "total_steps": plan["total_steps"] * LONG_FACTOR}
-        jobs = [(t, a, s) for t in cfg.targets for a in ARMS for s in cfg.seeds] + \
+        jobs = [(t, a, s) for t in cfg.targets for a in ARMS if a in cfg.arms for s in cfg.seeds] + \
                [(t, a, cfg.ablation_seed) for t in cfg.targets for a in cfg.ablations]
         for i, (target, arm, seed) in enumerate(reversed(jobs) if reverse else jobs, 1):
             lr = lrs[(target, searched_arm(arm))]
-            name = f"{target}-{arm}-seed{seed}-lr{lr:g}"
+            name = f"{target}-{arm}-seed{seed}-lr{lr:g}{source_tag(cfg, arm)}"
             arm_plan = long_plan if arm == "scratch-long" else plan
             run_ = records.get(name, lambda: run_arm(cfg, zoo, arm_plan, target, arm, seed, lr, work_dir / name,
                                                      Path(zoo["world"]) / "caption_eval", plan["eval_every"]))
@@ -578,7 +592,7 @@ def source_build(cfg: SpeedupConfig, zoo: dict, zoo_record: dict) -> dict:
     """How the inherited arms' source was trained and how good it is on its own (caption attribute accuracy,
     VQA accuracy on the world's eval splits): the zoo's source, or ``long_source``'s when ``source_steps``."""
     if cfg.source_steps:
-        record = zoo["source_record"]
+        record = zoo.get("source_record") or {"metrics": {"samples": cfg.source_steps * 64}}  # no arm inherited it
         return {"dir": Path(zoo["source"]).name, "steps": cfg.source_steps, "samples": record["metrics"]["samples"],
                 "metrics": record["metrics"], "seconds": record.get("seconds")}
     metrics = zoo_record["metrics"]
@@ -603,9 +617,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"wrote {write_docs(markdown(result if result and 'plan' in result else None, cfg))}")
         return result
     cfg = result_config(args, SpeedupConfig, SMOKE)
-    unknown = sorted(set(cfg.ablations) - set(ABLATIONS))
-    if unknown:
-        parser.error(f"unknown ablations {unknown}; known: {list(ABLATIONS)}")
+    for name, known in (("ablations", ABLATIONS), ("arms", ARMS)):
+        unknown = sorted(set(getattr(cfg, name)) - set(known))
+        if unknown:
+            parser.error(f"unknown {name} {unknown}; known: {list(known)}")
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="vpgtrans-speedup-") as tmp:
         zoo_started = time.perf_counter()
@@ -613,7 +628,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         from vpgtrans.demo.zoo2 import stage1_qformer
 
         zoo["stage1"], zoo["stage1_record"] = stage1_qformer(zoo, cfg.zoo_seed, log=print)
-        if cfg.source_steps:  # a stronger source: the zoo's recipe trained longer (built once, cached)
+        if cfg.source_steps and any(map(uses_source, (*cfg.arms, *cfg.ablations))):
+            # a stronger source: the zoo's recipe trained longer (built once, cached)
             from vpgtrans.demo.zoo2 import long_source
 
             zoo["source"], zoo["source_record"] = long_source(zoo, cfg.source_steps, cfg.zoo_seed, log=print)

@@ -239,10 +239,20 @@ def test_transfer_speedup_smoke(tmp_path):
     from benchmarks import transfer_speedup
     from benchmarks.transfer_speedup import speedups
 
+    # one process runs only the scratch arm (no ablation); the full run after it on the same work dir reads
+    # that arm's runs and lr-search trials back
+    part = tmp_path / "scratch.json"
+    transfer_speedup.main(["--smoke", "--no-plot", "--out", str(part), "--targets", "llama-s", "--arms", "scratch",
+                           "--ablations", "--work-dir", str(tmp_path / "runs")])
+    scratch_only = json.loads(part.read_text())
+    assert {r["arm"] for r in scratch_only["runs"]} == {"scratch"} and len(scratch_only["runs"]) == 1
+    assert [s["arm"] for s in scratch_only["lr_search"]] == ["scratch"]
     out = tmp_path / "speedup.json"
     transfer_speedup.main(["--smoke", "--no-plot", "--out", str(out), "--targets", "llama-s",
-                           "--work-dir", str(tmp_path / "runs"), "--source-steps", "2"])
+                           "--work-dir", str(tmp_path / "runs")])
     saved = json.loads(out.read_text())
+    assert saved["records"]["reused"] == 1 + len(scratch_only["lr_search"][0]["trials"])
+    assert next(r for r in saved["runs"] if r["arm"] == "scratch") == scratch_only["runs"][0]
     # the inherited arms' source: the zoo's source recipe trained 2 steps (a stronger source, issue 13)
     assert saved["source_build"]["dir"] == "source-blip2-opt-s-long" and saved["source_build"]["steps"] == 2
     cfg, plan = saved["config"], saved["plan"]
@@ -299,12 +309,13 @@ def test_transfer_speedup_smoke(tmp_path):
     resumed = json.loads(again.read_text())
     trials = sum(len(s["trials"]) for s in saved["lr_search"])
     assert resumed["records"]["reused"] == len(saved["runs"]) + trials
-    assert saved["records"]["reused"] == 0 and resumed["records"]["identity"] == saved["records"]["identity"]
+    assert resumed["records"]["identity"] == saved["records"]["identity"]
     assert resumed["runs"] == saved["runs"] and resumed["summary"] == saved["summary"]
     # a wider lr grid trains only the new lr's trials (and the runs of arms whose pick changed)
     wider = tmp_path / "wider.json"
     transfer_speedup.main(["--smoke", "--no-plot", "--out", str(wider), "--targets", "llama-s",
-                           "--work-dir", str(tmp_path / "runs"), "--lr-grid", *map(str, cfg["lr_grid"]), "3e-3"])
+                           "--work-dir", str(tmp_path / "runs"),
+                           "--lr-grid", *map(str, cfg["lr_grid"]), "3e-3"])
     widened = json.loads(wider.read_text())
     changed = {s["arm"] for s in widened["lr_search"]} - {
         s["arm"] for s in widened["lr_search"] if s["chosen_lr"] == next(
