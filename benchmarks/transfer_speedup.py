@@ -19,7 +19,8 @@ tokenizer) — and each seed, these arms run through the toolkit's library API
   projector alone for **one epoch** of the training split at 5x lr, constant (the recipe and the paper), then
   fine-tune VPG + projector with the same linear warm-up + cosine as the scratch arms.
 - ablations (seed ``ablation_seed``, the vpgtrans arm's lr): ``no-converter`` (fresh projector),
-  ``no-warmup`` (fine-tune right after inherit), ``warmup-1x`` (warm-up at the normal lr).
+  ``no-warmup`` (fine-tune right after inherit), ``warmup-1x`` (warm-up at the normal lr), ``frozen-vpg`` (the
+  fine-tune trains the projector only: how far the inherited VPG goes without adapting to the target).
 - ``scratch-long`` (seed ``ablation_seed``, scratch's lr): the scratch arm with ``LONG_FACTOR`` times the
   budget (its cosine that much longer): does scratch's best within the common budget stand for its plateau?
   Reported as plateau evidence and as one more row, vpgtrans over scratch-long's best (the paper's TFS is
@@ -70,10 +71,10 @@ from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_
 
 BASELINES = ("scratch", "scratch-random")
 ARMS = (*BASELINES, "vpgtrans")
-ABLATIONS = ("no-converter", "no-warmup", "warmup-1x", "scratch-long")
+ABLATIONS = ("no-converter", "no-warmup", "warmup-1x", "frozen-vpg", "scratch-long")
 LONG_FACTOR = 2  # scratch-long: the scratch arm with this many times the budget (is scratch's best its plateau?)
 INIT = {"scratch": "stage1-pretrained", "scratch-random": "random", "vpgtrans": "inherited",
-        "no-converter": "inherited", "no-warmup": "inherited", "warmup-1x": "inherited",
+        "no-converter": "inherited", "no-warmup": "inherited", "warmup-1x": "inherited", "frozen-vpg": "inherited",
         "scratch-long": "stage1-pretrained"}
 SEARCHED = ARMS  # ablations take the vpgtrans arm's lr
 MEASURES = ("epochs", "samples", "seconds")
@@ -154,8 +155,9 @@ def arm_configs(cfg: SpeedupConfig, plan: dict, arm: str, seed: int, lr: float, 
                   max_new_tokens=cfg.max_new_tokens, eval_every=eval_every)
 
     def cosine(steps: int) -> TrainConfig:  # every arm's VPG + projector stage: linear warm-up, then cosine
+        parts = {"trainable": ["connector"]} if arm == "frozen-vpg" else {}
         return TrainConfig.finetune(lr=lr, min_lr=lr * cfg.min_lr_ratio, warmup_steps=plan["lr_warmup_steps"],
-                                    max_steps=steps, **common)
+                                    max_steps=steps, **parts, **common)
 
     if arm == "scratch-random":
         return dict(source="source", from_scratch=True, finetune_config=cosine(plan["total_steps"]),
@@ -198,7 +200,7 @@ def run_arm(cfg: SpeedupConfig, zoo: dict, plan: dict, target: str, arm: str, se
     stages = {name: c for name, c in summary["config"].items() if name != "inherit"}
     run = {"target": target, "arm": arm, "seed": seed, "init": INIT[arm], "lr": lr,
            "stage_lrs": {name: {"lr": c["lr"], "min_lr": c["min_lr"], "warmup_steps": c["warmup_steps"],
-                                "steps": c["max_steps"]} for name, c in stages.items()},
+                                "steps": c["max_steps"], "trainable": c["trainable"]} for name, c in stages.items()},
            "eval_every_samples": eval_every * cfg.batch_size,
            "warmup_epochs": plan["warmup_epochs"] if "warmup" in stages else 0.0,
            "total_samples": sum(c["max_steps"] for c in stages.values()) * cfg.batch_size,
@@ -465,7 +467,8 @@ def plot(result: dict, path: Path) -> Path:
     targets = list(result["summary"])
     fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.5), squeeze=False)
     colours = {"scratch": "tab:grey", "scratch-random": "black", "vpgtrans": "tab:red", "no-converter": "tab:blue",
-               "no-warmup": "tab:green", "warmup-1x": "tab:orange", "scratch-long": "tab:brown"}
+               "no-warmup": "tab:green", "warmup-1x": "tab:orange", "frozen-vpg": "tab:pink",
+               "scratch-long": "tab:brown"}
     for ax, target in zip(axes[0], targets):
         labelled = set()
         for run in result["runs"]:

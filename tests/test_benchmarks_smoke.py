@@ -271,18 +271,21 @@ def test_transfer_speedup_smoke(tmp_path):
         assert [p["samples"] for p in run["curve"]] == grid  # one grid for every arm, warm-up counted
         seconds = [p["train_seconds"] for p in run["curve"]]
         assert seconds[0] == 0 and seconds == sorted(seconds)
-        assert run["warmup_epochs"] == (1.0 if run["arm"] in ("vpgtrans", "no-converter", "warmup-1x") else 0.0)
+        assert run["warmup_epochs"] == (1.0 if run["arm"] in ("vpgtrans", "no-converter", "warmup-1x", "frozen-vpg")
+                                        else 0.0)
         assert run["lr_search"]["chosen_lr"] == run["lr"] and run["lr_search"]["split"] == "dev"
         assert run["lr_search"]["searched_arm"] == {"scratch-long": "scratch", "scratch-random": "scratch-random",
                                                     "scratch": "scratch"}.get(run["arm"], "vpgtrans")
         assert {"plateaued", "relative_gain_in_last", "slope_per_epoch_in_last"} <= set(run["plateau"])
         cosine = run["stage_lrs"]["scratch" if run["arm"] == "scratch-random" else "finetune"]
         assert cosine == {"lr": run["lr"], "min_lr": pytest.approx(run["lr"] * cfg["min_lr_ratio"]),
-                          "warmup_steps": cfg["lr_warmup_samples"] // cfg["batch_size"], "steps": cosine["steps"]}
+                          "warmup_steps": cfg["lr_warmup_samples"] // cfg["batch_size"], "steps": cosine["steps"],
+                          "trainable": ["connector"] if run["arm"] == "frozen-vpg" else ["vpg", "connector"]}
         if "warmup" in run["stage_lrs"]:  # one epoch, constant, at 5x (1x for warmup-1x)
             multiplier = 1.0 if run["arm"] == "warmup-1x" else cfg["warmup_lr_multiplier"]
             assert run["stage_lrs"]["warmup"] == {"lr": pytest.approx(multiplier * run["lr"]), "min_lr": None,
-                                                  "warmup_steps": 0, "steps": plan["epoch_steps"]}
+                                                  "warmup_steps": 0, "steps": plan["epoch_steps"],
+                                                  "trainable": ["connector"]}
         assert {"cider", "bleu4"} <= set(run["final"]["caption"]) and "vqa_accuracy" in run["final"]["vqa"]
     searches = {(s["target"], s["arm"]) for s in saved["lr_search"]}
     assert searches == {("llama-s", arm) for arm in transfer_speedup.SEARCHED}
