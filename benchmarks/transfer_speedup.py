@@ -280,6 +280,11 @@ def _ratio(base: float | None, other: float | None) -> float | None:
     return None if base is None or other is None or other <= 0 or base <= 0 else base / other
 
 
+def _per_epoch(run: dict, n_train: int) -> curves.Curve:
+    """The paper's grid: (epoch, score) at every whole epoch after epoch 0."""
+    return [(p["samples"] // n_train, p[METRIC]) for p in run["curve"] if p["samples"] > 0 and p["samples"] % n_train == 0]
+
+
 def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> dict:
     """``{unit: {"at_best": {...}, "at_95": {...}}}`` of ``other`` over ``baseline`` (same target and seed)."""
     out = {}
@@ -298,10 +303,7 @@ def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> d
             o = None if i_o is None else xs_o[i_o]
             out[unit][bar] = {"threshold": threshold, "baseline": b, "arm": o, "speedup": _ratio(b, o)}
     # epochs: the paper's per-epoch evaluation, the whole-epoch points after epoch 0, raw
-    def per_epoch(run):
-        return [(p["samples"] // n_train, p[METRIC]) for p in run["curve"]
-                if p["samples"] > 0 and p["samples"] % n_train == 0]
-    ep_b, ep_o = per_epoch(baseline), per_epoch(other)
+    ep_b, ep_o = _per_epoch(baseline, n_train), _per_epoch(other, n_train)
     out["epochs"] = {}
     if ep_b and ep_o:
         top = curves.best(ep_b)
@@ -310,6 +312,14 @@ def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> d
             o = curves.first_step_reaching(ep_o, threshold, strict=strict)
             out["epochs"][bar] = {"threshold": threshold, "baseline": b, "arm": o, "speedup": _ratio(b, o)}
     return out
+
+
+def after_warmup(runs: list[dict], n_train: int) -> dict:
+    """Each arm with a warm-up stage: its score at the end of the one-epoch projector warm-up (the VPG as
+    inherited, only the projector trained), over its runs."""
+    arms = dict.fromkeys(r["arm"] for r in runs if "warmup" in r["stage_lrs"])
+    return {arm: spread([next(p[METRIC] for p in r["curve"] if p["samples"] == n_train) for r in runs if r["arm"] == arm])
+            for arm in arms}
 
 
 def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
@@ -343,13 +353,15 @@ def summarize(runs: list[dict], cfg: SpeedupConfig, n_train: int) -> dict:
                 baselines[base] = {"seeds": [r["seed"] for r in found],
                                    "best_cider": spread([curves.best(_points(r)) for r in found]),
                                    "samples_to_best": spread([curves.steps_to_best(_points(r)) for r in found]),
+                                   "epoch_of_best": spread([curves.steps_to_best(_per_epoch(r, n_train)) for r in found]),
                                    "plateaued": [r["plateau"]["plateaued"] for r in found],
                                    "relative_gain_in_last": spread([r["plateau"]["relative_gain_in_last"] for r in found])}
         summary[target] = {
             "baseline": "scratch", "arm": "vpgtrans",
             "speedup": {unit: headline[unit]["at_best"]["mean"] if headline else None for unit in MEASURES},
             "speedup_95": {unit: headline[unit]["at_95"]["mean"] if headline else None for unit in MEASURES},
-            "rows": rows, "baselines": baselines}
+            "rows": rows, "baselines": baselines,
+            "after_warmup": after_warmup([r for r in runs if r["target"] == target], n_train)}
     return summary
 
 
@@ -427,7 +439,11 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
         for base, info in block["baselines"].items():
             lines.append(f"\n{base}: best CIDEr {_fmt(info['best_cider'], 3)} at {_fmt(info['samples_to_best'], 0)} "
                          f"samples; plateaued (last {cfg.plateau_fraction:.0%} gains < {cfg.plateau_tolerance:.0%}): "
-                         f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3, undefined='n/a')}.")
+                         f"{info['plateaued']}, gain in the last part {_fmt(info['relative_gain_in_last'], 3, undefined='n/a')}; "
+                         f"best of the whole-epoch points at epoch {_fmt(info['epoch_of_best'], 1)}.")
+        if block.get("after_warmup"):
+            lines.append("\nCIDEr at the end of the one-epoch projector warm-up (the VPG as inherited): " + "; ".join(
+                f"{arm} {_fmt(found, 3)}" for arm, found in block["after_warmup"].items()) + ".")
         searched = [s for s in result["lr_search"] if s["target"] == target]
         lines.append("\nlr chosen on dev: " + "; ".join(
             f"{s['arm']} {s['chosen_lr']:g}{' (grid edge)' if s['at_grid_edge'] else ''}"

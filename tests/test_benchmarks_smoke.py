@@ -302,6 +302,16 @@ def test_transfer_speedup_smoke(tmp_path):
                             plan["n_train"])
     assert rows[("vpgtrans", "scratch-long")]["samples"]["at_best"]["mean"] == against_long["samples"]["at_best"]["speedup"]
     assert ("scratch-long", "scratch") not in rows and "scratch-long" in block["baselines"]
+    # the VPG as inherited: each warmed-up arm's score where its one-epoch warm-up ends, read off its curve
+    warmed = {"vpgtrans", "no-converter", "warmup-1x", "frozen-vpg"}
+    assert set(block["after_warmup"]) == warmed
+    for arm in warmed:
+        at = [p["cider"] for p in by_arm[arm]["curve"] if p["samples"] == plan["n_train"]]
+        assert len(at) == 1 and block["after_warmup"][arm]["mean"] == at[0]
+    epochs = [p for p in by_arm["scratch"]["curve"] if p["samples"] and p["samples"] % plan["n_train"] == 0]
+    top = max(p["cider"] for p in epochs)
+    assert block["baselines"]["scratch"]["epoch_of_best"]["mean"] == next(
+        p["samples"] // plan["n_train"] for p in epochs if p["cider"] == top)
     for unit in ("epochs", "samples", "seconds"):
         assert block["speedup"][unit] == headline[unit].get("at_best", {}).get("speedup")
     assert saved["smoke"] is True
