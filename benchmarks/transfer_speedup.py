@@ -26,6 +26,12 @@ tokenizer) — and each seed, these arms run through the toolkit's library API
   Reported as plateau evidence and as one more row, vpgtrans over scratch-long's best (the paper's TFS is
   trained for 10 epochs too; this row says how much a longer-trained baseline would change the speed-up).
 
+**The source** the inherited arms start from is BLIP-2 on opt-s with its VPG trained ``source_steps`` steps of 64
+(``vpgtrans.demo.zoo2.long_source``: the zoo's own source recipe, same init and data, trained 4x longer; built
+once, cached beside the zoo); ``--source-steps 0`` takes the zoo's source as built (8000 steps). The scratch
+arms do not depend on it: their records are shared between sources (only the inherited arms' record names say
+which source they used).
+
 **One measure for every arm.** Every arm trains ``epochs`` epochs in all (VPGTrans: its warm-up epoch +
 ``epochs - 1`` of fine-tuning; no-warmup: ``epochs`` of fine-tuning), so every cosine schedule has the same
 length and ends at ``min_lr_ratio`` x lr; every arm is evaluated (caption CIDEr, ``eval_samples`` images of
@@ -432,6 +438,13 @@ def markdown(result: dict | None, cfg: SpeedupConfig) -> str:
     lines += [f"Run: {result.get('finished', '?')}, {machine['cpu']}, {machine['cores']} cores, torch "
               f"{machine['torch']}; load average at the start {result.get('loadavg_start')}, at the end "
               f"{result.get('loadavg_end')}; {_run_time(result)}.", ""]
+    build = result.get("source_build")
+    if build:  # results written before source_build existed say nothing here
+        metrics = build["metrics"]
+        lines += [f"Source of the inherited arms: BLIP-2 on {result['source']} (`{build['dir']}/`), its VPG + projector "
+                  f"trained {build['samples']:,} samples ({build['steps']:,} steps × 64); on its own it scores caption "
+                  f"attribute accuracy {metrics.get('caption_eval/attribute_accuracy', float('nan')):.3f} and VQA accuracy "
+                  f"{metrics.get('vqa_eval/vqa_accuracy', float('nan')):.3f} on the world's eval splits.", ""]
     for target, block in result["summary"].items():
         lines += [f"**{result['source']} → {target}**", "", "| " + " | ".join(COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
