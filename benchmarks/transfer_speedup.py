@@ -24,7 +24,7 @@ tokenizer) — and each seed, these arms run through the toolkit's library API
 - ``scratch-long`` (seed ``ablation_seed``, scratch's lr): the scratch arm with ``LONG_FACTOR`` times the
   budget (its cosine that much longer): does scratch's best within the common budget stand for its plateau?
   Reported as plateau evidence and as one more row, vpgtrans over scratch-long's best (the paper's TFS is
-  trained for 10 epochs too; this row says how much a longer-trained baseline would change the speed-up).
+  trained for 10 epochs; this row says how much a longer-trained baseline would change the speed-up).
 
 **The source** the inherited arms start from is BLIP-2 on opt-s with its VPG trained ``source_steps`` steps of 64
 (``vpgtrans.demo.zoo2.long_source``: the zoo's own source recipe, same init and data, trained 4x longer; built
