@@ -323,7 +323,7 @@ def speedups(baseline: dict, other: dict, cfg: SpeedupConfig, n_train: int) -> d
 def after_warmup(runs: list[dict], n_train: int) -> dict:
     """Each arm with a warm-up stage: its score at the end of the one-epoch projector warm-up (the VPG as
     inherited, only the projector trained), over its runs."""
-    arms = dict.fromkeys(r["arm"] for r in runs if "warmup" in r["stage_lrs"])
+    arms = dict.fromkeys(r["arm"] for r in runs if r.get("warmup_epochs"))
     return {arm: spread([next(p[METRIC] for p in r["curve"] if p["samples"] == n_train) for r in runs if r["arm"] == arm])
             for arm in arms}
 

@@ -54,7 +54,7 @@ def test_a_step_zero_crossing_counts_as_one_step():
 
 def _run(target, arm, seed, points, cider=0.5, vqa=0.4, n_train=100, seconds_per_sample=0.01):
     """A hand-made run: points are (samples, score); training seconds proportional to samples."""
-    return {"target": target, "arm": arm, "seed": seed,
+    return {"target": target, "arm": arm, "seed": seed, "warmup_epochs": 1.0 if arm == "vpgtrans" else 0.0,
             "curve": [{"samples": x, "epoch": x / n_train, "train_seconds": x * seconds_per_sample, "cider": c}
                       for x, c in points],
             "plateau": {"plateaued": True, "relative_gain_in_last": 0.0},
@@ -110,6 +110,10 @@ def test_summarize_keys_the_headline_by_measure_and_recomputes_from_runs():
     assert rows[("vpgtrans", "scratch-random")]["seeds"] == [0]
     assert rows[("no-warmup", "scratch")]["samples"]["at_best"]["missing"] == 1
     assert block["baselines"]["scratch"]["samples_to_best"]["mean"] == 300
+    # the warmed-up arm's score where its one-epoch warm-up ends (100 samples), over its seeds
+    at_epoch_1 = [dict(GRID_VPGTRANS)[100], dict(faster)[100]]
+    assert set(block["after_warmup"]) == {"vpgtrans"}
+    assert block["after_warmup"]["vpgtrans"]["mean"] == pytest.approx(sum(at_epoch_1) / 2)
 
 
 def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
@@ -117,7 +121,7 @@ def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
     from vpgtrans.errors import VpgtransError
 
     plan = plan_steps(SpeedupConfig(), 6000)
-    assert (plan["epoch_steps"], plan["total_steps"], plan["eval_every"], plan["warmup_epochs"]) == (150, 1500, 30, 1.0)
+    assert (plan["epoch_steps"], plan["total_steps"], plan["eval_every"], plan["warmup_epochs"]) == (150, 3000, 30, 1.0)
     with pytest.raises(VpgtransError, match="not a whole number of eval_every_samples intervals"):
         plan_steps(SpeedupConfig(eval_every_samples=1600), 6000)
     with pytest.raises(VpgtransError, match="not a multiple of batch_size"):
