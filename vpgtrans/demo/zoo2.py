@@ -15,7 +15,7 @@ writes the same layout with random weights and a tiny world in seconds, for smok
     qformer-stage1/          the same layout, its VPG from BLIP-2 first-stage pre-training (no LLM; fresh
                              projector): the paper's train-from-scratch start. Built on first use by
                              ``stage1_qformer()`` (a cached zoo without it stays valid), stage1.json beside it
-    source-blip2-opt-s-long/ the source's recipe trained longer (``long_source()``, ``--source long`` of
+    source-blip2-opt-s-long/ the source's recipe trained longer (``long_source()``, ``--source-steps`` of
                              transfer_speedup), built on first use, build.json beside it
     llama-s-chars/           llama-s with a character-level tokenizer (few tokens shared with the source's),
                              built on first use by ``char_llm()``, build.json beside it
@@ -211,7 +211,7 @@ def stage1_qformer(paths: dict[str, Path], seed: int = 0, log=None) -> tuple[Pat
 def long_source(paths: dict[str, Path], steps: int, seed: int = 0, log=None) -> tuple[Path, dict]:
     """``paths["root"]/source-blip2-opt-s-long``: the zoo's source recipe (same init, ViT, opt-s, pre-training
     scenes, lr, cosine to 0) trained ``steps`` steps of 64 instead of ``SOURCE_STEPS``: a stronger source for
-    ``transfer_speedup --source long`` (issue 13: how much of the speed-up is the source's quality?). Its
+    ``transfer_speedup --source-steps`` (issue 13: how much of the speed-up is the source's quality?). Its
     record (``build.json``) has the source's caption and VQA scores on the world's eval splits and its final
     loss. Built on first use, cached beside the zoo's parts, rebuilt when ``steps`` changes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2VisionModel
