@@ -54,7 +54,8 @@ def write_json(path: Path, data: dict) -> Path:
 
 def result_parser(name: str, doc: str, smoke_help: str, config_cls) -> argparse.ArgumentParser:
     """``python -m benchmarks.NAME``'s options: --smoke, --out, --plot, --no-plot, and one flag per field
-    of its config dataclass (list fields take several values, or none: ``--ablations`` alone runs no ablation)."""
+    of its config dataclass (list fields take one or more values; those the config names in ``MAY_BE_EMPTY``
+    also none, e.g. transfer_speedup's ``--ablations`` alone runs no ablation)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default benchmarks/results/{name}[.smoke].json)")
@@ -63,7 +64,8 @@ def result_parser(name: str, doc: str, smoke_help: str, config_cls) -> argparse.
     for field, default in asdict(config_cls()).items():
         flag = f"--{field.replace('_', '-')}"
         if isinstance(default, list):
-            parser.add_argument(flag, nargs="*", type=type(default[0]), default=None)
+            nargs = "*" if field in getattr(config_cls, "MAY_BE_EMPTY", ()) else "+"
+            parser.add_argument(flag, nargs=nargs, type=type(default[0]), default=None)
         else:
             parser.add_argument(flag, type=type(default), default=None)
     return parser

@@ -69,6 +69,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from benchmarks import curves
 from benchmarks.common import (RunRecords, add_zoo_options, machine_info, quiet_libraries, require_matplotlib,
@@ -93,6 +94,7 @@ PAPER_MEASURE = ("epochs for TFS to reach its best score ÷ epochs for VPGTrans 
 
 @dataclass
 class SpeedupConfig:
+    MAY_BE_EMPTY: ClassVar[tuple[str, ...]] = ("ablations",)  # `--ablations` alone: no ablation
     targets: list[str] = field(default_factory=lambda: ["opt-l", "llama-s"])
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # a process may run some (they share --work-dir)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -534,11 +536,11 @@ def run_identity(cfg: SpeedupConfig, zoo: dict) -> dict:
     the zoo it trains on (its record, the stage-1
     Q-Former's). So widening ``lr_grid`` trains only the new lrs' trials (and the runs of an arm whose pick
     changes)."""
-    protocol = {k: v for k, v in asdict(cfg).items()
-                if k not in ("targets", "arms", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend")}
+    # source_steps: only the inherited arms' runs depend on it, and it is in their names (source_tag)
+    protocol = {k: v for k, v in asdict(cfg).items() if k not in (
+        "targets", "arms", "seeds", "ablations", "ablation_seed", "lr_grid", "lr_grid_extend", "source_steps")}
 
     zoo_record = json.loads((Path(zoo["root"]) / "zoo.json").read_text())
-    protocol.pop("source_steps")  # only the inherited arms' runs depend on it: it is in their names (source_tag)
     return {"protocol": protocol, "zoo": without_times(zoo_record), "stage1": without_times(zoo.get("stage1_record"))}
 
 
@@ -620,13 +622,15 @@ def run(cfg: SpeedupConfig, zoo: dict, work_dir: Path, log=print, keep_records: 
                         "code": [json.loads(c) for c in sorted({json.dumps(r.get("code"), sort_keys=True) for r in runs})]}}
 
 
-def source_build(cfg: SpeedupConfig, zoo: dict, zoo_record: dict) -> dict:
+def source_build(cfg: SpeedupConfig, zoo: dict, zoo_record: dict) -> dict | None:
     """How the inherited arms' source was trained and how good it is on its own (caption attribute accuracy,
-    VQA accuracy on the world's eval splits): the zoo's source, or ``long_source``'s when ``source_steps``."""
+    VQA accuracy on the world's eval splits): the zoo's source, or ``long_source``'s when ``source_steps``
+    (None when no arm of this call inherited one, so the long source was not loaded)."""
     if cfg.source_steps:
-        record = zoo.get("source_record") or {"metrics": {"samples": cfg.source_steps * 64}}  # no arm inherited it
-        return {"dir": Path(zoo["source"]).name, "steps": cfg.source_steps, "samples": record["metrics"]["samples"],
-                "metrics": record["metrics"], "seconds": record.get("seconds")}
+        record = zoo.get("source_record")
+        return record and {"dir": Path(zoo["source"]).name, "steps": cfg.source_steps,
+                           "samples": record["metrics"]["samples"], "metrics": record["metrics"],
+                           "seconds": record.get("seconds")}
     metrics = zoo_record["metrics"]
     return {"dir": Path(zoo["source"]).name, "steps": metrics.get("source/steps"), "samples": metrics.get("source/samples"),
             "metrics": {k.removeprefix("source/"): v for k, v in metrics.items() if k.startswith("source/")}}

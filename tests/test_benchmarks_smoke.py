@@ -116,6 +116,20 @@ def test_summarize_keys_the_headline_by_measure_and_recomputes_from_runs():
     assert block["after_warmup"]["vpgtrans"]["mean"] == pytest.approx(sum(at_epoch_1) / 2)
 
 
+def test_only_the_lists_a_config_allows_empty_take_no_values(capsys):
+    """``--ablations`` alone means no ablation; ``--seeds`` / ``--targets`` alone stay argparse errors (exit 2)."""
+    from benchmarks.common import result_parser
+    from benchmarks.transfer_speedup import SpeedupConfig
+
+    parser = result_parser("transfer_speedup", "doc", "smoke", SpeedupConfig)
+    assert parser.parse_args(["--ablations"]).ablations == []
+    for flag in ("--seeds", "--targets", "--lr-grid"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([flag])
+        assert exit_info.value.code == 2
+    assert "expected at least one argument" in capsys.readouterr().err
+
+
 def test_plan_steps_refuses_a_grid_the_arms_cannot_share():
     from benchmarks.transfer_speedup import SpeedupConfig, plan_steps
     from vpgtrans.errors import VpgtransError
@@ -249,6 +263,7 @@ def test_transfer_speedup_smoke(tmp_path):
     transfer_speedup.main(["--smoke", "--no-plot", "--out", str(part), "--targets", "llama-s", "--arms", "scratch",
                            "--ablations", "--work-dir", str(tmp_path / "runs")])
     scratch_only = json.loads(part.read_text())
+    assert scratch_only["source_build"] is None  # no arm of that call inherited the source
     assert {r["arm"] for r in scratch_only["runs"]} == {"scratch"} and len(scratch_only["runs"]) == 1
     assert [s["arm"] for s in scratch_only["lr_search"]] == ["scratch"]
     out = tmp_path / "speedup.json"
